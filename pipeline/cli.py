@@ -1,0 +1,259 @@
+"""The ``pipeline`` command. Each sub-command resolves its settings (flag > params.yaml > default)
+and calls one stage. User mistakes end with a one-line ``error:`` message, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import PipelineError
+from .params import Params, load_params
+
+CACHE_ENV = "PIPELINE_CACHE"
+
+
+class Context:
+    def __init__(self, cache: str | None, params_file: str | None, quiet: bool, section: str) -> None:
+        self.cache = Path(cache or os.environ.get(CACHE_ENV) or "cache")
+        self.params = Params(load_params(params_file), section)
+        self.quiet = quiet
+
+    def say(self, message: str = "") -> None:
+        click.echo(message)
+
+
+def common_options(section: str) -> Callable:
+    """--cache, --params and --quiet on every command; builds a :class:`Context` from them."""
+
+    def decorate(fn: Callable) -> Callable:
+        @click.option("--cache", "cache", type=click.Path(file_okay=False),
+                      help=f"Cache directory [default: ./cache, or ${CACHE_ENV}].")
+        @click.option("--params", "params_file", type=click.Path(dir_okay=False),
+                      help="Parameters file [default: ./params.yaml if present].")
+        @click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of progress bars.")
+        @functools.wraps(fn)
+        def wrapper(cache: str | None, params_file: str | None, quiet: bool, **kwargs: Any) -> Any:
+            return fn(Context(cache, params_file, quiet, section), **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def dataset_options(fn: Callable) -> Callable:
+    from .datasets import DATASETS
+
+    for decorator in reversed([
+        click.option("--dataset", "-d", type=click.Choice(DATASETS),
+                     help="Dataset format (params: data.dataset)."),
+        click.option("--root", type=click.Path(), help="Dataset root folder (params: data.root)."),
+        click.option("--split-id", type=click.IntRange(1, 3),
+                     help="Official split for UCF101/HMDB51 [default: 1]."),
+        click.option("--untrimmed/--trimmed", default=None,
+                     help="Kinetics: cut [time_start, time_end] out of full-length videos."),
+        click.option("--name", help="Cache name of a csv/folder dataset [default: the format name]."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def dataset_args(ctx: Context, dataset: str | None, root: str | None, split_id: int | None,
+                 untrimmed: bool | None, name: str | None):
+    from stages.frames import DatasetArgs
+
+    p = ctx.params
+    ds = p.get("dataset", dataset)
+    if ds is None:
+        raise PipelineError("no dataset given: pass --dataset NAME or set data.dataset in params.yaml")
+    return DatasetArgs(dataset=ds, root=p.get("root", root), split_id=int(p.get("split_id", split_id, 1)),
+                       untrimmed=bool(p.get("untrimmed", untrimmed, False)), name=p.get("name", name))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="text4vis-pipeline")
+def cli() -> None:
+    """Transfer CLIP to video recognition with frozen text-embedding classifiers (Text4Vis).
+
+    Stages read videos and write a cache of Zarr stores; every stage is resumable and
+    records the fingerprint of the parameters and inputs that made it.
+
+    \b
+    Examples:
+      pipeline frames --dataset ucf101 --root /data/ucf101
+      pipeline status --json
+      pipeline export --what frames --dataset ucf101 --split test --format h5 --out test.h5
+    """
+
+
+def frame_options(fn: Callable) -> Callable:
+    from .video import INTERPOLATIONS, SEEK_MODES
+
+    for decorator in reversed([
+        click.option("--split", "splits", multiple=True,
+                     help="Split(s) to process (repeatable) [default: every split of the dataset]."),
+        click.option("--num-frames", type=click.IntRange(1), help="Frames kept per video, T_cache [16]."),
+        click.option("--height", type=click.IntRange(1), help="Output box height; short side scales to it [256]."),
+        click.option("--width", type=click.IntRange(1), help="Output box width (centre crop or pad) [320]."),
+        click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="swscale filter [AREA]."),
+        click.option("--seek", type=click.Choice(SEEK_MODES),
+                     help="'keyframes' decodes keyframes only: fast, approximate [exact]."),
+        click.option("--block-size", type=click.IntRange(1), help="Videos per block (resume unit) [16]."),
+        click.option("--workers", type=click.IntRange(1), help="Decoding processes, through dask [1]."),
+        click.option("--scheduler-address", help="Use this dask.distributed scheduler instead of a local one."),
+        click.option("--replace-mismatched", is_flag=True, default=None,
+                     help="Rebuild an output made with other parameters (a matching one is resumed)."),
+        click.option("--strict", is_flag=True, default=None, help="Exit with status 1 if any video failed."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _run_frames(ctx: Context, data_kwargs: dict, opts: dict) -> None:
+    from stages import frames as frames_stage
+
+    from .video import FrameSpec
+
+    p = ctx.params
+    data = dataset_args(ctx, **data_kwargs)
+    try:
+        spec = FrameSpec(
+            num_frames=int(p.get("num_frames", opts["num_frames"], 16)),
+            height=int(p.get("height", opts["height"], 256)),
+            width=int(p.get("width", opts["width"], 320)),
+            interpolation=p.get("interpolation", opts["interpolation"], "AREA"),
+            seek=p.get("seek", opts["seek"], "exact"),
+        )
+    except ValueError as e:
+        raise PipelineError(f"bad frame parameters: {e}") from None
+    splits = list(p.get("splits", opts["splits"], []) or [])
+    summaries = frames_stage.run(
+        ctx.cache, data, splits, spec,
+        block_size=int(p.get("block_size", opts["block_size"], 16)),
+        workers=int(p.get("workers", opts["workers"], 1)),
+        scheduler_address=p.get("scheduler_address", opts["scheduler_address"]),
+        replace_mismatched=bool(p.get("replace_mismatched", opts["replace_mismatched"], False)),
+        quiet=ctx.quiet,
+    )
+    failed = any(s["failed"] for s in summaries)
+    for s in summaries:
+        _print_summary(s)
+    if any(s["errors"] for s in summaries):
+        raise PipelineError("some blocks did not finish (see above); re-run the same command to retry them")
+    if failed and p.get("strict", opts["strict"], False):
+        sys.exit(1)
+
+
+def _print_summary(s: dict, shown: int = 5) -> None:
+    click.echo(f"{s['stage']} {s['dataset']}/{s['split']}: {s['total']} videos, {s['ok']} ok, "
+               f"{s['failed']} failed -> {s['path']}")
+    for f in s["failures"][:shown]:
+        click.echo(f"  failed {f['video_id']}: {f['reason']}  ({f['path'] or 'no file'})")
+    if s["failed"] > shown:
+        click.echo(f"  ... and {s['failed'] - shown} more (pipeline status --json lists them all)")
+    for e in s.get("errors", []):
+        click.echo(f"  block error: {e}")
+
+
+@cli.command()
+@common_options("frames")
+@dataset_options
+@frame_options
+def frames(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> None:
+    """Decode videos into the frame store (cache/frames/DATASET/SPLIT).
+
+    Frames are taken at the centres of uniform segments, resized by the decoder (short side to
+    HEIGHT, centre crop or pad to WIDTH) and stored in Zarr. Broken or missing videos are recorded
+    as failed and reported; the run goes on. A killed run resumes where it stopped.
+
+    \b
+    Examples:
+      pipeline frames --dataset ucf101 --root /data/ucf101 --split-id 1
+      pipeline frames --dataset k400 --root /data/k400 --split val --workers 8
+      pipeline frames --dataset csv --root demo/videos.csv --name demo --height 64 --width 64
+    """
+    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name), opts)
+
+
+@cli.command()
+@common_options("frames")
+@dataset_options
+@frame_options
+def extract(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> None:
+    """Run the extraction stages for a dataset (currently: frames).
+
+    The feature store (CLIP frame features and label embeddings) is not implemented yet;
+    until it is, this runs the frame stage only and says so.
+
+    \b
+    Example:
+      pipeline extract --dataset k400 --root /data/k400 --workers 8
+    """
+    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name), opts)
+    click.echo("note: features and labels stages are not implemented yet; extract ran the frame stage only")
+
+
+@cli.command()
+@common_options("status")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of entries) on stdout.")
+def status(ctx: Context, as_json: bool) -> None:
+    """List what the cache holds: every stage output with counts and failures.
+
+    \b
+    Examples:
+      pipeline status
+      pipeline status --json | jq '.[] | select(.failed > 0) | .failures'
+    """
+    from stages import status as status_stage
+
+    entries = status_stage.run(ctx.cache)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        click.echo(f"nothing cached under {ctx.cache}")
+    for e in entries:
+        state = "complete" if e["complete"] else f"{e['pending']} pending"
+        click.echo(f"{e['stage']:<8} {e['dataset']}/{e['split']:<8} {e['total']:>7} videos {e['ok']:>7} ok "
+                   f"{e['failed']:>5} failed  {state:<12} {e['fingerprint'][:12]}  {e['path']}")
+
+
+@cli.command()
+@common_options("export")
+@click.option("--what", type=click.Choice(["frames"]), default="frames", show_default=True,
+              help="Which store to export.")
+@click.option("--dataset", "-d", "dataset", required=True, help="Dataset name in the cache.")
+@click.option("--split", required=True, help="Split to export.")
+@click.option("--format", "fmt", type=click.Choice(["npz", "h5"]), required=True, help="Output format.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file.")
+def export(ctx: Context, what: str, dataset: str, split: str, fmt: str, out: str) -> None:
+    """Export a stored split to NumPy (.npz) or HDF5 (.h5).
+
+    Frames: ``frames`` uint8 [N, T, H, W, 3], ``frame_index`` [N, T], ``timestamp`` [N, T],
+    ``video_id``, ``label``, ``status`` (1 ok, 2 failed) and ``reason``; class names as an attribute.
+
+    \b
+    Example:
+      pipeline export --what frames --dataset ucf101 --split test --format h5 --out ucf_test.h5
+    """
+    from stages import export as export_stage
+
+    path = export_stage.run(ctx.cache, what, dataset, split, fmt, out)
+    click.echo(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; re-run the same command to resume", err=True)
+        sys.exit(130)

@@ -1,0 +1,46 @@
+"""ActivityNet v1.3 from ``activity_net.v1-3.min.json``; videos ``v_<id>.<ext>`` anywhere under the root.
+
+Training: every annotated segment is a trimmed instance. Validation: whole videos, all of their
+labels kept (multi-hot targets for mAP). Testing: whole videos without labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ..errors import PipelineError
+from .common import index_videos, read_text, require_dir, require_file
+from .manifest import Manifest, VideoRecord
+
+ANNOTATION_FILE = "activity_net.v1-3.min.json"
+_SUBSETS = {"training": "train", "validation": "val", "testing": "test"}
+
+
+def load_activitynet(root: str) -> Manifest:
+    base = require_dir(root, "anet root")
+    path = require_file(base / ANNOTATION_FILE, f"ActivityNet annotation file {ANNOTATION_FILE}")
+    try:
+        database = json.loads(read_text(path, "annotation file"))["database"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PipelineError(f"unreadable annotation file {path}: {e}") from e
+
+    labels = {a["label"] for v in database.values() for a in v.get("annotations", [])}
+    class_names = sorted(labels)
+    index = {c: i for i, c in enumerate(class_names)}
+    files = index_videos(base)
+    records: list[VideoRecord] = []
+    for vid in sorted(database):
+        entry = database[vid]
+        split = _SUBSETS.get(entry.get("subset", ""), entry.get("subset", ""))
+        path = files.get(f"v_{vid}", files.get(vid, ""))
+        anns = entry.get("annotations", [])
+        if split == "train":
+            for k, a in enumerate(anns):
+                start, end = (float(x) for x in a["segment"])
+                records.append(VideoRecord(f"v_{vid}_{k}", path, index[a["label"]], split, start, end))
+        else:
+            all_labels = tuple(sorted({index[a["label"]] for a in anns}))
+            first = index[anns[0]["label"]] if anns else -1
+            records.append(VideoRecord(f"v_{vid}", path, first, split, math.nan, math.nan, all_labels))
+    return Manifest(dataset="anet", class_names=class_names, records=records, root=str(base))

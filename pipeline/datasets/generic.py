@@ -1,0 +1,86 @@
+"""Generic layouts: a CSV list (``csv``) or one folder per class (``folder``)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+from ..errors import PipelineError
+from .common import VIDEO_EXTENSIONS, read_text, readable_snake, require_dir
+from .manifest import Manifest, VideoRecord
+
+
+def load_csv(name: str, root: str) -> Manifest:
+    """A CSV with columns ``path,label[,split][,start,end]``.
+
+    ``root`` is the CSV file itself or a folder holding ``videos.csv``; relative paths are
+    resolved against the CSV's folder. Classes are ordered as in ``classes.txt`` beside the CSV
+    (one name a line) when present, else sorted by name. Without a split column every row is
+    ``train``.
+    """
+    path = Path(root)
+    if path.is_dir():
+        path = path / "videos.csv"
+    if not path.is_file():
+        raise PipelineError(f"CSV list not found: {path}")
+    reader = csv.DictReader(io.StringIO(read_text(path, "CSV list")))
+    fields = set(reader.fieldnames or [])
+    if not {"path", "label"} <= fields:
+        raise PipelineError(f"unreadable CSV list {path}: needs columns path,label[,split][,start,end], "
+                            f"found {reader.fieldnames}")
+    rows = list(reader)
+    classes_file = path.parent / "classes.txt"
+    if classes_file.is_file():
+        class_names = [c.strip() for c in read_text(classes_file, "class list").splitlines() if c.strip()]
+    else:
+        class_names = sorted({r["label"] for r in rows if r["label"]})
+    index = {c: i for i, c in enumerate(class_names)}
+    records = []
+    seen: set[str] = set()
+    for n, row in enumerate(rows, start=2):
+        label = row["label"]
+        if label and label not in index:
+            raise PipelineError(f"{path} line {n}: label {label!r} is not in {classes_file}")
+        rel = row["path"]
+        full = rel if os.path.isabs(rel) else str(path.parent / rel)
+        try:
+            start = float(row["start"]) if row.get("start") else math.nan
+            end = float(row["end"]) if row.get("end") else math.nan
+        except ValueError as e:
+            raise PipelineError(f"{path} line {n}: bad start/end") from e
+        vid = os.path.splitext(rel)[0].replace(os.sep, "/")
+        if not math.isnan(start):
+            vid = f"{vid}_{start:g}_{end:g}"
+        if vid in seen:
+            raise PipelineError(f"{path} line {n}: duplicate video {vid!r}")
+        seen.add(vid)
+        records.append(VideoRecord(
+            video_id=vid, path=full if os.path.lexists(full) else "", label=index.get(label, -1),
+            split=row.get("split") or "train", start=start, end=end,
+        ))
+    return Manifest(dataset=name, class_names=class_names, records=records, root=str(path.parent))
+
+
+def load_folder(name: str, root: str) -> Manifest:
+    """``<root>/<class>/<video>`` or ``<root>/{train,val,test}/<class>/<video>``."""
+    base = require_dir(root, f"{name} root")
+    split_dirs = [s for s in ("train", "val", "test") if (base / s).is_dir()]
+    layout = [(s, base / s) for s in split_dirs] if split_dirs else [("train", base)]
+    folders = sorted({d.name for _, top in layout for d in top.iterdir() if d.is_dir()})
+    if not folders:
+        raise PipelineError(f"no class folders under {base}")
+    index = {f: i for i, f in enumerate(folders)}
+    records = []
+    for split, top in layout:
+        for folder in sorted(d.name for d in top.iterdir() if d.is_dir()):
+            for f in sorted(os.listdir(top / folder)):
+                if f.lower().endswith(VIDEO_EXTENSIONS):
+                    records.append(VideoRecord(
+                        video_id=f"{split}/{folder}/{os.path.splitext(f)[0]}",
+                        path=str(top / folder / f), label=index[folder], split=split,
+                    ))
+    return Manifest(dataset=name, class_names=[readable_snake(f) for f in folders], records=records,
+                    root=str(base))

@@ -1,0 +1,71 @@
+"""The manifest: what every dataset adapter produces and every stage consumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One instance to decode: a whole video file or a [start, end] segment of one.
+
+    ``path`` is empty when the annotation names a video that is not on disk: the frame stage
+    records such rows as failed ("missing file") instead of dropping them, so rows stay aligned
+    with the official annotation and every absence is reported.
+    """
+
+    video_id: str
+    path: str
+    label: int  # index into the manifest's class names; -1 when unknown (e.g. a test split)
+    split: str
+    start: float = math.nan  # seconds; NaN = from the beginning
+    end: float = math.nan  # seconds; NaN = to the end
+    labels: tuple[int, ...] = ()  # every label of a multi-label instance (ActivityNet validation)
+
+
+@dataclass
+class Manifest:
+    """The ordered instances of a dataset and its ordered class names."""
+
+    dataset: str
+    class_names: list[str]
+    records: list[VideoRecord]
+    root: str = ""  # paths are fingerprinted relative to it, so a moved dataset keeps its caches
+
+    def split(self, name: str) -> Manifest:
+        """The records of one split, in manifest order (missing files of that split kept too)."""
+        return Manifest(
+            dataset=self.dataset,
+            class_names=self.class_names,
+            records=[r for r in self.records if r.split == name],
+            root=self.root,
+        )
+
+    @property
+    def splits(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.records:
+            seen.setdefault(r.split, None)
+        return list(seen)
+
+    @property
+    def multi_label(self) -> bool:
+        return any(r.labels for r in self.records)
+
+    def fingerprint(self) -> str:
+        """Hash of everything an adapter decided: ids, paths, labels, segments, class names."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.class_names).encode())
+        for r in self.records:
+            path = os.path.relpath(r.path, self.root) if (r.path and self.root) else r.path
+            h.update(json.dumps([r.video_id, path, r.label, r.split, _num(r.start), _num(r.end),
+                                 list(r.labels)]).encode())
+        return h.hexdigest()
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else x

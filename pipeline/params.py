@@ -1,0 +1,55 @@
+"""params.yaml: keys grouped by command (``frames.*``, ``features.*``, ...) plus a shared ``data`` group.
+
+A command-line flag overrides the key of the same name (``--num-frames`` <-> ``frames.num_frames``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PipelineError
+
+DEFAULT_PARAMS = "params.yaml"
+DATA_KEYS = ("dataset", "root", "split_id", "untrimmed", "name")
+
+
+def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The parsed params file; ``./params.yaml`` when present and no path is given."""
+    if path is None:
+        if not Path(DEFAULT_PARAMS).is_file():
+            return {}
+        path = DEFAULT_PARAMS
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"params file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PipelineError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"params file {p} must hold a mapping of command names to keys")
+    return data
+
+
+class Params:
+    """Resolve one command's settings: flag, then ``<section>.<key>``, then ``data.<key>``, then default."""
+
+    def __init__(self, params: dict[str, Any], section: str) -> None:
+        self.section = section
+        self._own = params.get(section) or {}
+        self._data = params.get("data") or {}
+        if not isinstance(self._own, dict):
+            raise PipelineError(f"params group {section!r} must be a mapping")
+
+    def get(self, key: str, flag: Any, default: Any = None) -> Any:
+        if flag is not None and flag != ():
+            return flag
+        if key in self._own:
+            return self._own[key]
+        if key in DATA_KEYS and key in self._data:
+            return self._data[key]
+        return default

@@ -1,0 +1,39 @@
+"""Progress reporting: a tqdm bar with ETA, or plain log lines with ``--quiet``."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, quiet: bool = False, unit: str = "video") -> None:
+        self.quiet, self.total, self.desc, self.done = quiet, total, desc, 0
+        self._start = time.monotonic()
+        self._next_log = 0.1
+        self._bar = None if quiet else tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                                             file=sys.stderr)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.total and self.done / self.total >= self._next_log:
+            elapsed = time.monotonic() - self._start
+            eta = elapsed / self.done * (self.total - self.done)
+            print(f"{self.desc}: {self.done}/{self.total} ({elapsed:.0f}s elapsed, ETA {eta:.0f}s)",
+                  file=sys.stderr, flush=True)
+            while self._next_log <= self.done / self.total:
+                self._next_log += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,274 @@
+"""Video decoding: uniform-segment frame sampling with PyAV, resized by swscale.
+
+One place decodes video in this project. The fast path decodes forward once, never seeks
+backwards, and converts and resizes only the frames it keeps (one ``reformat`` call each).
+Every way a file can be unusable raises :class:`DecodeError` with a short reason; nothing is
+substituted silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import av
+import numpy as np
+
+# Largest frame (width x height) we agree to decode: 8K UHD. Larger streams are refused as
+# failed instead of allocating decoder buffers of unbounded size.
+MAX_PIXELS = 7680 * 4320
+INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "LANCZOS")
+SEEK_MODES = ("exact", "keyframes")
+
+
+class DecodeError(Exception):
+    """A video (or segment) that cannot give frames; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """How frames are taken from a video. Every field is part of the frame store's fingerprint."""
+
+    num_frames: int = 16  # T_cache: frames kept per video, at the centres of uniform segments
+    height: int = 256  # output box: the short side is scaled to ``height`` ...
+    width: int = 320  # ... then the result is centre-cropped or zero-padded to height x width
+    interpolation: str = "AREA"  # swscale filter used for the resize
+    seek: str = "exact"  # "keyframes": decode keyframes only (fast, approximate positions)
+    min_decoded_fraction: float = 0.9  # fewer decodable frames than this x declared = truncated
+    max_pixels: int = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1 or self.height < 1 or self.width < 1:
+            raise ValueError("num_frames, height and width must be positive")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
+        if self.seek not in SEEK_MODES:
+            raise ValueError(f"seek must be one of {SEEK_MODES}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 [T, H, W, 3], upright
+    frame_index: np.ndarray  # int32 [T]: index of each kept frame in the video (or segment)
+    timestamp: np.ndarray  # float64 [T]: its presentation time in seconds
+    source_frames: int  # frames the video (or segment) holds, as decoded or estimated
+
+
+def segment_centres(n: int, t: int) -> np.ndarray:
+    """Indices of the centre frames of ``t`` equal segments of ``n`` frames (TSN test sampling).
+
+    With fewer frames than segments, frames repeat (each segment still maps to the frame at its
+    centre), so short videos give ``t`` frames instead of failing.
+    """
+    return np.minimum(((np.arange(t) + 0.5) * n / t).astype(np.int64), n - 1)
+
+
+def check_path(path: str) -> None:
+    """Reject what cannot be a video file before FFmpeg sees it, with a precise reason."""
+    if not path:
+        raise DecodeError("missing file: not found under the dataset root")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise DecodeError(f"dangling symlink -> {os.readlink(path)}")
+    if not os.path.exists(path):
+        raise DecodeError("missing file")
+    if os.path.isdir(path):
+        raise DecodeError("is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise DecodeError("empty file (0 bytes)")
+
+
+def decode_clip(path: str, spec: FrameSpec, start: float = math.nan, end: float = math.nan,
+                threads: int = 1) -> Clip:
+    """Decode ``spec.num_frames`` frames of ``path`` (or of its [start, end] segment, in seconds)."""
+    check_path(path)
+    try:
+        if spec.seek == "keyframes":
+            return _decode_keyframes(path, spec, start, end, threads)
+        clip = _decode_exact(path, spec, start, end, threads, known_count=None)
+        if clip is None:  # the container over-declared its frames: sample the frames that exist
+            clip = _decode_exact(path, spec, start, end, threads, known_count=_count_frames(path, start, end))
+        assert clip is not None
+        return clip
+    except DecodeError:
+        raise
+    except av.error.FFmpegError as e:
+        raise DecodeError(f"not a decodable video: {_ffmpeg_reason(e)}") from None
+    except (OSError, ValueError, MemoryError) as e:
+        raise DecodeError(f"{type(e).__name__}: {e}") from None
+
+
+def _ffmpeg_reason(e: av.error.FFmpegError) -> str:
+    msg = getattr(e, "strerror", None) or str(e)
+    return " ".join(str(msg).split())[:200]
+
+
+def _open(path: str, threads: int):
+    container = av.open(path, metadata_errors="ignore")
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("no video stream (audio-only or not a video)")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    if ctx.width * ctx.height > MAX_PIXELS:
+        container.close()
+        raise DecodeError(f"frame size {ctx.width}x{ctx.height} exceeds the limit of {MAX_PIXELS} pixels")
+    if ctx.width <= 0 or ctx.height <= 0:
+        container.close()
+        raise DecodeError("video stream has no frame size")
+    # Frame threads multiply memory (one frame buffer each) and fight with other workers for
+    # cores; the caller passes its share of the machine.
+    stream.thread_type = "AUTO"
+    stream.thread_count = max(1, threads)
+    return container, stream
+
+
+def _segment(stream, start: float, end: float) -> tuple[float, float]:
+    """[start, end) in seconds; the whole stream when start/end are NaN."""
+    s = 0.0 if math.isnan(start) else max(0.0, start)
+    e = math.inf if math.isnan(end) else end
+    if e <= s:
+        raise DecodeError(f"empty segment [{start}, {end}]")
+    return s, e
+
+
+def _rate(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 25.0
+
+
+def _estimate_count(container, stream, s: float, e: float) -> int | None:
+    """Frames in [s, e) from metadata, or None when the container does not say."""
+    whole = s == 0.0 and math.isinf(e)
+    if whole and stream.frames and stream.frames > 0:
+        return int(stream.frames)
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        return None
+    span = min(e, duration) - s
+    if span <= 0:
+        raise DecodeError(f"segment starts at {s:.2f}s, after the end of the video ({duration:.2f}s)")
+    return max(1, round(span * _rate(stream)))
+
+
+def _frames_in(container, stream, s: float, e: float):
+    """Decoded frames of [s, e) in presentation order, with their index within the segment."""
+    if s > 0:
+        # One forward seek to the keyframe at or before the segment start.
+        container.seek(int(s / stream.time_base), stream=stream, backward=True, any_frame=False)
+    index = 0
+    rate = _rate(stream)
+    for frame in container.decode(stream):
+        t = frame.time if frame.time is not None else index / rate
+        if t < s - 1e-6:
+            continue
+        if t >= e:
+            break
+        yield index, t, frame
+        index += 1
+
+
+def _count_frames(path: str, start: float, end: float) -> int:
+    container, stream = _open(path, threads=1)
+    with container:
+        s, e = _segment(stream, start, end)
+        n = sum(1 for _ in _frames_in(container, stream, s, e))
+    if n == 0:
+        raise DecodeError("no decodable frames")
+    return n
+
+
+def _decode_exact(path: str, spec: FrameSpec, start: float, end: float, threads: int,
+                  known_count: int | None) -> Clip | None:
+    container, stream = _open(path, threads)
+    with container:
+        s, e = _segment(stream, start, end)
+        declared = known_count or _estimate_count(container, stream, s, e)
+        if declared is None:
+            return None
+        targets = segment_centres(declared, spec.num_frames)
+        frames = np.zeros((spec.num_frames, spec.height, spec.width, 3), np.uint8)
+        index = np.zeros(spec.num_frames, np.int32)
+        stamps = np.zeros(spec.num_frames, np.float64)
+        k = 0  # next target to fill
+        seen = 0
+        for i, t, frame in _frames_in(container, stream, s, e):
+            seen = i + 1
+            if i < targets[k]:
+                continue
+            image = to_rgb_box(frame, spec)
+            while k < len(targets) and targets[k] <= i:
+                frames[k], index[k], stamps[k] = image, i, t
+                k += 1
+            if k == len(targets):
+                break
+    if k == len(targets):
+        return Clip(frames, index, stamps, declared)
+    if known_count is None and seen >= spec.min_decoded_fraction * declared and seen > 0:
+        return None  # metadata over-counted a little: resample over the frames that exist
+    if seen == 0:
+        raise DecodeError("no decodable frames")
+    raise DecodeError(f"truncated: decoded {seen} of {declared} frames")
+
+
+def _decode_keyframes(path: str, spec: FrameSpec, start: float, end: float, threads: int) -> Clip:
+    """Nearest keyframe to each segment centre, decoding keyframes only (approximate, fast)."""
+    container, stream = _open(path, threads)
+    with container:
+        s, e = _segment(stream, start, end)
+        count = _estimate_count(container, stream, s, e)
+        rate = _rate(stream)
+        duration = (count / rate) if count else None
+        stream.codec_context.skip_frame = "NONKEY"
+        keyframes: list[tuple[float, np.ndarray]] = []
+        for _, t, frame in _frames_in(container, stream, s, e):
+            keyframes.append((t, to_rgb_box(frame, spec)))
+    if not keyframes:
+        raise DecodeError("no decodable keyframes")
+    if duration is None:
+        duration = keyframes[-1][0] - s + 1.0 / rate
+    centres = s + (np.arange(spec.num_frames) + 0.5) * duration / spec.num_frames
+    times = np.array([t for t, _ in keyframes])
+    nearest = np.abs(times[None, :] - centres[:, None]).argmin(axis=1)
+    frames = np.stack([keyframes[j][1] for j in nearest])
+    stamps = times[nearest]
+    index = np.round((stamps - s) * rate).astype(np.int32)
+    return Clip(frames, index, stamps, count or round(duration * rate))
+
+
+def box_size(width: int, height: int, box_h: int) -> tuple[int, int]:
+    """Size after scaling the short side to ``box_h`` (aspect kept)."""
+    scale = box_h / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb_box(frame: av.VideoFrame, spec: FrameSpec) -> np.ndarray:
+    """Upright RGB uint8 [H, W, 3]: short side to H by swscale, then centre crop / pad to W."""
+    rotation = (frame.rotation or 0) % 360
+    quarter = rotation in (90, 270)
+    shown_w, shown_h = (frame.height, frame.width) if quarter else (frame.width, frame.height)
+    out_w, out_h = box_size(shown_w, shown_h, spec.height)
+    if quarter:
+        out_w, out_h = out_h, out_w
+    image = frame.reformat(width=out_w, height=out_h, format="rgb24",
+                           interpolation=spec.interpolation).to_ndarray()
+    if rotation:
+        # DISPLAYMATRIX rotation is counterclockwise; np.rot90 with k>0 also turns counterclockwise.
+        image = np.rot90(image, k=rotation // 90)
+    return _crop_or_pad(image, spec.height, spec.width)
+
+
+def _crop_or_pad(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    out = np.zeros((h, w, 3), np.uint8)
+    ih, iw = image.shape[:2]
+    sy, dy = max(0, (ih - h) // 2), max(0, (h - ih) // 2)
+    sx, dx = max(0, (iw - w) // 2), max(0, (w - iw) // 2)
+    ch, cw = min(h, ih), min(w, iw)
+    out[dy:dy + ch, dx:dx + cw] = image[sy:sy + ch, sx:sx + cw]
+    return out

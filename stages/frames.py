@@ -1,0 +1,68 @@
+"""Frame stage: decode every video of a dataset's splits into the frame store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import store
+from pipeline.datasets import load_manifest
+from pipeline.errors import PipelineError
+from pipeline.framestore import BlockResult, extract_block, frames_fingerprint_record, init_frame_store
+from pipeline.parallel import run_blocks, threads_per_worker
+from pipeline.progress import Progress
+from pipeline.video import FrameSpec
+
+from .paths import frames_path
+
+
+@dataclass
+class DatasetArgs:
+    dataset: str
+    root: str | None
+    split_id: int = 1
+    untrimmed: bool = False
+    name: str | None = None  # cache name of a csv/folder dataset
+
+    @property
+    def cache_name(self) -> str:
+        return self.name or self.dataset
+
+
+def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpec, *, block_size: int = 16,
+        workers: int = 1, scheduler_address: str | None = None, replace_mismatched: bool = False,
+        quiet: bool = False) -> list[dict]:
+    """Fill the frame store of each split; returns one summary dict per split."""
+    manifest = load_manifest(data.dataset, data.root, split_id=data.split_id, untrimmed=data.untrimmed,
+                             name=data.name)
+    manifest.dataset = data.cache_name
+    available = manifest.splits
+    chosen = splits or available
+    unknown = [s for s in chosen if s not in available]
+    if unknown:
+        raise PipelineError(f"split {unknown[0]!r} not in {data.cache_name}; it has: {', '.join(available)}")
+    summaries = []
+    for split in chosen:
+        part = manifest.split(split)
+        path = frames_path(cache, data.cache_name, split)
+        record = frames_fingerprint_record(part, spec, block_size)
+        fp = store.fingerprint(record)
+        params = {"dataset": data.dataset, "root": str(data.root), "split_id": data.split_id,
+                  "untrimmed": data.untrimmed, "block_size": block_size, **spec.as_dict(),
+                  "manifest": record["manifest"], "input_sizes": record["input_sizes"]}
+        with store.writer_lock(path):
+            group = store.open_output(
+                path, fp, params, replace_mismatched=replace_mismatched,
+                init=lambda g, part=part, split=split: init_frame_store(g, part, split, spec, block_size))
+            pending = store.pending_blocks(group)
+            todo = sum(store.block_slice(group, b).stop - store.block_slice(group, b).start for b in pending)
+            threads = threads_per_worker(workers)
+            with Progress(todo, f"frames {data.cache_name}/{split}", quiet) as bar:
+                def done(result: BlockResult) -> None:
+                    bar.update(result.n)
+                errors = run_blocks(extract_block, [(str(path), b, threads) for b in pending],
+                                    workers=workers, scheduler_address=scheduler_address, on_result=done)
+            summary = store.summarize(group, path, max_failures=None)
+            summary["errors"] = errors
+            summaries.append(summary)
+    return summaries
