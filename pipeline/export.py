@@ -39,7 +39,7 @@ def export_arrays(out: str | os.PathLike, fmt: str, arrays: Mapping[str, zarr.Ar
                 f.attrs[key] = value
             for name, arr in arrays.items():
                 if arr.dtype.kind in "UOT":
-                    f.create_dataset(name, data=np.asarray(arr[...]).astype(object),
+                    f.create_dataset(name, data=np.array(arr[...].tolist(), dtype=object),
                                      dtype=h5py.string_dtype())
                     continue
                 dset = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype,
@@ -52,4 +52,5 @@ def export_arrays(out: str | os.PathLike, fmt: str, arrays: Mapping[str, zarr.Ar
 
 
 def _plain(a: np.ndarray) -> np.ndarray:
-    return a.astype(str) if a.dtype.kind in "OT" else a
+    # numpy's variable-width StringDType (how zarr returns strings) is not savable by np.savez.
+    return np.array(a.tolist(), dtype=np.str_) if a.dtype.kind in "OT" else a

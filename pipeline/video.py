@@ -106,16 +106,16 @@ def _ffmpeg_reason(e: av.error.FFmpegError) -> str:
     return " ".join(str(msg).split())[:200]
 
 
-def _open(path: str, threads: int):
+def _open(path: str, threads: int, max_pixels: int = MAX_PIXELS):
     container = av.open(path, metadata_errors="ignore")
     if not container.streams.video:
         container.close()
         raise DecodeError("no video stream (audio-only or not a video)")
     stream = container.streams.video[0]
     ctx = stream.codec_context
-    if ctx.width * ctx.height > MAX_PIXELS:
+    if ctx.width * ctx.height > max_pixels:
         container.close()
-        raise DecodeError(f"frame size {ctx.width}x{ctx.height} exceeds the limit of {MAX_PIXELS} pixels")
+        raise DecodeError(f"frame size {ctx.width}x{ctx.height} exceeds the limit of {max_pixels} pixels")
     if ctx.width <= 0 or ctx.height <= 0:
         container.close()
         raise DecodeError("video stream has no frame size")
@@ -186,7 +186,7 @@ def _count_frames(path: str, start: float, end: float) -> int:
 
 def _decode_exact(path: str, spec: FrameSpec, start: float, end: float, threads: int,
                   known_count: int | None) -> Clip | None:
-    container, stream = _open(path, threads)
+    container, stream = _open(path, threads, spec.max_pixels)
     with container:
         s, e = _segment(stream, start, end)
         declared = known_count or _estimate_count(container, stream, s, e)
@@ -219,7 +219,7 @@ def _decode_exact(path: str, spec: FrameSpec, start: float, end: float, threads:
 
 def _decode_keyframes(path: str, spec: FrameSpec, start: float, end: float, threads: int) -> Clip:
     """Nearest keyframe to each segment centre, decoding keyframes only (approximate, fast)."""
-    container, stream = _open(path, threads)
+    container, stream = _open(path, threads, spec.max_pixels)
     with container:
         s, e = _segment(stream, start, end)
         count = _estimate_count(container, stream, s, e)

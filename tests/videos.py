@@ -16,6 +16,7 @@ def frame_image(i: int, width: int, height: int, seed: int = 0) -> np.ndarray:
     img = np.full((height, width, 3), (i * 8) % 256, np.uint8)
     rng = np.random.default_rng(seed)
     img[..., 0] = (img[..., 0].astype(int) + rng.integers(0, 4)) % 256
+    img[..., 2] = np.linspace(0, 255, width)[None, :].astype(np.uint8)  # left-to-right ramp: shows rotation
     x = (i * 3) % max(1, width - 8)
     img[: height // 4, x : x + 8] = (255, 0, 0)  # a moving red mark, top quarter
     return img
@@ -25,6 +26,7 @@ def write_video(path: str | os.PathLike, n_frames: int = 20, width: int = 96, he
                 fps: int = 25, codec: str | None = None, rotation: int = 0, vfr: bool = False,
                 seed: int = 0) -> str:
     """Write a real video; ``vfr`` gives irregular frame durations, ``rotation`` a display matrix."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     path = str(path)
     codec = codec or CODECS[os.path.splitext(path)[1]]
     with av.open(path, "w") as out:

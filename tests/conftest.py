@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from videos import write_video  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory) -> Path:
+    """One small valid H.264 clip that adapter trees copy under many names."""
+    return Path(write_video(tmp_path_factory.mktemp("tpl") / "t.mp4", n_frames=12, width=48, height=32))
+
+
+def copy_video(template: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, dest)
+    return dest
+
+
+def write_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            frame.pts = i * 1024
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+    return path
+
+
+def make_broken_files(folder: Path, template: Path) -> dict[str, Path]:
+    """Each kind of unusable input the frame stage must record and skip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["empty"] = folder / "empty.mp4"
+    files["empty"].write_bytes(b"")
+    data = template.read_bytes()
+    files["truncated"] = folder / "truncated.mp4"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["random"] = folder / "random.mp4"
+    files["random"].write_bytes(np.random.default_rng(0).bytes(4096))
+    files["audio"] = write_audio_only(folder / "audio.mp4")
+    files["text"] = folder / "notes.mp4"
+    files["text"].write_text("this is not a video\n" * 20)
+    files["directory"] = folder / "folder.mp4"
+    files["directory"].mkdir()
+    files["dangling"] = folder / "dangling.mp4"
+    os.symlink(folder / "does-not-exist.mp4", files["dangling"])
+    return files

@@ -1,0 +1,152 @@
+"""Each adapter on a small tree in its dataset's official layout."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import copy_video
+
+from pipeline.datasets import load_manifest
+from pipeline.errors import PipelineError
+
+
+def test_kinetics_trimmed_per_class_and_split_folders(tmp_path, template):
+    root = tmp_path / "k400"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "train.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\n"
+        "abseiling,aaa,10,20,train\n"
+        "air drumming,bbb,0,10,train\n"
+        "abseiling,ccc,5,15,train\n")
+    (root / "annotations" / "val.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nair drumming,ddd,30,40,val\n")
+    (root / "annotations" / "test.csv").write_text("youtube_id,time_start,time_end,split\neee,0,10,test\n")
+    copy_video(template, root / "train" / "abseiling" / "aaa_000010_000020.mp4")
+    copy_video(template, root / "train" / "air drumming" / "bbb_000000_000010.webm")
+    copy_video(template, root / "val" / "ddd_000030_000040.mkv")
+    copy_video(template, root / "test" / "eee_000000_000010.mp4")
+    m = load_manifest("k400", str(root))
+    assert m.class_names == ["abseiling", "air drumming"]
+    by_id = {r.video_id: r for r in m.records}
+    assert by_id["aaa_000010_000020"].path.endswith("train/abseiling/aaa_000010_000020.mp4")
+    assert by_id["bbb_000000_000010"].path.endswith(".webm") and by_id["bbb_000000_000010"].label == 1
+    assert by_id["ccc_000005_000015"].path == ""  # annotated but not downloaded: reported later, not fatal
+    assert by_id["ddd_000030_000040"].split == "val"
+    assert by_id["eee_000000_000010"].label == -1 and by_id["eee_000000_000010"].split == "test"
+    assert math.isnan(by_id["aaa_000010_000020"].start)  # trimmed files are decoded whole
+
+
+def test_kinetics_untrimmed_cuts_the_segment(tmp_path, template):
+    root = tmp_path / "k600"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "val.csv").write_text(
+        "label,youtube_id,time_start,time_end,split\nsinging,xyz,3,13,val\n")
+    copy_video(template, root / "raw" / "xyz.mp4")
+    m = load_manifest("k600", str(root), untrimmed=True)
+    (r,) = m.records
+    assert r.path.endswith("xyz.mp4") and (r.start, r.end) == (3.0, 13.0)
+
+
+def test_kinetics_bad_annotation_is_one_line_error(tmp_path):
+    root = tmp_path / "k700"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "train.csv").write_text("foo,bar\n1,2\n")
+    with pytest.raises(PipelineError, match="unreadable annotation file"):
+        load_manifest("k700", str(root))
+
+
+def test_ucf101_official_lists_and_readable_names(tmp_path, template):
+    root = tmp_path / "ucf"
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 HandstandPushups\n3 YoYo\n")
+    for n in (1, 2, 3):
+        (lists / f"trainlist0{n}.txt").write_text(
+            "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nHandstandPushups/v_HandStandPushups_g08_c01.avi 2\n")
+        (lists / f"testlist0{n}.txt").write_text("YoYo/v_YoYo_g01_c01.avi\n")
+    for rel in ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "HandstandPushups/v_HandStandPushups_g08_c01.avi",
+                "YoYo/v_YoYo_g01_c01.avi"):
+        copy_video(template, root / "UCF-101" / rel)
+    m = load_manifest("ucf101", str(root), split_id=2)
+    assert m.class_names == ["apply eye makeup", "handstand pushups", "yo yo"]
+    assert [(r.video_id, r.label, r.split) for r in m.records] == [
+        ("v_ApplyEyeMakeup_g08_c01", 0, "train"), ("v_HandStandPushups_g08_c01", 1, "train"),
+        ("v_YoYo_g01_c01", 2, "test")]
+    assert all(r.path for r in m.records)
+    with pytest.raises(PipelineError, match="splits 1, 2 and 3"):
+        load_manifest("ucf101", str(root), split_id=4)
+
+
+def test_hmdb51_split_files_side_by_side(tmp_path, template):
+    root = tmp_path / "hmdb"
+    splits = root / "testTrainMulti_7030_splits"
+    splits.mkdir(parents=True)
+    (splits / "brush_hair_test_split1.txt").write_text("a.avi 1\nb.avi 2\nc.avi 0\n")
+    (splits / "cartwheel_test_split1.txt").write_text("d.avi 2 \n")
+    (splits / "cartwheel_test_split2.txt").write_text("d.avi 1\n")
+    for rel in ("brush_hair/a.avi", "brush_hair/b.avi", "brush_hair/c.avi", "cartwheel/d.avi"):
+        copy_video(template, root / rel)
+    m = load_manifest("hmdb51", str(root), split_id=1)
+    assert m.class_names == ["brush hair", "cartwheel"]
+    assert [(r.video_id, r.label, r.split) for r in m.records] == [
+        ("a", 0, "train"), ("b", 0, "test"), ("d", 1, "test")]  # tag 0 = unused, dropped
+
+
+def test_activitynet_segments_and_multilabel_validation(tmp_path, template):
+    root = tmp_path / "anet"
+    root.mkdir()
+    db = {"database": {
+        "abc": {"subset": "training", "duration": 30.0,
+                "annotations": [{"segment": [1.0, 5.5], "label": "Surfing"},
+                                {"segment": [10.0, 20.0], "label": "Surfing"}]},
+        "def": {"subset": "validation", "duration": 30.0,
+                "annotations": [{"segment": [0.0, 4.0], "label": "Ballet"},
+                                {"segment": [5.0, 9.0], "label": "Surfing"}]},
+        "ghi": {"subset": "testing", "duration": 30.0, "annotations": []}}}
+    (root / "activity_net.v1-3.min.json").write_text(json.dumps(db))
+    copy_video(template, root / "v1-3" / "train_val" / "v_abc.mp4")
+    copy_video(template, root / "v1-3" / "train_val" / "v_def.mkv")
+    m = load_manifest("anet", str(root))
+    assert m.class_names == ["Ballet", "Surfing"]
+    train = m.split("train").records
+    assert [(r.video_id, r.start, r.end, r.label) for r in train] == [
+        ("v_abc_0", 1.0, 5.5, 1), ("v_abc_1", 10.0, 20.0, 1)]
+    (val,) = m.split("val").records
+    assert val.labels == (0, 1) and val.path.endswith("v_def.mkv") and math.isnan(val.start)
+    (test,) = m.split("test").records
+    assert test.path == "" and test.label == -1
+    assert m.multi_label
+
+
+def test_generic_csv_and_folder(tmp_path, template):
+    root = tmp_path / "mine"
+    copy_video(template, root / "clips" / "one.mp4")
+    copy_video(template, root / "clips" / "two.mp4")
+    (root / "videos.csv").write_text("path,label,split,start,end\nclips/one.mp4,jump,train,,\n"
+                                     "clips/two.mp4,run,val,0.1,0.3\n")
+    m = load_manifest("csv", str(root / "videos.csv"))
+    assert m.class_names == ["jump", "run"]
+    assert [r.split for r in m.records] == ["train", "val"]
+    assert m.records[0].path == str(root / "clips" / "one.mp4") and m.records[1].start == 0.1
+    (root / "classes.txt").write_text("run\njump\n")
+    assert load_manifest("csv", str(root)).class_names == ["run", "jump"]  # classes.txt fixes the order
+
+    folder = tmp_path / "f"
+    copy_video(template, folder / "train" / "play_ball" / "a.mp4")
+    copy_video(template, folder / "val" / "play_ball" / "b.avi")
+    copy_video(template, folder / "val" / "sit" / "c.mp4")
+    m = load_manifest("folder", str(folder))
+    assert m.class_names == ["play ball", "sit"]
+    assert [(r.video_id, r.label, r.split) for r in m.records] == [
+        ("train/play_ball/a", 0, "train"), ("val/play_ball/b", 0, "val"), ("val/sit/c", 1, "val")]
+
+
+def test_clear_errors_for_unknown_dataset_and_missing_root(tmp_path):
+    with pytest.raises(PipelineError, match="unknown dataset 'k401'"):
+        load_manifest("k401", str(tmp_path))
+    with pytest.raises(PipelineError, match="ucf101 root not found"):
+        load_manifest("ucf101", str(tmp_path / "nope"))
+    with pytest.raises(PipelineError, match="UCF101 video folder not found"):
+        load_manifest("ucf101", str(tmp_path))

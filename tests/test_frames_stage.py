@@ -1,0 +1,236 @@
+"""The frame stage through the CLI: stores, failures, status, export, fingerprints, locks, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from conftest import copy_video, make_broken_files
+from videos import brightness_index, write_video
+
+from pipeline import store
+
+ARRAYS = ("frames", "frame_index", "timestamp", "source_frames", "status", "reason", "video_id", "label")
+SMALL = ["--num-frames", "4", "--height", "32", "--width", "32", "--block-size", "2", "--quiet"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    g = zarr.open_group(str(path), mode="r")
+    return {name: g[name][:] for name in ARRAYS}
+
+
+@pytest.fixture
+def ucf_tree(tmp_path, template) -> Path:
+    """UCF101 layout: 6 good videos in 2 classes, every kind of broken file, one missing entry."""
+    root = tmp_path / "ucf"
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("1 JumpRope\n2 Broken\n")
+    train = [f"JumpRope/v_JumpRope_g0{i}_c01.avi" for i in range(1, 7)]
+    for i, rel in enumerate(train):
+        write_video(root / "UCF-101" / rel, n_frames=10 + i, width=48, height=32)
+    broken = make_broken_files(root / "UCF-101" / "Broken", template)
+    test = [f"Broken/{p.name}" for p in broken.values()] + ["Broken/v_Broken_g01_c09.avi"]  # last: missing
+    (lists / "trainlist01.txt").write_text("".join(f"{r} 1\n" for r in train))
+    (lists / "testlist01.txt").write_text("".join(f"{r}\n" for r in test))
+    return root
+
+
+def test_ucf101_frames_store_every_decodable_video_and_report_every_broken_one(tmp_path, ucf_tree):
+    cache = tmp_path / "cache"
+    out = run_cli("frames", "--dataset", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), *SMALL)
+    assert "ucf101/train: 6 videos, 6 ok, 0 failed" in out.stdout
+    assert "ucf101/test: 8 videos, 0 ok, 8 failed" in out.stdout
+
+    entries = json.loads(run_cli("status", "--json", "--cache", str(cache)).stdout)
+    by_split = {e["split"]: e for e in entries}
+    assert set(by_split) == {"train", "test"}
+    train, test = by_split["train"], by_split["test"]
+    assert (train["total"], train["ok"], train["failed"], train["stage"], train["dataset"]) == \
+        (6, 6, 0, "frames", "ucf101")
+    assert Path(train["path"]) == cache / "frames" / "ucf101" / "train" and len(train["fingerprint"]) == 64
+    reasons = {Path(f["video_id"]).name: f["reason"] for f in test["failures"]}
+    assert "empty file" in reasons["empty"]
+    assert "not a decodable video" in reasons["truncated"]
+    assert "not a decodable video" in reasons["random"]
+    assert "no video stream" in reasons["audio"]
+    assert "not a decodable video" in reasons["notes"]
+    assert "is a directory" in reasons["folder"]
+    assert "dangling symlink" in reasons["dangling"]
+    assert "missing file" in reasons["v_Broken_g01_c09"]
+
+    data = load(cache / "frames" / "ucf101" / "train")
+    assert data["frames"].shape == (6, 4, 32, 32, 3)
+    for i in range(6):  # video i has 10 + i frames; stored frames are its segment centres
+        n = 10 + i
+        expected = [int((k + 0.5) * n / 4) for k in range(4)]
+        assert data["frame_index"][i].tolist() == expected
+        assert [brightness_index(f) for f in data["frames"][i]] == expected
+    failed = load(cache / "frames" / "ucf101" / "test")
+    assert (failed["status"] == 2).all() and failed["frames"].max() == 0  # nothing substituted
+
+    strict = run_cli("frames", "--dataset", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), *SMALL,
+                     "--strict", check=False)
+    assert strict.returncode == 1  # resumed (nothing to do), but failures exist
+
+
+def test_export_npz_and_h5_round_trip(tmp_path, ucf_tree):
+    cache = tmp_path / "cache"
+    run_cli("frames", "-d", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), *SMALL, "--split", "train")
+    stored = load(cache / "frames" / "ucf101" / "train")
+    npz, h5 = tmp_path / "o.npz", tmp_path / "o.h5"
+    for fmt, out in (("npz", npz), ("h5", h5)):
+        run_cli("export", "--what", "frames", "--dataset", "ucf101", "--split", "train", "--format", fmt,
+                "--out", str(out), "--cache", str(cache))
+    with np.load(npz) as z:
+        assert np.array_equal(z["frames"], stored["frames"]) and z["frames"].shape == (6, 4, 32, 32, 3)
+        assert np.array_equal(z["frame_index"], stored["frame_index"])
+        assert z["video_id"].tolist() == stored["video_id"].tolist()
+        assert z["attr_class_names"].tolist() == ["jump rope", "broken"]
+    with h5py.File(h5, "r") as f:
+        assert np.array_equal(f["frames"][:], stored["frames"])
+        assert np.array_equal(f["label"][:], stored["label"]) and np.array_equal(f["status"][:], stored["status"])
+        assert [v.decode() for v in f["video_id"][:]] == stored["video_id"].tolist()
+        assert list(f.attrs["class_names"]) == ["jump rope", "broken"]
+
+
+def test_fingerprint_mismatch_stops_and_replace_flag_rebuilds(tmp_path, ucf_tree):
+    cache = tmp_path / "cache"
+    base = ["frames", "-d", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), "--split", "train"]
+    run_cli(*base, *SMALL)
+    before = load(cache / "frames" / "ucf101" / "train")
+    other = [a if a != "4" else "3" for a in SMALL]  # --num-frames 3
+    proc = run_cli(*base, *other, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "changed: num_frames" in proc.stderr
+    assert "--replace-mismatched" in proc.stderr and "Traceback" not in proc.stderr
+    assert np.array_equal(load(cache / "frames" / "ucf101" / "train")["frames"], before["frames"])  # untouched
+    run_cli(*base, *other, "--replace-mismatched")
+    assert load(cache / "frames" / "ucf101" / "train")["frames"].shape == (6, 3, 32, 32, 3)
+    # a matching fingerprint with the flag resumes instead of rebuilding
+    path = cache / "frames" / "ucf101" / "train"
+    stamp = (path / "zarr.json").stat().st_mtime_ns
+    run_cli(*base, *other, "--replace-mismatched")
+    assert (path / "zarr.json").stat().st_mtime_ns == stamp
+
+
+def test_second_writer_is_refused(tmp_path, ucf_tree):
+    cache = tmp_path / "cache"
+    path = cache / "frames" / "ucf101" / "train"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pipeline import store\n"
+        f"with store.writer_lock({str(path)!r}):\n    print('locked', flush=True); time.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = run_cli("frames", "-d", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), "--split",
+                       "train", *SMALL, check=False)
+        assert proc.returncode == 2
+        assert f"being written by another process (pid {holder.pid})" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    run_cli("frames", "-d", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), "--split", "train", *SMALL)
+
+
+def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
+    root = tmp_path / "many"
+    root.mkdir()
+    rows = []
+    for i in range(48):
+        write_video(root / f"v{i:02d}.mp4", n_frames=40 + i % 7, width=320, height=240, seed=i)
+        rows.append(f"v{i:02d}.mp4,{'ab'[i % 2]},train\n")
+    (root / "videos.csv").write_text("path,label,split\n" + "".join(rows))
+    args = ["frames", "-d", "csv", "--root", str(root), "--num-frames", "8", "--height", "64", "--width", "80",
+            "--block-size", "2", "--quiet"]
+    run_cli(*args, "--cache", str(tmp_path / "clean"))
+    expected = load(tmp_path / "clean" / "frames" / "csv" / "train")
+
+    killed = tmp_path / "killed"
+    markers = killed / "frames" / "csv" / "train" / "block_done" / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--cache", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(os.listdir(markers)) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    group = zarr.open_group(str(killed / "frames" / "csv" / "train"), mode="r")
+    pending = store.pending_blocks(group)
+    assert 0 < len(pending) < 24, "the kill should land mid-run"
+    run_cli(*args, "--cache", str(killed))  # not blocked by the dead process's lock
+    got = load(killed / "frames" / "csv" / "train")
+    for name in ARRAYS:
+        assert np.array_equal(got[name], expected[name]), name
+
+
+def test_two_dask_workers_write_the_same_store_as_one(tmp_path, ucf_tree):
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = ["frames", "-d", "ucf101", "--root", str(ucf_tree), *SMALL]
+    run_cli(*base, "--cache", str(one))
+    out = run_cli(*base, "--cache", str(two), "--workers", "2")
+    assert "ucf101/test: 8 videos, 0 ok, 8 failed" in out.stdout
+    for split in ("train", "test"):
+        a, b = load(one / "frames" / "ucf101" / split), load(two / "frames" / "ucf101" / split)
+        for name in ARRAYS:
+            assert np.array_equal(a[name], b[name]), (split, name)
+    fp = lambda c, s: zarr.open_group(str(c / "frames" / "ucf101" / s), mode="r").attrs["fingerprint"]  # noqa: E731
+    assert fp(one, "train") == fp(two, "train")  # worker count is not part of the content
+
+
+def test_params_file_keys_and_flag_override(tmp_path, template):
+    root = tmp_path / "f"
+    copy_video(template, root / "a" / "x.mp4")
+    copy_video(template, root / "b" / "y.mp4")
+    (tmp_path / "params.yaml").write_text(
+        f"data:\n  dataset: folder\n  root: {root}\n  name: toy\n"
+        "frames:\n  num_frames: 2\n  height: 16\n  width: 24\n  block_size: 1\n")
+    run_cli("frames", "--quiet", "--num-frames", "3", cwd=tmp_path)  # ./params.yaml is read by default
+    g = zarr.open_group(str(tmp_path / "cache" / "frames" / "toy" / "train"), mode="r")
+    assert g["frames"].shape == (2, 3, 16, 24, 3)  # flag beat the key; other keys came from the file
+    env_cache = tmp_path / "envcache"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "frames", "--quiet"], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "PIPELINE_CACHE": str(env_cache)})
+    assert proc.returncode == 0 and (env_cache / "frames" / "toy" / "train" / "zarr.json").exists()
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    for args, message in [
+        (["frames", "-d", "ucf101", "--root", str(tmp_path / "nope")], "error: ucf101 root not found"),
+        (["frames", "--params", str(tmp_path / "p.yaml")], "error: params file not found"),
+        (["frames", "--cache", str(tmp_path)], "error: no dataset given"),
+        (["export", "-d", "x", "--split", "train", "--format", "h5", "--out", "o.h5", "--cache", str(tmp_path)],
+         "error: no frame store for x/train"),
+    ]:
+        proc = run_cli(*args, check=False, cwd=tmp_path)
+        assert proc.returncode == 2, args
+        assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = run_cli("frames", "--dataset", "k401", check=False)
+    assert proc.returncode == 2 and "Invalid value for '--dataset'" in proc.stderr
+
+
+def test_help_lists_commands_with_examples():
+    out = run_cli("--help").stdout
+    for command in ("frames", "extract", "status", "export"):
+        assert command in out
+    for command in ("frames", "extract", "status", "export"):
+        assert "Example" in run_cli(command, "--help").stdout
