@@ -68,10 +68,10 @@ def dataset_args(ctx: Context, dataset: str | None, root: str | None, split_id: 
                  untrimmed: bool | None, name: str | None):
     from stages.frames import DatasetArgs
 
-    p = ctx.params
-    ds = p.get("dataset", dataset)
+    ds = ctx.params.get("dataset", dataset)
     if ds is None:
         raise PipelineError("no dataset given: pass --dataset NAME or set data.dataset in params.yaml")
+    p = ctx.params.for_dataset(ds)
     return DatasetArgs(dataset=ds, root=p.get("root", root), split_id=int(p.get("split_id", split_id, 1)),
                        untrimmed=bool(p.get("untrimmed", untrimmed, False)), name=p.get("name", name))
 
@@ -104,6 +104,9 @@ def frame_options(fn: Callable) -> Callable:
         click.option("--interpolation", type=click.Choice(INTERPOLATIONS), help="swscale filter [AREA]."),
         click.option("--seek", type=click.Choice(SEEK_MODES),
                      help="'keyframes' decodes keyframes only: fast, approximate [exact]."),
+        click.option("--codec", type=click.Choice(["jpeg", "raw"]),
+                     help="Stored frame encoding: JPEG bytes, or lossless uint8 + zstd [jpeg]."),
+        click.option("--jpeg-quality", type=click.IntRange(1, 100), help="JPEG quality [90]."),
         click.option("--block-size", type=click.IntRange(1), help="Videos per block (resume unit) [16]."),
         click.option("--workers", type=click.IntRange(1), help="Decoding processes, through dask [1]."),
         click.option("--scheduler-address", help="Use this dask.distributed scheduler instead of a local one."),
@@ -118,6 +121,7 @@ def frame_options(fn: Callable) -> Callable:
 def _run_frames(ctx: Context, data_kwargs: dict, opts: dict) -> None:
     from stages import frames as frames_stage
 
+    from .framestore import FrameCodec
     from .video import FrameSpec
 
     p = ctx.params
@@ -130,11 +134,13 @@ def _run_frames(ctx: Context, data_kwargs: dict, opts: dict) -> None:
             interpolation=p.get("interpolation", opts["interpolation"], "AREA"),
             seek=p.get("seek", opts["seek"], "exact"),
         )
+        codec = FrameCodec(name=p.get("codec", opts["codec"], "jpeg"),
+                           quality=int(p.get("jpeg_quality", opts["jpeg_quality"], 90)))
     except ValueError as e:
         raise PipelineError(f"bad frame parameters: {e}") from None
     splits = list(p.get("splits", opts["splits"], []) or [])
     summaries = frames_stage.run(
-        ctx.cache, data, splits, spec,
+        ctx.cache, data, splits, spec, codec,
         block_size=int(p.get("block_size", opts["block_size"], 16)),
         workers=int(p.get("workers", opts["workers"], 1)),
         scheduler_address=p.get("scheduler_address", opts["scheduler_address"]),
@@ -246,6 +252,45 @@ def export(ctx: Context, what: str, dataset: str, split: str, fmt: str, out: str
 
     path = export_stage.run(ctx.cache, what, dataset, split, fmt, out)
     click.echo(f"wrote {path}")
+
+
+@cli.command()
+@common_options("world")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [default: CACHE/world].")
+@click.option("--train-per-class", type=click.IntRange(1), help="Training clips per class [8].")
+@click.option("--val-per-class", type=click.IntRange(1), help="Validation clips per class [4].")
+@click.option("--frames", "num_frames", type=click.IntRange(1), help="Frames per clip [16].")
+@click.option("--size", type=click.IntRange(16), help="Frame side in pixels [64].")
+@click.option("--seed", type=int, help="World seed [0].")
+def world(ctx: Context, out, train_per_class, val_per_class, num_frames, size, seed) -> None:
+    """Generate the embedded demo world: synthetic H.264 clips of coloured shapes.
+
+    Classes are "a <size> <colour> <shape>" (2 sizes x 6 colours x 4 shapes by default). The output is
+    a generic CSV dataset (videos.csv + classes.txt), read by the regular `csv` adapter.
+
+    \b
+    Examples:
+      pipeline world
+      pipeline frames --dataset csv --root cache/world --name demo --height 64 --width 64
+    """
+    from stages import world as world_stage
+
+    from .world import WorldSpec
+
+    p = ctx.params
+    spec = WorldSpec(
+        colours=tuple(p.get("colours", None, WorldSpec.colours)),
+        shapes=tuple(p.get("shapes", None, WorldSpec.shapes)),
+        sizes=tuple(p.get("sizes", None, WorldSpec.sizes)),
+        train_per_class=int(p.get("train_per_class", train_per_class, WorldSpec.train_per_class)),
+        val_per_class=int(p.get("val_per_class", val_per_class, WorldSpec.val_per_class)),
+        frames=int(p.get("frames", num_frames, WorldSpec.frames)),
+        size=int(p.get("size", size, WorldSpec.size)),
+        seed=int(p.get("seed", seed, WorldSpec.seed)),
+    )
+    target = Path(out) if out else ctx.cache / "world"
+    path = world_stage.run(target, spec, ctx.quiet)
+    click.echo(f"world: {len(spec.classes())} classes -> {path}")
 
 
 def main() -> None:

@@ -1,28 +1,67 @@
 """The frame store: decoded, resized frames of every video of a split, in manifest order.
 
-Arrays (row i = manifest row i): ``frames`` uint8 [N, T, H, W, 3] (zstd), ``frame_index`` int32
-[N, T], ``timestamp`` float64 [N, T], ``source_frames`` int32 [N], ``status`` int8 [N]
-(0 pending, 1 ok, 2 failed), ``reason`` str [N], and the manifest columns ``video_id``, ``path``,
-``label``, ``start``, ``end`` (plus ``targets`` uint8 [N, C] for multi-label splits).
-Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``spec``, ``n``, ``block_size``.
+Arrays (row i = manifest row i):
+- ``frames``: JPEG bytes [N, T] (codec ``jpeg``, the default) or uint8 [N, T, H, W, 3] with zstd
+  (codec ``raw``); read them with :func:`read_frames`, which returns uint8 either way;
+- ``frame_index`` int32 [N, T], ``timestamp`` float64 [N, T], ``source_frames`` int32 [N];
+- ``status`` int8 [N] (0 pending, 1 ok, 2 failed) and ``reason`` str [N];
+- the manifest columns ``video_id``, ``path``, ``label``, ``start``, ``end`` (plus ``targets`` uint8
+  [N, C] for multi-label splits); ``block_done`` (see :mod:`pipeline.store`).
+Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``spec``, ``codec``, ``n``, ``block_size``.
+
+Why JPEG by default: measured in ``benchmarks/bench_codec.py``, JPEG q90 stores ~10x fewer bytes
+than raw uint8 + zstd and reads back faster (libjpeg-turbo beats zstd through zarr); libjpeg-turbo
+encodes deterministically, so resumed stores stay byte-identical.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import zarr
+from PIL import Image
+from zarr.core.dtype import VariableLengthBytes
 
 from . import store
 from .datasets import Manifest
 from .video import DecodeError, FrameSpec, decode_clip
 
 PENDING, OK, FAILED = 0, 1, 2
+CODECS = ("jpeg", "raw")
 
 
-def frames_fingerprint_record(manifest: Manifest, spec: FrameSpec, block_size: int) -> dict:
+@dataclass(frozen=True)
+class FrameCodec:
+    """How stored frames are encoded. Part of the frame store's fingerprint."""
+
+    name: str = "jpeg"
+    quality: int = 90  # JPEG quality (ignored for raw)
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError("JPEG quality must be in 1..100")
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    out = io.BytesIO()
+    # 4:2:0 chroma as in the source video; no optimisation passes (deterministic and fast).
+    Image.fromarray(image).save(out, format="JPEG", quality=quality, subsampling=2)
+    return out.getvalue()
+
+
+def decode_jpeg(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    if not data:
+        return np.zeros((*shape, 3), np.uint8)  # a failed video's rows hold no frames
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def frames_fingerprint_record(manifest: Manifest, spec: FrameSpec, codec: FrameCodec, block_size: int) -> dict:
     """What determines a frame store's content: the split's manifest, the input files' sizes, the spec."""
     sizes = []
     for r in manifest.records:
@@ -36,16 +75,21 @@ def frames_fingerprint_record(manifest: Manifest, spec: FrameSpec, block_size: i
         "manifest": manifest.fingerprint(),
         "input_sizes": store.fingerprint({"sizes": sizes}),
         "spec": spec.as_dict(),
+        "codec": asdict(codec),
         "block_size": block_size,
     }
 
 
-def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: FrameSpec,
+def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: FrameSpec, codec: FrameCodec,
                      block_size: int) -> None:
     """Create the arrays of an empty frame store for ``manifest`` (one split)."""
     records = manifest.records
     n, t = len(records), spec.num_frames
-    store.create_per_video(group, "frames", n, block_size, (t, spec.height, spec.width, 3), "uint8")
+    if codec.name == "jpeg":
+        group.create_array("frames", shape=(n, t), dtype=VariableLengthBytes(), chunks=(1, t),
+                           shards=(block_size, t), compressors=None)
+    else:
+        store.create_per_video(group, "frames", n, block_size, (t, spec.height, spec.width, 3), "uint8")
     store.create_per_video(group, "frame_index", n, block_size, (t,), "int32")
     store.create_per_video(group, "timestamp", n, block_size, (t,), "float64")
     store.create_per_video(group, "source_frames", n, block_size, (), "int32")
@@ -63,8 +107,8 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
         store.create_column(group, "targets", targets)
     store.create_block_markers(group, (n + block_size - 1) // block_size)
     group.attrs.update({
-        "stage": "frames", "dataset": manifest.dataset, "split": split,
-        "class_names": manifest.class_names, "spec": spec.as_dict(), "n": n, "block_size": block_size,
+        "stage": "frames", "dataset": manifest.dataset, "split": split, "class_names": manifest.class_names,
+        "spec": spec.as_dict(), "codec": asdict(codec), "n": n, "block_size": block_size,
     })
 
 
@@ -83,12 +127,16 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
     """
     group = zarr.open_group(path, mode="r+")
     spec = FrameSpec(**group.attrs["spec"])
+    codec = FrameCodec(**group.attrs["codec"])
     rows = store.block_slice(group, block)
     paths = group["path"][rows]
     ids = group["video_id"][rows]
     starts, ends = group["start"][rows], group["end"][rows]
     m = len(paths)
-    frames = np.zeros((m, spec.num_frames, spec.height, spec.width, 3), np.uint8)
+    if codec.name == "jpeg":
+        frames = np.full((m, spec.num_frames), b"", dtype=object)
+    else:
+        frames = np.zeros((m, spec.num_frames, spec.height, spec.width, 3), np.uint8)
     index = np.zeros((m, spec.num_frames), np.int32)
     stamps = np.zeros((m, spec.num_frames), np.float64)
     counts = np.zeros(m, np.int32)
@@ -102,8 +150,11 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
             status[j], reasons[j] = FAILED, str(e)
             failures.append((str(ids[j]), str(paths[j]), str(e)))
             continue
-        frames[j], index[j], stamps[j], counts[j] = clip.frames, clip.frame_index, clip.timestamp, \
-            clip.source_frames
+        if codec.name == "jpeg":
+            frames[j] = [encode_jpeg(img, codec.quality) for img in clip.frames]
+        else:
+            frames[j] = clip.frames
+        index[j], stamps[j], counts[j] = clip.frame_index, clip.timestamp, clip.source_frames
     group["frames"][rows] = frames
     group["frame_index"][rows] = index
     group["timestamp"][rows] = stamps
@@ -112,3 +163,32 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
     group["status"][rows] = status
     store.mark_done(group, block)
     return BlockResult(block, m, failures)
+
+
+def read_frames(group: zarr.Group, rows: slice | int) -> np.ndarray:
+    """uint8 frames [n, T, H, W, 3] (or [T, H, W, 3] for one row), whatever the store's codec."""
+    stored = group["frames"][rows]
+    if group.attrs["codec"]["name"] == "raw":
+        return stored
+    spec = group.attrs["spec"]
+    shape = (spec["height"], spec["width"])
+    flat = [decode_jpeg(b, shape) for b in stored.reshape(-1)]
+    if not flat:
+        return np.zeros((*stored.shape, *shape, 3), np.uint8)
+    return np.stack(flat).reshape(*stored.shape, *shape, 3)
+
+
+class DecodedFrames:
+    """Array-like view of a frame store's frames as uint8, read block by block (for exports)."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group = group
+        spec = group.attrs["spec"]
+        self.shape = (group["frames"].shape[0], spec["num_frames"], spec["height"], spec["width"], 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 5
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if key is Ellipsis:
+            key = slice(None)
+        return read_frames(self.group, key)

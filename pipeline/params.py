@@ -53,3 +53,16 @@ class Params:
         if key in DATA_KEYS and key in self._data:
             return self._data[key]
         return default
+
+    def for_dataset(self, dataset: str) -> Params:
+        """These settings with the ``data`` keys dropped when they describe another dataset.
+
+        ``pipeline frames --dataset ucf101`` in a folder whose params.yaml describes the demo must
+        not pick up the demo's root or cache name.
+        """
+        described = self._own.get("dataset", self._data.get("dataset"))
+        if described is None or described == dataset:
+            return self
+        other = Params({}, self.section)
+        other._own = {k: v for k, v in self._own.items() if k not in DATA_KEYS}
+        return other

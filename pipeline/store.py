@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +26,13 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.errors import UnstableSpecificationWarning
 
 from .errors import FingerprintMismatch, PipelineError, StoreLocked
+
+# Variable-length strings and bytes are not yet frozen in the Zarr v3 spec; zarr-python reads
+# and writes them fine and we pin zarr's minor version, so the warning is noise for our users.
+warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
 
 FORMAT_VERSION = 1
 LOCK_NAME = ".lock"

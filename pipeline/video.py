@@ -88,7 +88,9 @@ def decode_clip(path: str, spec: FrameSpec, start: float = math.nan, end: float 
     try:
         if spec.seek == "keyframes":
             return _decode_keyframes(path, spec, start, end, threads)
-        clip = _decode_exact(path, spec, start, end, threads, known_count=None)
+        clip = _decode_planned(path, spec, start, end, threads)
+        if clip is None:  # packets without timestamps, or frames the plan did not find: count by decoding
+            clip = _decode_exact(path, spec, start, end, threads, known_count=None)
         if clip is None:  # the container over-declared its frames: sample the frames that exist
             clip = _decode_exact(path, spec, start, end, threads, known_count=_count_frames(path, start, end))
         assert clip is not None
@@ -157,11 +159,89 @@ def _estimate_count(container, stream, s: float, e: float) -> int | None:
     return max(1, round(span * _rate(stream)))
 
 
-def _frames_in(container, stream, s: float, e: float):
-    """Decoded frames of [s, e) in presentation order, with their index within the segment."""
+def _seek_to(container, stream, s: float) -> None:
     if s > 0:
         # One forward seek to the keyframe at or before the segment start.
         container.seek(int(s / stream.time_base), stream=stream, backward=True, any_frame=False)
+
+
+def _plan(path: str, spec: FrameSpec, s: float, e: float) -> list[int] | None:
+    """Presentation timestamps (stream time base) of every frame in [s, e), in display order.
+
+    One demux pass (no decoding: about 2 ms for a 10-s clip) gives the exact frame count and the
+    timestamp of each target, even where the container declares no count (WebM). None when packets
+    carry no or duplicate timestamps (some AVI files): the caller then counts by decoding.
+    """
+    container, stream = _open(path, 1, spec.max_pixels)
+    with container:
+        tb = stream.time_base
+        _seek_to(container, stream, s)
+        stamps = []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            if packet.pts is None:
+                return None
+            if packet.dts is not None and packet.dts * tb >= e:
+                break  # decode order: every later packet is shown at or after its dts
+            t = float(packet.pts * tb)
+            if s - 1e-6 <= t < e:
+                stamps.append(packet.pts)
+        declared = stream.frames if (s == 0.0 and math.isinf(e)) else 0
+    stamps.sort()
+    if not stamps or len(set(stamps)) != len(stamps):
+        return None
+    if declared and len(stamps) < spec.min_decoded_fraction * declared:
+        raise DecodeError(f"truncated: {len(stamps)} of {declared} frames present")
+    return stamps
+
+
+def _decode_planned(path: str, spec: FrameSpec, start: float, end: float, threads: int) -> Clip | None:
+    """The fast path: decode forward, skipping non-reference frames that are not kept.
+
+    The decoder must still decode every reference frame (later frames are predicted from them),
+    but a non-reference frame that is not a target is dropped before decoding (``skip_frame =
+    NONREF``, set per packet): with B-frames that is about 40% of the decoding work.
+    """
+    container, stream = _open(path, threads, spec.max_pixels)
+    with container:
+        s, e = _segment(stream, start, end)
+    stamps = _plan(path, spec, s, e)
+    if stamps is None:
+        return None
+    n = len(stamps)
+    targets = segment_centres(n, spec.num_frames)
+    wanted = {stamps[i] for i in targets.tolist()}
+    images: dict[int, np.ndarray] = {}
+    container, stream = _open(path, threads, spec.max_pixels)
+    with container:
+        ctx = stream.codec_context
+        _seek_to(container, stream, s)
+        mode = None
+        for packet in container.demux(stream):
+            want = "DEFAULT" if (packet.pts in wanted or packet.size == 0) else "NONREF"
+            if want != mode:
+                ctx.skip_frame = mode = want
+            for frame in stream.decode(packet):
+                if frame.pts in wanted and frame.pts not in images:
+                    images[frame.pts] = to_rgb_box(frame, spec)
+            if len(images) == len(wanted):
+                break
+    if len(images) != len(wanted):
+        return None  # some target did not come out of the decoder: fall back to counting
+    tb = float(stream.time_base)
+    chosen = [stamps[i] for i in targets.tolist()]
+    return Clip(
+        frames=np.stack([images[p] for p in chosen]),
+        frame_index=targets.astype(np.int32),
+        timestamp=np.array([p * tb for p in chosen], np.float64),
+        source_frames=n,
+    )
+
+
+def _frames_in(container, stream, s: float, e: float):
+    """Decoded frames of [s, e) in presentation order, with their index within the segment."""
+    _seek_to(container, stream, s)
     index = 0
     rate = _rate(stream)
     for frame in container.decode(stream):

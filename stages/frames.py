@@ -8,7 +8,13 @@ from pathlib import Path
 from pipeline import store
 from pipeline.datasets import load_manifest
 from pipeline.errors import PipelineError
-from pipeline.framestore import BlockResult, extract_block, frames_fingerprint_record, init_frame_store
+from pipeline.framestore import (
+    BlockResult,
+    FrameCodec,
+    extract_block,
+    frames_fingerprint_record,
+    init_frame_store,
+)
 from pipeline.parallel import run_blocks, threads_per_worker
 from pipeline.progress import Progress
 from pipeline.video import FrameSpec
@@ -29,7 +35,8 @@ class DatasetArgs:
         return self.name or self.dataset
 
 
-def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpec, *, block_size: int = 16,
+def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpec, codec: FrameCodec, *,
+        block_size: int = 16,
         workers: int = 1, scheduler_address: str | None = None, replace_mismatched: bool = False,
         quiet: bool = False) -> list[dict]:
     """Fill the frame store of each split; returns one summary dict per split."""
@@ -45,15 +52,16 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
     for split in chosen:
         part = manifest.split(split)
         path = frames_path(cache, data.cache_name, split)
-        record = frames_fingerprint_record(part, spec, block_size)
+        record = frames_fingerprint_record(part, spec, codec, block_size)
         fp = store.fingerprint(record)
         params = {"dataset": data.dataset, "root": str(data.root), "split_id": data.split_id,
                   "untrimmed": data.untrimmed, "block_size": block_size, **spec.as_dict(),
+                  "codec": codec.name, "jpeg_quality": codec.quality,
                   "manifest": record["manifest"], "input_sizes": record["input_sizes"]}
         with store.writer_lock(path):
             group = store.open_output(
                 path, fp, params, replace_mismatched=replace_mismatched,
-                init=lambda g, part=part, split=split: init_frame_store(g, part, split, spec, block_size))
+                init=lambda g, part=part, split=split: init_frame_store(g, part, split, spec, codec, block_size))
             pending = store.pending_blocks(group)
             todo = sum(store.block_slice(group, b).stop - store.block_slice(group, b).start for b in pending)
             threads = threads_per_worker(workers)

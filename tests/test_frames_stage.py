@@ -18,13 +18,16 @@ from conftest import copy_video, make_broken_files
 from videos import brightness_index, write_video
 
 from pipeline import store
+from pipeline.framestore import read_frames
 
 ARRAYS = ("frames", "frame_index", "timestamp", "source_frames", "status", "reason", "video_id", "label")
 SMALL = ["--num-frames", "4", "--height", "32", "--width", "32", "--block-size", "2", "--quiet"]
 
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=cwd)
+    # From the tests folder by default: the repository's own params.yaml (the demo) stays out of it.
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          cwd=cwd or Path(__file__).parent)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -32,7 +35,10 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
 
 def load(path: Path) -> dict[str, np.ndarray]:
     g = zarr.open_group(str(path), mode="r")
-    return {name: g[name][:] for name in ARRAYS}
+    arrays = {name: g[name][:] for name in ARRAYS}
+    arrays["stored"] = arrays["frames"]  # as stored (JPEG bytes by default)
+    arrays["frames"] = read_frames(g, slice(None))  # decoded uint8
+    return arrays
 
 
 @pytest.fixture
@@ -165,7 +171,7 @@ def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
     killed = tmp_path / "killed"
     markers = killed / "frames" / "csv" / "train" / "block_done" / "c"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--cache", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if markers.is_dir() and len(os.listdir(markers)) >= 3:
@@ -178,7 +184,7 @@ def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
     assert 0 < len(pending) < 24, "the kill should land mid-run"
     run_cli(*args, "--cache", str(killed))  # not blocked by the dead process's lock
     got = load(killed / "frames" / "csv" / "train")
-    for name in ARRAYS:
+    for name in (*ARRAYS, "stored"):
         assert np.array_equal(got[name], expected[name]), name
 
 
@@ -190,7 +196,7 @@ def test_two_dask_workers_write_the_same_store_as_one(tmp_path, ucf_tree):
     assert "ucf101/test: 8 videos, 0 ok, 8 failed" in out.stdout
     for split in ("train", "test"):
         a, b = load(one / "frames" / "ucf101" / split), load(two / "frames" / "ucf101" / split)
-        for name in ARRAYS:
+        for name in (*ARRAYS, "stored"):
             assert np.array_equal(a[name], b[name]), (split, name)
     fp = lambda c, s: zarr.open_group(str(c / "frames" / "ucf101" / s), mode="r").attrs["fingerprint"]  # noqa: E731
     assert fp(one, "train") == fp(two, "train")  # worker count is not part of the content
@@ -205,7 +211,10 @@ def test_params_file_keys_and_flag_override(tmp_path, template):
         "frames:\n  num_frames: 2\n  height: 16\n  width: 24\n  block_size: 1\n")
     run_cli("frames", "--quiet", "--num-frames", "3", cwd=tmp_path)  # ./params.yaml is read by default
     g = zarr.open_group(str(tmp_path / "cache" / "frames" / "toy" / "train"), mode="r")
-    assert g["frames"].shape == (2, 3, 16, 24, 3)  # flag beat the key; other keys came from the file
+    assert read_frames(g, slice(None)).shape == (2, 3, 16, 24, 3)  # flag beat the key; the rest from the file
+    # data.* keys describe one dataset: naming another one on the command line drops them
+    other = run_cli("frames", "--dataset", "ucf101", "--quiet", check=False, cwd=tmp_path)
+    assert other.returncode == 2 and "no root given for dataset 'ucf101'" in other.stderr
     env_cache = tmp_path / "envcache"
     proc = subprocess.run([sys.executable, "-m", "pipeline", "frames", "--quiet"], cwd=tmp_path, text=True,
                           capture_output=True, env={**os.environ, "PIPELINE_CACHE": str(env_cache)})
@@ -234,3 +243,15 @@ def test_help_lists_commands_with_examples():
         assert command in out
     for command in ("frames", "extract", "status", "export"):
         assert "Example" in run_cli(command, "--help").stdout
+
+
+def test_raw_codec_is_lossless_and_jpeg_is_close(tmp_path, ucf_tree):
+    base = ["frames", "-d", "ucf101", "--root", str(ucf_tree), "--split", "train", *SMALL]
+    run_cli(*base, "--cache", str(tmp_path / "jpeg"))
+    run_cli(*base, "--cache", str(tmp_path / "raw"), "--codec", "raw")
+    jpeg = load(tmp_path / "jpeg" / "frames" / "ucf101" / "train")
+    raw = load(tmp_path / "raw" / "frames" / "ucf101" / "train")
+    assert jpeg["stored"].dtype == object and isinstance(jpeg["stored"][0, 0], bytes)
+    assert raw["stored"].dtype == np.uint8 and np.array_equal(raw["stored"], raw["frames"])
+    assert np.abs(jpeg["frames"].astype(int) - raw["frames"].astype(int)).mean() < 3
+    assert sum(len(b) for b in jpeg["stored"].ravel()) < raw["frames"].nbytes / 4

@@ -131,3 +131,17 @@ def test_nan_segment_means_whole_video(tmp_path):
     a = decode_clip(path, SPEC)
     b = decode_clip(path, SPEC, start=math.nan, end=math.nan)
     assert np.array_equal(a.frames, b.frames)
+
+
+@pytest.mark.parametrize("ext,kw", [(".mp4", {}), (".avi", {}), (".webm", {}), (".mkv", {}), (".mp4", {"vfr": True}),
+                                    (".mp4", {"n_frames": 5})])
+def test_fast_path_is_taken_and_matches_the_counting_decoder(tmp_path, ext, kw):
+    from pipeline.video import _decode_exact, _decode_planned
+
+    path = write_video(tmp_path / f"v{ext}", **{"n_frames": 30, **kw})
+    fast = _decode_planned(path, SPEC, math.nan, math.nan, threads=1)
+    assert fast is not None, "the pts plan should cover this container"
+    slow = _decode_exact(path, SPEC, math.nan, math.nan, threads=1, known_count=None)
+    assert np.array_equal(fast.frames, slow.frames)
+    assert fast.frame_index.tolist() == slow.frame_index.tolist()
+    assert np.allclose(fast.timestamp, slow.timestamp)
