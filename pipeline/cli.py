@@ -226,7 +226,8 @@ def status(ctx: Context, as_json: bool) -> None:
         click.echo(f"nothing cached under {ctx.cache}")
     for e in entries:
         state = "complete" if e["complete"] else f"{e['pending']} pending"
-        click.echo(f"{e['stage']:<8} {e['dataset']}/{e['split']:<8} {e['total']:>7} videos {e['ok']:>7} ok "
+        unit = "videos" if e["stage"] in ("frames", "features") else "rows"
+        click.echo(f"{e['stage']:<8} {e['dataset']}/{e['split']:<8} {e['total']:>7} {unit:<6} {e['ok']:>7} ok "
                    f"{e['failed']:>5} failed  {state:<12} {e['fingerprint'][:12]}  {e['path']}")
 
 
@@ -291,6 +292,261 @@ def world(ctx: Context, out, train_per_class, val_per_class, num_frames, size, s
     target = Path(out) if out else ctx.cache / "world"
     path = world_stage.run(target, spec, ctx.quiet)
     click.echo(f"world: {len(spec.classes())} classes -> {path}")
+
+
+
+# ---- feature store -------------------------------------------------------------------------
+
+def model_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        click.option("--model", "-m", help="open_clip model: a name (ViT-B-16), local-dir:DIR or hf-hub:ORG/NAME "
+                                           "(params: model.name)."),
+        click.option("--pretrained",
+                     help="Pretrained tag (openai) or a local checkpoint file (params: model.pretrained)."),
+        click.option("--quick-gelu/--no-quick-gelu", default=None,
+                     help="Force QuickGELU (needed for OpenAI weights given as a file) [auto for tags]."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def model_spec(ctx: Context, model: str | None, pretrained: str | None, quick_gelu: bool | None):
+    from .models.clip import ModelSpec
+
+    p = ctx.params
+    name = p.get("model", model)
+    if not name:
+        raise PipelineError("no model given: pass --model (e.g. ViT-B-16 --pretrained openai, or local-dir:DIR) "
+                            "or set model.name in params.yaml")
+    return ModelSpec(name=str(name), pretrained=p.get("pretrained", pretrained),
+                     quick_gelu=p.get("quick_gelu", quick_gelu))
+
+
+def cache_dataset(ctx: Context, dataset: str | None) -> str:
+    """The dataset's name in the cache: --dataset, else data.name / data.dataset of params.yaml."""
+    ds = dataset or ctx.params.get("name", None) or ctx.params.get("dataset", None)
+    if not ds:
+        raise PipelineError("no dataset given: pass --dataset NAME (its name in the cache)")
+    return str(ds)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_features(ctx: Context, dataset: str, spec, opts: dict) -> list[dict]:
+    from stages import features as features_stage
+
+    p = ctx.params
+    summaries = features_stage.run(
+        ctx.cache, dataset, spec, list(p.get("splits", opts.get("splits"), []) or []),
+        device=p.get("device", opts.get("device"), None) or default_device(),
+        batch_size=int(p.get("batch_size", opts.get("batch_size"), 64)),
+        workers=int(p.get("workers", opts.get("workers"), 1)),
+        scheduler_address=p.get("scheduler_address", opts.get("scheduler_address")),
+        replace_mismatched=bool(p.get("replace_mismatched", opts.get("replace_mismatched"), False)),
+        quiet=ctx.quiet)
+    for s in summaries:
+        _print_summary(s)
+    if any(s["errors"] for s in summaries):
+        raise PipelineError("some blocks did not finish (see above); re-run the same command to retry them")
+    return summaries
+
+
+@cli.command()
+@common_options("features")
+@click.option("--dataset", "-d", help="Dataset name in the cache (params: data.name or data.dataset).")
+@model_options
+@click.option("--split", "splits", multiple=True, help="Split(s) [default: every stored split].")
+@click.option("--device", help="torch device [cuda when present, else cpu].")
+@click.option("--batch-size", type=click.IntRange(1), help="Frames per forward pass [64].")
+@click.option("--workers", type=click.IntRange(1), help="Processes through dask [1].")
+@click.option("--scheduler-address", help="Use this dask.distributed scheduler.")
+@click.option("--replace-mismatched", is_flag=True, default=None, help="Rebuild an output made with other parameters.")
+def features(ctx: Context, dataset, model, pretrained, quick_gelu, **opts) -> None:
+    """Encode every stored frame with a CLIP image encoder (cache/features/DATASET/MODEL/SPLIT).
+
+    Uses the model's own preprocessing (resize, centre crop, mean, std). float16 [N, T, D], rows aligned
+    with the frame store; videos that failed there stay failed. AMP on GPU, fp32 on CPU (recorded in the
+    fingerprint: the two never mix).
+
+    \b
+    Examples:
+      pipeline features --dataset k400 --model ViT-B-16 --pretrained openai --device cuda
+      pipeline features --dataset demo --model local-dir:cache/tiny-clip
+      pipeline features --dataset k400 --model ViT-B-16 --pretrained ~/weights/ViT-B-16.pt --quick-gelu
+    """
+    _run_features(ctx, cache_dataset(ctx, dataset), model_spec(ctx, model, pretrained, quick_gelu), opts)
+
+
+@cli.command()
+@common_options("labels")
+@click.option("--dataset", "-d", help="Dataset name in the cache.")
+@model_options
+@click.option("--encoder", help="'clip' (the model's text tower) or 'hf:NAME_OR_PATH' (mean pooling) [clip].")
+@click.option("--template",
+              help="paper ('a video of a person {}.'), bare, kinetics28, a file, or a text with {} [paper].")
+@click.option("--device", help="torch device [cuda when present, else cpu].")
+@click.option("--replace-mismatched", is_flag=True, default=None, help="Rebuild an output made with other parameters.")
+def labels(ctx: Context, dataset, model, pretrained, quick_gelu, encoder, template, device, replace_mismatched) -> None:
+    """Embed the class names with a text encoder (cache/labels/DATASET/ENCODER).
+
+    \b
+    Examples:
+      pipeline labels --dataset k400 --model ViT-B-16 --pretrained openai
+      pipeline labels --dataset k400 --model ViT-B-16 --pretrained openai --template kinetics28
+      pipeline labels --dataset k400 --model ViT-B-16 --pretrained openai --encoder hf:distilbert-base-uncased
+      pipeline labels --dataset demo --model local-dir:cache/tiny-clip --encoder hf:all-MiniLM-L6-v2
+    """
+    from stages import labels as labels_stage
+
+    p = ctx.params
+    ds = cache_dataset(ctx, dataset)
+    path, emb = labels_stage.run(
+        ctx.cache, ds, p.get("encoder", encoder, "clip"), p.get("template", template, "paper"),
+        model_spec(ctx, model, pretrained, quick_gelu), device=p.get("device", device, None) or default_device(),
+        replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)))
+    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
+
+
+def _heads(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder, seed, per_class, solver, shrinkage,
+           split, replace_mismatched) -> None:
+    from stages import heads as heads_stage
+
+    p = ctx.params
+    ds = cache_dataset(ctx, dataset)
+    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    shrink = p.get("shrinkage", shrinkage)
+    if shrink not in (None, "auto"):
+        try:
+            shrink = float(shrink)
+        except ValueError:
+            raise PipelineError(f"--shrinkage must be 'auto' or a number in [0, 1], not {shrink!r}") from None
+    path, head, _ = heads_stage.run(
+        ctx.cache, ds, kind, spec.tag, encoder=p.get("encoder", encoder), seed=int(p.get("seed", seed, 0)),
+        per_class=int(p.get("per_class", per_class, 60)), solver=p.get("solver", solver, "svd"), shrinkage=shrink,
+        split=p.get("split", split, "train"),
+        replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)))
+    click.echo(f"head {kind} {ds}: {head.shape[0]} x {head.shape[1]} -> {path}")
+
+
+def head_options(fn: Callable) -> Callable:
+    for decorator in reversed([
+        click.option("--dataset", "-d", help="Dataset name in the cache."),
+        click.option("--encoder", help="Text encoder of a 'text' head: hf:NAME_OR_PATH."),
+        click.option("--seed", type=int, help="Seed of random/orthogonal heads and of the per-class sample [0]."),
+        click.option("--per-class", type=click.IntRange(1), help="Training videos per class for lda/prototype [60]."),
+        click.option("--solver", type=click.Choice(["svd", "lsqr", "eigen"]), help="LDA solver [svd, as the paper]."),
+        click.option("--shrinkage", help="LDA shrinkage: 'auto' or a number (lsqr/eigen solvers)."),
+        click.option("--split", help="Split the lda/prototype sample is drawn from [train]."),
+        click.option("--replace-mismatched", is_flag=True, default=None,
+                     help="Rebuild an output made with other parameters."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+@cli.command()
+@common_options("heads")
+@model_options
+@click.option("--kind", type=click.Choice(["clip-text", "text", "random", "orthogonal", "prototype", "lda"]),
+              help="Head kind (params: heads.kind).")
+@head_options
+def heads(ctx: Context, model, pretrained, quick_gelu, kind, **opts) -> None:
+    """Build a frozen classifier head [C, D] (cache/heads/DATASET/MODEL/KIND).
+
+    \b
+    clip-text   the CLIP text embeddings of the class names (labels stage, encoder clip)
+    text        another text encoder's embeddings (labels stage, --encoder hf:...)
+    random      rows ~ N(0, I), seeded
+    orthogonal  first C rows of a random orthogonal D x D matrix (C > D is an error)
+    prototype   normalised class means of a per-class sample of cached training features
+    lda         LDA coef_ fitted on that sample (same as `pipeline lda`)
+
+    \b
+    Examples:
+      pipeline heads --dataset k400 --model ViT-B-16 --pretrained openai --kind clip-text
+      pipeline heads --dataset k400 --model ViT-B-16 --pretrained openai --kind orthogonal --seed 1
+    """
+    kind = ctx.params.get("kind", kind)
+    if not kind:
+        raise PipelineError("no head kind given: pass --kind")
+    _heads(ctx, model=model, pretrained=pretrained, quick_gelu=quick_gelu, kind=kind, **opts)
+
+
+@cli.command()
+@common_options("lda")
+@model_options
+@head_options
+def lda(ctx: Context, model, pretrained, quick_gelu, **opts) -> None:
+    """Fit the LDA head on 60 cached training videos per class (the paper's Algorithm 2).
+
+    Each sampled video's frame features are averaged over time; scikit-learn's
+    LinearDiscriminantAnalysis (solver svd by default) is fitted and its coef_ [C, D] is the head.
+    The sample is seeded and its video ids are stored with the head.
+
+    \b
+    Examples:
+      pipeline lda --dataset k400 --model ViT-B-16 --pretrained openai
+      pipeline lda --dataset demo --model local-dir:cache/tiny-clip --per-class 20 --solver lsqr --shrinkage auto
+    """
+    _heads(ctx, model=model, pretrained=pretrained, quick_gelu=quick_gelu, kind="lda", **opts)
+
+
+@cli.command()
+@common_options("evaluate")
+@click.option("--dataset", "-d", help="Dataset name in the cache.")
+@model_options
+@click.option("--head", "kind", type=click.Choice(["clip-text", "text", "random", "orthogonal", "prototype", "lda"]),
+              help="Head kind [clip-text].")
+@click.option("--encoder", help="Text encoder of a 'text' head: hf:NAME_OR_PATH.")
+@click.option("--from-cache", is_flag=True, default=True, help="Evaluate cached features (no encoder run).")
+@click.option("--split", help="Split to evaluate [val].")
+@click.option("--protocol", "protocols", multiple=True, type=click.Choice(["full", "half", "subsets"]),
+              help="full label set; half of the classes x 10 seeds; user subsets (repeatable) [full].")
+@click.option("--subsets", "subset_files", multiple=True, type=click.Path(dir_okay=False),
+              help="A class-subset file (one class a line, or comma-separated); repeatable.")
+@click.option("--head-dataset", help="Use a head built from another dataset's class names (matched by name).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON (e.g. for DVC metrics).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def evaluate(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder, from_cache, split, protocols,
+             subset_files, head_dataset, out, as_json) -> None:
+    """Evaluate a head on cached features: top-1, top-5 and mean class accuracy.
+
+    The video embedding is the temporal average of the cached frame features; logits are cosine
+    similarities with the head rows.
+
+    \b
+    Examples:
+      pipeline evaluate --dataset ucf101 --model ViT-B-16 --pretrained openai --head clip-text --protocol half
+      pipeline evaluate --dataset k600 --head clip-text --protocol subsets --subsets s1.csv --subsets s2.csv
+      pipeline evaluate --dataset demo --model local-dir:cache/tiny-clip --head lda --protocol full --protocol half
+    """
+    from stages import evaluate as evaluate_stage
+
+    p = ctx.params
+    ds = cache_dataset(ctx, dataset)
+    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    chosen = tuple(p.get("protocols", protocols, ["full"]))
+    result = evaluate_stage.run(
+        ctx.cache, ds, p.get("head", kind, "clip-text"), spec.tag, split=p.get("split", split, "val"),
+        encoder=p.get("encoder", encoder), head_dataset=p.get("head_dataset", head_dataset), protocols=chosen,
+        subset_files=list(p.get("subsets", subset_files, []) or []), out=Path(out) if out else None)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['dataset']}/{result['split']}  head {result['head']} ({result['head_dataset']})  "
+               f"model {result['model']}")
+    click.echo(f"  {'protocol':<10} {'top-1':>14} {'top-5':>14} {'mean class':>14}")
+    for protocol in chosen:
+        r = result[protocol]
+        cells = [f"{r[k]:6.2f} +- {r[k + '_std']:5.2f}" if f"{k}_std" in r else f"{r[k]:.2f}"
+                 for k in ("top1", "top5", "mean_class")]
+        click.echo(f"  {protocol:<10} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
+    if result["videos_without_head_class"]:
+        click.echo(f"  ({result['videos_without_head_class']} videos of classes the head does not have were left out)")
 
 
 def main() -> None:

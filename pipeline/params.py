@@ -15,6 +15,9 @@ from .errors import PipelineError
 
 DEFAULT_PARAMS = "params.yaml"
 DATA_KEYS = ("dataset", "root", "split_id", "untrimmed", "name")
+# The model is shared by every command that reads features, labels or heads: ``model.name``
+# (flag --model), ``model.pretrained``, ``model.quick_gelu``.
+MODEL_KEYS = {"model": "name", "pretrained": "pretrained", "quick_gelu": "quick_gelu"}
 
 
 def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -42,6 +45,7 @@ class Params:
         self.section = section
         self._own = params.get(section) or {}
         self._data = params.get("data") or {}
+        self._model = params.get("model") or {}
         if not isinstance(self._own, dict):
             raise PipelineError(f"params group {section!r} must be a mapping")
 
@@ -52,6 +56,8 @@ class Params:
             return self._own[key]
         if key in DATA_KEYS and key in self._data:
             return self._data[key]
+        if key in MODEL_KEYS and MODEL_KEYS[key] in self._model:
+            return self._model[MODEL_KEYS[key]]
         return default
 
     def for_dataset(self, dataset: str) -> Params:
@@ -63,6 +69,6 @@ class Params:
         described = self._own.get("dataset", self._data.get("dataset"))
         if described is None or described == dataset:
             return self
-        other = Params({}, self.section)
+        other = Params({"model": self._model}, self.section)
         other._own = {k: v for k, v in self._own.items() if k not in DATA_KEYS}
         return other

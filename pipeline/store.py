@@ -152,7 +152,8 @@ def create_column(group: zarr.Group, name: str, values: np.ndarray) -> zarr.Arra
     arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=(chunk, *values.shape[1:]),
                              fill_value="" if dtype is str else 0)
     if len(values):
-        arr[...] = values.astype(str) if dtype is str else values
+        # via a list: numpy's StringDType (zarr's string reads) does not cast to fixed-width str
+        arr[...] = np.array(values.tolist(), dtype=np.str_) if dtype is str else values
     return arr
 
 
@@ -182,14 +183,22 @@ def block_slice(group: zarr.Group, block: int) -> slice:
 
 
 def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | None = None) -> dict[str, Any]:
-    """Counts and failures of a per-video store (any stage with ``status``/``reason`` arrays)."""
+    """Counts and failures of a per-video store (any stage with ``status``/``reason`` arrays).
+
+    Outputs that are not per video (label embeddings, heads) count their rows, all ok.
+    """
+    attrs = group.attrs
+    if "status" not in group:
+        rows = int(attrs.get("rows", len(attrs.get("class_names", []))))
+        return {"stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split", "-"),
+                "path": str(path), "total": rows, "ok": rows, "failed": 0, "pending": 0, "complete": True,
+                "fingerprint": attrs.get("fingerprint"), "failures": []}
     status = group["status"][:]
     failed_rows = np.flatnonzero(status == 2)
     shown = failed_rows if max_failures is None else failed_rows[:max_failures]
     ids, paths, reasons = group["video_id"], group["path"], group["reason"]
     failures = [{"video_id": str(ids[i]), "path": str(paths[i]), "reason": str(reasons[i])}
                 for i in shown.tolist()]
-    attrs = group.attrs
     return {
         "stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split"),
         "path": str(path), "total": int(status.size), "ok": int((status == 1).sum()),

@@ -1,0 +1,72 @@
+"""Classification metrics from cosine logits, and the zero-shot protocols of the paper."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import PipelineError
+
+
+def cosine_logits(features: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """[n, C] cosine similarities between video embeddings [n, D] and head rows [C, D]."""
+    if features.shape[1] != head.shape[1]:
+        raise PipelineError(f"head width {head.shape[1]} differs from the feature width {features.shape[1]}: "
+                            "only a trained run's projection can bridge it")
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    h = head / np.maximum(np.linalg.norm(head, axis=1, keepdims=True), 1e-12)
+    return f @ h.T
+
+
+def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """top-1, top-5 (top-C when C < 5) and mean class accuracy, in percent."""
+    if labels.size == 0:
+        raise PipelineError("no labelled videos to evaluate")
+    k = min(5, logits.shape[1])
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    hit1 = top[:, 0] == labels
+    hitk = (top == labels[:, None]).any(axis=1)
+    classes = np.unique(labels)
+    per_class = [hit1[labels == c].mean() for c in classes]
+    return {"top1": 100 * float(hit1.mean()), "top5": 100 * float(hitk.mean()),
+            "mean_class": 100 * float(np.mean(per_class)), "videos": int(labels.size), "classes": int(classes.size)}
+
+
+def restricted(features: np.ndarray, labels: np.ndarray, head: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Metrics over the videos of ``classes``, choosing among those classes only."""
+    keep = np.isin(labels, classes)
+    remap = np.full(head.shape[0], -1)
+    remap[classes] = np.arange(classes.size)
+    return metrics(cosine_logits(features[keep], head[classes]), remap[labels[keep]])
+
+
+def half_classes(features: np.ndarray, labels: np.ndarray, head: np.ndarray, seeds=range(10)) -> dict:
+    """The paper's UCF*/HMDB*/ANet* protocol: half of the classes drawn per seed; mean and std over seeds."""
+    c = head.shape[0]
+    runs = []
+    for seed in seeds:
+        classes = np.sort(np.random.default_rng(seed).permutation(c)[: c // 2])
+        runs.append(restricted(features, labels, head, classes))
+    return summarize_runs(runs) | {"seeds": list(seeds), "classes_per_draw": c // 2}
+
+
+def subsets(features: np.ndarray, labels: np.ndarray, head: np.ndarray, class_names: list[str],
+            subset_names: list[list[str]]) -> dict:
+    """User-supplied class subsets (e.g. Kinetics-600's three splits of new classes), averaged."""
+    index = {n: i for i, n in enumerate(class_names)}
+    runs = []
+    for names in subset_names:
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise PipelineError(f"class {missing[0]!r} of a subset is not a class of this dataset")
+        runs.append(restricted(features, labels, head, np.array(sorted(index[n] for n in names))))
+    return summarize_runs(runs) | {"subsets": len(runs)}
+
+
+def summarize_runs(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("top1", "top5", "mean_class"):
+        values = np.array([r[key] for r in runs])
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std())
+    out["runs"] = runs
+    return out

@@ -1,0 +1,144 @@
+"""The feature store: CLIP image embeddings of every stored frame, rows aligned with the frame store.
+
+Arrays: ``features`` float16 [N, T, D]; ``status`` int8 [N] and ``reason`` str [N] (a video that
+failed in the frame stage stays failed here, its features zero, never garbage); the manifest
+columns ``video_id``, ``path``, ``label`` (and ``targets``) copied from the frame store, so that a
+feature store (or an imported one) is self-contained; ``block_done``.
+Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``model`` (identity), ``model_tag``,
+``precision``, ``embed_dim``, ``n``, ``block_size``, ``frames_fingerprint``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from . import store
+from .framestore import FAILED, OK, PENDING, read_frames
+from .models.clip import LoadedClip, ModelSpec, load_clip
+
+_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+def precision_for(device: str) -> str:
+    """The compute precision, part of the fingerprint: AMP on GPU and fp32 on CPU never mix rows."""
+    if device.startswith("cuda"):
+        return "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"
+    return "fp32"
+
+
+def preprocess(frames: np.ndarray, clip: LoadedClip) -> torch.Tensor:
+    """uint8 [n, H, W, 3] -> normalised float [n, 3, S, S]: the model's own resize, centre crop, mean and std."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
+    x = F.resize(x, [clip.image_size], interpolation=_INTERPOLATION.get(clip.interpolation,
+                                                                         InterpolationMode.BICUBIC), antialias=True)
+    x = F.center_crop(x, [clip.image_size, clip.image_size])
+    return F.normalize(x, mean=list(clip.mean), std=list(clip.std))
+
+
+@torch.no_grad()
+def encode_frames(frames: np.ndarray, clip: LoadedClip, device: str, batch_size: int) -> np.ndarray:
+    """float32 [n, D] image embeddings (not normalised) of uint8 frames [n, H, W, 3]."""
+    out = []
+    precision = precision_for(device)
+    dtype = torch.bfloat16 if precision == "amp-bf16" else torch.float16
+    for lo in range(0, len(frames), batch_size):
+        x = preprocess(frames[lo:lo + batch_size], clip).to(device, non_blocking=True)
+        with torch.autocast(device_type="cuda", dtype=dtype, enabled=precision != "fp32"):
+            out.append(clip.model.encode_image(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
+
+
+def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precision: str) -> dict:
+    return {"stage": "features", "frames": frames_group.attrs["fingerprint"], "model": identity,
+            "precision": precision}
+
+
+def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: LoadedClip, spec: ModelSpec,
+                       precision: str, frames_path: str) -> None:
+    n, block = int(frames_group.attrs["n"]), int(frames_group.attrs["block_size"])
+    t = int(frames_group.attrs["spec"]["num_frames"])
+    store.create_per_video(group, "features", n, block, (t, clip.embed_dim), "float16")
+    store.create_per_video(group, "status", n, block, (), "int8", fill_value=PENDING)
+    group.create_array("reason", shape=(n,), dtype=str, chunks=(block,), fill_value="")
+    for name in ("video_id", "path", "label", "targets"):
+        if name in frames_group:
+            store.create_column(group, name, frames_group[name][:])
+    store.create_block_markers(group, (n + block - 1) // block)
+    group.attrs.update({
+        "stage": "features", "dataset": frames_group.attrs["dataset"], "split": frames_group.attrs["split"],
+        "class_names": list(frames_group.attrs["class_names"]), "model": clip.identity, "model_tag": spec.tag,
+        "model_spec": {"name": spec.name, "pretrained": spec.pretrained, "quick_gelu": spec.quick_gelu},
+        "precision": precision, "embed_dim": clip.embed_dim, "num_frames": t, "n": n, "block_size": block,
+        "frames_fingerprint": frames_group.attrs["fingerprint"], "frames_path": frames_path,
+    })
+
+
+# One model per worker process (dask workers run many blocks): loading is the expensive part.
+_MODELS: dict[Any, LoadedClip] = {}
+
+
+def _model(spec: ModelSpec, device: str) -> LoadedClip:
+    key = (spec, device)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = load_clip(spec, device)
+    return _MODELS[key]
+
+
+@dataclass
+class FeatureBlockResult:
+    block: int
+    n: int
+
+
+def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSpec, device: str,
+                          batch_size: int, threads: int = 0) -> FeatureBlockResult:
+    """Encode one block of stored videos and write it, then mark the block done."""
+    if threads:
+        torch.set_num_threads(threads)
+    group = zarr.open_group(path, mode="r+")
+    frames_group = zarr.open_group(frames_path, mode="r")
+    clip = _model(spec, device)
+    rows = store.block_slice(group, block)
+    status_in = frames_group["status"][rows]
+    reasons_in = frames_group["reason"][rows]
+    t, d = int(group.attrs["num_frames"]), int(group.attrs["embed_dim"])
+    m = rows.stop - rows.start
+    feats = np.zeros((m, t, d), np.float16)
+    status = np.where(status_in == OK, OK, FAILED).astype(np.int8)
+    reasons = np.array([f"frames: {r}" if s != OK else "" for s, r in zip(status_in, reasons_in, strict=True)],
+                       dtype=object)
+    ok = np.flatnonzero(status_in == OK)
+    if ok.size:
+        frames = read_frames(frames_group, rows)[ok]  # [k, T, H, W, 3]
+        emb = encode_frames(frames.reshape(-1, *frames.shape[2:]), clip, device, batch_size)
+        feats[ok] = emb.reshape(ok.size, t, d).astype(np.float16)
+    group["features"][rows] = feats
+    group["reason"][rows] = reasons.astype(str)
+    group["status"][rows] = status
+    store.mark_done(group, block)
+    return FeatureBlockResult(block, m)
+
+
+def video_features(group: zarr.Group, ok_only: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(temporal-average features float32 [n, D], labels [n], row indices) of the usable rows."""
+    status = group["status"][:]
+    rows = np.flatnonzero(status == OK) if ok_only else np.arange(status.size)
+    feats = np.empty((rows.size, int(group.attrs["embed_dim"])), np.float32)
+    block = int(group.attrs.get("block_size", 1024))
+    arr = group["features"]
+    # Read in blocks: the full [N, T, D] array need not fit in memory.
+    for lo in range(0, status.size, block * 64):
+        hi = min(status.size, lo + block * 64)
+        sel = rows[(rows >= lo) & (rows < hi)]
+        if sel.size:
+            chunk = arr[lo:hi].astype(np.float32)
+            feats[np.searchsorted(rows, sel)] = chunk[sel - lo].mean(axis=1)
+    return feats, group["label"][:][rows], rows

@@ -1,0 +1,72 @@
+"""Classifier heads: [C, D] float32 matrices applied as cosine logits.
+
+Frozen heads of the paper: text embeddings of the class names (CLIP's or another text encoder's),
+LDA fitted on 60 videos per class, random (normal) and orthogonal rows; plus ``prototype`` (the
+normalised class means of the same sample), a bias-free cosine head that LDA's ``coef_`` is not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+from .errors import PipelineError
+
+HEAD_KINDS = ("clip-text", "text", "random", "orthogonal", "prototype", "lda")
+
+
+def random_head(c: int, d: int, seed: int) -> np.ndarray:
+    """Rows ~ N(0, I_d)."""
+    return np.random.default_rng(seed).standard_normal((c, d)).astype(np.float32)
+
+
+def orthogonal_head(c: int, d: int, seed: int) -> np.ndarray:
+    """First C rows of a random orthogonal d x d matrix (QR of a Gaussian, signs fixed: Haar-distributed)."""
+    if c > d:
+        raise PipelineError(f"an orthogonal head needs classes <= width: {c} classes > {d} dimensions")
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    q = q * np.sign(np.diag(r))[None, :]
+    return q.T[:c].astype(np.float32)
+
+
+def sample_per_class(labels: np.ndarray, n_classes: int, per_class: int, seed: int,
+                     min_per_class: int = 1) -> np.ndarray:
+    """Sorted row indices: ``per_class`` rows of each class drawn without replacement (all of a smaller class)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    short = []
+    for c in range(n_classes):
+        rows = np.flatnonzero(labels == c)
+        if rows.size < min_per_class:
+            raise PipelineError(f"class {c} has {rows.size} usable training videos; at least {min_per_class} needed")
+        if rows.size < per_class:
+            short.append(c)
+        chosen.append(rng.choice(rows, size=min(per_class, rows.size), replace=False))
+    if short:
+        warnings.warn(f"{len(short)} classes have fewer than {per_class} videos; all of theirs were used "
+                      f"(first: class {short[0]})", stacklevel=2)
+    return np.sort(np.concatenate(chosen))
+
+
+def lda_head(x: np.ndarray, y: np.ndarray, n_classes: int, solver: str = "svd",
+             shrinkage: float | str | None = None) -> np.ndarray:
+    """``coef_`` of scikit-learn's LDA fitted on (x, y): [C, D] (two classes: [-w, w])."""
+    if shrinkage is not None and solver == "svd":
+        raise PipelineError("LDA shrinkage needs solver 'lsqr' or 'eigen'")
+    lda = LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage)
+    lda.fit(x.astype(np.float64), y)
+    coef = lda.coef_
+    if n_classes == 2 and coef.shape[0] == 1:
+        coef = np.concatenate([-coef, coef])  # binary LDA has one discriminant direction
+    return coef.astype(np.float32)
+
+
+def prototype_head(x: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Normalised class means [C, D] (accumulated in float64)."""
+    d = x.shape[1]
+    sums = np.zeros((n_classes, d), np.float64)
+    np.add.at(sums, y, x.astype(np.float64))
+    means = sums / np.maximum(np.bincount(y, minlength=n_classes), 1)[:, None]
+    return (means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)).astype(np.float32)

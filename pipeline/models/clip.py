@@ -1,0 +1,173 @@
+"""CLIP models through open_clip: every SPEC form, the QuickGELU trap, offline-friendly errors.
+
+SPEC forms (``--model`` / ``--pretrained``):
+- ``ViT-B-16`` + ``--pretrained openai``: a built-in config and a pretrained tag (downloaded by
+  open_clip into its cache, or found there when offline);
+- ``ViT-B-16`` + ``--pretrained /path/weights.pt``: a built-in config and a local checkpoint file;
+- ``local-dir:DIR``: ``DIR/open_clip_config.json`` (model_cfg + preprocess_cfg) and weights in DIR;
+- ``hf-hub:ORG/NAME``: the same from the Hugging Face Hub.
+
+OpenAI's weights were trained with QuickGELU; open_clip's plain ``ViT-B-16`` config uses GELU
+and only warns when the two are combined, which silently degrades features. We force the
+activation that the pretrained tag was trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+from ..errors import PipelineError
+
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin",
+                "model.safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # built-in name, "local-dir:DIR" or "hf-hub:ORG/NAME"
+    pretrained: str | None = None  # tag or checkpoint file (built-in names only)
+    quick_gelu: bool | None = None  # None: what the pretrained tag was trained with (OpenAI: QuickGELU)
+
+    @property
+    def tag(self) -> str:
+        """A short, path-safe name for cache keys: ``ViT-B-16-openai``, ``tiny-clip``, ``org--name``."""
+        if self.name.startswith("local-dir:"):
+            base = Path(self.name[len("local-dir:"):]).resolve().name
+        elif self.name.startswith("hf-hub:"):
+            base = self.name[len("hf-hub:"):].replace("/", "--")
+        else:
+            base = self.name
+            if self.pretrained:
+                p = self.pretrained
+                base += "-" + (Path(p).stem if os.path.sep in p or os.path.isfile(p) else p)
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+
+
+@dataclass
+class LoadedClip:
+    model: Any  # open_clip.CLIP (or CustomTextCLIP)
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    identity: dict = field(default_factory=dict)  # everything that determines the weights and the activation
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_file(spec: ModelSpec) -> str | None:
+    if spec.name.startswith("local-dir:"):
+        folder = Path(spec.name[len("local-dir:"):])
+        for name in WEIGHT_NAMES:
+            if (folder / name).is_file():
+                return str(folder / name)
+        return None
+    if spec.pretrained and os.path.isfile(spec.pretrained):
+        return spec.pretrained
+    return None
+
+
+def quick_gelu_for(spec: ModelSpec) -> bool:
+    """Whether to force QuickGELU: as asked, else as the pretrained tag was trained (OpenAI tags: yes)."""
+    if spec.quick_gelu is not None:
+        return spec.quick_gelu
+    if spec.pretrained and not spec.name.startswith(("local-dir:", "hf-hub:")):
+        tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+        return bool(tag_cfg and tag_cfg.get("quick_gelu", False))
+    return False
+
+
+def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip:
+    """Build the model of ``spec`` in eval mode on ``device``; one-line errors for every user mistake.
+
+    A checkpoint file of OpenAI weights needs ``quick_gelu=True`` in the spec (``--quick-gelu``);
+    for tags it is automatic.
+    """
+    force_quick_gelu = quick_gelu_for(spec)
+    if spec.name.startswith("local-dir:"):
+        folder = Path(spec.name[len("local-dir:"):])
+        if not (folder / "open_clip_config.json").is_file():
+            raise PipelineError(f"no open_clip_config.json in {folder} (local-dir: needs the config and the weights)")
+        if _weights_file(spec) is None:
+            raise PipelineError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_NAMES)}")
+    elif not spec.name.startswith("hf-hub:"):
+        if open_clip.get_model_config(spec.name) is None:
+            raise PipelineError(f"unknown open_clip model {spec.name!r} (see open_clip.list_models())")
+        if spec.pretrained:
+            if not open_clip.get_pretrained_cfg(spec.name, spec.pretrained) and not os.path.isfile(spec.pretrained):
+                tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
+                raise PipelineError(f"--pretrained {spec.pretrained!r} is neither a checkpoint file nor a tag of "
+                                    f"{spec.name} (tags: {tags})")
+    logging.disable(logging.ERROR)  # open_clip logs download failures itself; we raise one clear line
+    try:
+        model = open_clip.create_model(
+            spec.name, pretrained=spec.pretrained if not spec.name.startswith(("local-dir:", "hf-hub:")) else None,
+            force_quick_gelu=force_quick_gelu, device=device)
+    except (RuntimeError, OSError, ValueError) as e:
+        if spec.pretrained and not os.path.isfile(spec.pretrained) or spec.name.startswith("hf-hub:"):
+            raise PipelineError(
+                f"could not get the weights of {spec.name} {spec.pretrained or ''}".rstrip()
+                + " (offline, or not in the local cache): download them on a machine with internet and pass "
+                "--pretrained /path/to/weights.bin, or use --model local-dir:DIR") from None
+        raise PipelineError(f"could not load {spec.name}: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    model.eval()
+    cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    size = cfg.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    weights = _weights_file(spec)
+    identity = {
+        "name": spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}",
+        "pretrained": spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None,
+        "weights_sha256": file_sha256(weights) if weights else None,
+        "quick_gelu": force_quick_gelu or _uses_quick_gelu(model),
+        "image_size": int(size),
+        "embed_dim": int(model.visual.output_dim),
+    }
+    return LoadedClip(
+        model=model, tokenizer=open_clip.get_tokenizer(spec.name),
+        image_size=int(size), mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        interpolation=str(cfg.get("interpolation", "bicubic")), identity=identity,
+    )
+
+
+def _uses_quick_gelu(model: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == "QuickGELU" for m in model.modules())
+
+
+def save_local_dir(model: torch.nn.Module, model_cfg: dict, out: str | os.PathLike,
+                   preprocess_cfg: dict | None = None) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` model (open_clip_config.json + weights)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {
+        "size": model_cfg["vision_cfg"]["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    tmp = out / "open_clip_pytorch_model.bin.partial"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, out / "open_clip_pytorch_model.bin")
+    return out

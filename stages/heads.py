@@ -1,0 +1,87 @@
+"""Heads stage: the classifier heads of the paper (and a prototype head), as [C, D] matrices in the cache."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+from pipeline.errors import PipelineError
+from pipeline.featurestore import video_features
+from pipeline.heads import lda_head, orthogonal_head, prototype_head, random_head, sample_per_class
+from pipeline.models.text import encoder_tag
+
+from .labels import class_names_of
+from .paths import features_path, heads_path, labels_path, splits_of
+
+
+def _features_group(cache: Path, dataset: str, model_tag: str, split: str | None = None):
+    splits = splits_of(cache, "features", dataset, model_tag)
+    if not splits:
+        raise PipelineError(f"no features of {dataset!r} with model {model_tag!r}: run `pipeline features` first")
+    split = split or ("train" if "train" in splits else splits[0])
+    if split not in splits:
+        raise PipelineError(f"no features for {dataset}/{split} with model {model_tag}; stored: {', '.join(splits)}")
+    group = store.open_existing(features_path(cache, dataset, model_tag, split), f"features {dataset}/{split}")
+    if store.pending_blocks(group):
+        raise PipelineError(f"features {dataset}/{split} are unfinished: re-run `pipeline features` first")
+    return group
+
+
+def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | None = None, seed: int = 0,
+        per_class: int = 60, solver: str = "svd", shrinkage: float | str | None = None, split: str = "train",
+        replace_mismatched: bool = False) -> tuple[Path, np.ndarray, list[str]]:
+    class_names, names_fp = class_names_of(cache, dataset)
+    c = len(class_names)
+    record: dict = {"stage": "heads", "kind": kind, "class_names": names_fp}
+    extra: dict = {}
+    enc_tag = None
+    if kind in ("clip-text", "text"):
+        if kind == "clip-text":
+            enc_tag = encoder_tag("clip", model_tag)
+        else:
+            if not encoder or not encoder.startswith("hf:"):
+                raise PipelineError("--kind text needs --encoder hf:NAME_OR_PATH (the labels stage's text encoder)")
+            enc_tag = encoder_tag(encoder, model_tag)
+        labels = store.open_existing(labels_path(cache, dataset, enc_tag), f"label embeddings ({enc_tag})")
+        head = labels["embeddings"][:]
+        record["labels"] = labels.attrs["fingerprint"]
+    elif kind in ("random", "orthogonal"):
+        d = int(_features_group(cache, dataset, model_tag).attrs["embed_dim"])
+        head = random_head(c, d, seed) if kind == "random" else orthogonal_head(c, d, seed)
+        record.update(seed=seed, width=d)
+    elif kind in ("lda", "prototype"):
+        group = _features_group(cache, dataset, model_tag, split)
+        feats, labels, rows = video_features(group)
+        usable = labels >= 0
+        feats, labels, rows = feats[usable], labels[usable], rows[usable]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            picked = sample_per_class(labels, c, per_class, seed, min_per_class=2 if kind == "lda" else 1)
+        for w in caught:
+            print(f"warning: {w.message}")
+        if kind == "lda":
+            head = lda_head(feats[picked], labels[picked], c, solver=solver, shrinkage=shrinkage)
+        else:
+            head = prototype_head(feats[picked], labels[picked], c)
+        record.update(seed=seed, per_class=per_class, features=group.attrs["fingerprint"], split=split,
+                      solver=solver if kind == "lda" else None, shrinkage=shrinkage if kind == "lda" else None)
+        extra["sample_video_id"] = group["video_id"][:][rows[picked]]
+    else:
+        raise PipelineError(f"unknown head kind {kind!r}")
+    path = heads_path(cache, dataset, model_tag, kind, enc_tag if kind == "text" else None)
+
+    def init(g):
+        g.create_array("head", data=head.astype(np.float32), chunks=head.shape)
+        for name, values in extra.items():
+            store.create_column(g, name, np.asarray(values, dtype=object))
+        g.attrs.update({"stage": "heads", "dataset": dataset, "split": "-", "kind": kind, "class_names": class_names,
+                        "model_tag": model_tag, "encoder_tag": enc_tag, "width": int(head.shape[1]),
+                        "seed": seed, "rows": c})
+
+    with store.writer_lock(path):
+        store.open_output(path, store.fingerprint(record), {k: v for k, v in record.items() if k != "stage"},
+                          replace_mismatched=replace_mismatched, init=init)
+    return path, head, class_names

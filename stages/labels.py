@@ -1,0 +1,51 @@
+"""Labels stage: text embeddings of a dataset's class names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+from pipeline.errors import PipelineError
+from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.models.text import encode_with_clip, encode_with_hf, encoder_tag, resolve_templates
+
+from .paths import frames_path, labels_path, splits_of
+
+
+def class_names_of(cache: Path, dataset: str) -> tuple[list[str], str]:
+    """Class names from the dataset's frame store (every split stores the same list), and its fingerprint."""
+    splits = splits_of(cache, "frames", dataset)
+    if not splits:
+        raise PipelineError(f"no frame store for {dataset!r} under {cache}: run `pipeline frames` first")
+    group = store.open_existing(frames_path(cache, dataset, splits[0]), f"frame store {dataset}/{splits[0]}")
+    return list(group.attrs["class_names"]), store.fingerprint({"class_names": group.attrs["class_names"]})
+
+
+def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str = "cpu",
+        replace_mismatched: bool = False) -> tuple[Path, np.ndarray]:
+    class_names, names_fp = class_names_of(cache, dataset)
+    templates = resolve_templates(template)
+    if encoder == "clip":
+        clip = load_clip(spec, device)
+        identity = {"encoder": "clip", **clip.identity}
+        embeddings = encode_with_clip(clip, class_names, templates, device)
+    elif encoder.startswith("hf:"):
+        embeddings, identity = encode_with_hf(encoder[3:], class_names, templates, device)
+    else:
+        raise PipelineError(f"--encoder must be 'clip' or 'hf:NAME_OR_PATH', not {encoder!r}")
+    tag = encoder_tag(encoder, spec.tag)
+    path = labels_path(cache, dataset, tag)
+    record = {"stage": "labels", "class_names": names_fp, "templates": templates, "encoder": identity}
+    params = {"encoder": encoder, "templates": templates, **identity}
+
+    def init(group):
+        group.create_array("embeddings", data=embeddings, chunks=embeddings.shape)
+        group.attrs.update({"stage": "labels", "dataset": dataset, "split": "-", "class_names": class_names,
+                            "templates": templates, "encoder": identity, "encoder_tag": tag,
+                            "model_tag": spec.tag, "width": int(embeddings.shape[1])})
+
+    with store.writer_lock(path):
+        store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched, init=init)
+    return path, embeddings
