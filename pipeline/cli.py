@@ -22,8 +22,14 @@ CACHE_ENV = "PIPELINE_CACHE"
 class Context:
     def __init__(self, cache: str | None, params_file: str | None, quiet: bool, section: str) -> None:
         self.cache = Path(cache or os.environ.get(CACHE_ENV) or "cache")
+        self.params_file = params_file
         self.params = Params(load_params(params_file), section)
         self.quiet = quiet
+
+    @classmethod
+    def like(cls, other: Context, section: str) -> Context:
+        """The same cache and params file, read for another command's group."""
+        return cls(str(other.cache), other.params_file, other.quiet, section)
 
     def say(self, message: str = "") -> None:
         click.echo(message)
@@ -188,24 +194,6 @@ def frames(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> No
 
 
 @cli.command()
-@common_options("frames")
-@dataset_options
-@frame_options
-def extract(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> None:
-    """Run the extraction stages for a dataset (currently: frames).
-
-    The feature store (CLIP frame features and label embeddings) is not implemented yet;
-    until it is, this runs the frame stage only and says so.
-
-    \b
-    Example:
-      pipeline extract --dataset k400 --root /data/k400 --workers 8
-    """
-    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name), opts)
-    click.echo("note: features and labels stages are not implemented yet; extract ran the frame stage only")
-
-
-@cli.command()
 @common_options("status")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of entries) on stdout.")
 def status(ctx: Context, as_json: bool) -> None:
@@ -229,30 +217,6 @@ def status(ctx: Context, as_json: bool) -> None:
         unit = "videos" if e["stage"] in ("frames", "features") else "rows"
         click.echo(f"{e['stage']:<8} {e['dataset']}/{e['split']:<8} {e['total']:>7} {unit:<6} {e['ok']:>7} ok "
                    f"{e['failed']:>5} failed  {state:<12} {e['fingerprint'][:12]}  {e['path']}")
-
-
-@cli.command()
-@common_options("export")
-@click.option("--what", type=click.Choice(["frames"]), default="frames", show_default=True,
-              help="Which store to export.")
-@click.option("--dataset", "-d", "dataset", required=True, help="Dataset name in the cache.")
-@click.option("--split", required=True, help="Split to export.")
-@click.option("--format", "fmt", type=click.Choice(["npz", "h5"]), required=True, help="Output format.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file.")
-def export(ctx: Context, what: str, dataset: str, split: str, fmt: str, out: str) -> None:
-    """Export a stored split to NumPy (.npz) or HDF5 (.h5).
-
-    Frames: ``frames`` uint8 [N, T, H, W, 3], ``frame_index`` [N, T], ``timestamp`` [N, T],
-    ``video_id``, ``label``, ``status`` (1 ok, 2 failed) and ``reason``; class names as an attribute.
-
-    \b
-    Example:
-      pipeline export --what frames --dataset ucf101 --split test --format h5 --out ucf_test.h5
-    """
-    from stages import export as export_stage
-
-    path = export_stage.run(ctx.cache, what, dataset, split, fmt, out)
-    click.echo(f"wrote {path}")
 
 
 @cli.command()
@@ -547,6 +511,112 @@ def evaluate(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder
         click.echo(f"  {protocol:<10} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
     if result["videos_without_head_class"]:
         click.echo(f"  ({result['videos_without_head_class']} videos of classes the head does not have were left out)")
+
+
+@cli.command()
+@common_options("export")
+@click.option("--what", type=click.Choice(["frames", "features", "labels", "head"]), default="frames",
+              show_default=True, help="Which output to export.")
+@click.option("--dataset", "-d", "dataset", required=True, help="Dataset name in the cache.")
+@click.option("--split", help="Split (frames, features).")
+@model_options
+@click.option("--encoder", help="Text encoder of labels / a text head: clip or hf:NAME [clip].")
+@click.option("--kind", help="Head kind (--what head).")
+@click.option("--format", "fmt", type=click.Choice(["npz", "h5"]), required=True, help="Output format.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file.")
+def export(ctx: Context, what, dataset, split, model, pretrained, quick_gelu, encoder, kind, fmt, out) -> None:
+    """Export a stored output to NumPy (.npz) or HDF5 (.h5).
+
+    \b
+    Keys: frames    `frames` uint8 [N, T, H, W, 3], `frame_index`, `timestamp`, `video_id`, `label`,
+                    `status` (1 ok, 2 failed), `reason`
+          features  `features` float16 [N, T, D], `video_id`, `label`, `status`, `reason`
+          labels    `embeddings` float32 [C, D_text]
+          head      `head` float32 [C, D]
+    Attributes (HDF5 attrs; `attr_*` keys in .npz): `class_names`, `fingerprint`, `dataset`, `split`.
+
+    \b
+    Examples:
+      pipeline export --what frames --dataset ucf101 --split test --format h5 --out ucf_test.h5
+      pipeline export --what features --dataset k400 --split val -m ViT-B-16 --pretrained openai --format h5 --out f.h5
+      pipeline export --what head --dataset k400 -m ViT-B-16 --pretrained openai --kind lda --format npz --out lda.npz
+    """
+    from stages import export as export_stage
+
+    spec = model_spec(ctx, model, pretrained, quick_gelu) if (model or what in ("features", "head", "labels")) else None
+    path = export_stage.run(ctx.cache, what, dataset, fmt, out, split=split, model_tag=spec.tag if spec else None,
+                            encoder=encoder, kind=kind)
+    click.echo(f"wrote {path}")
+
+
+@cli.command("plot-heads")
+@common_options("plot")
+@click.option("--dataset", "-d", help="Dataset name in the cache.")
+@model_options
+@click.option("--kind", "kinds", multiple=True, help="Head kind(s) to plot (repeatable) [every cached head].")
+@click.option("--classes", help="Classes to show: a number N (the first N) or a file of class names [20].")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [CACHE/plots/DATASET].")
+def plot_heads(ctx: Context, dataset, model, pretrained, quick_gelu, kinds, classes, out) -> None:
+    """Plot the inter-class correlation map of heads as PNGs (the paper's Fig. 1).
+
+    \b
+    Examples:
+      pipeline plot-heads --dataset k400 -m ViT-B-16 --pretrained openai --classes 20
+      pipeline plot-heads --dataset demo -m local-dir:cache/tiny-clip --kind clip-text --kind random
+    """
+    from stages import plots as plots_stage
+
+    p = ctx.params
+    ds = cache_dataset(ctx, dataset)
+    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    written = plots_stage.run(ctx.cache, ds, spec.tag, list(p.get("kinds", kinds, []) or []),
+                              str(p.get("classes", classes, 20)), Path(out) if out else None)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@common_options("frames")
+@dataset_options
+@frame_options
+@model_options
+@click.option("--encoder", help="Text encoder of the labels stage: clip or hf:NAME_OR_PATH [clip].")
+@click.option("--template", help="Prompt template(s) of the labels stage [paper].")
+@click.option("--device", help="torch device for features and labels [cuda when present, else cpu].")
+@click.option("--batch-size", type=click.IntRange(1), help="Frames per forward pass [64].")
+def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretrained, quick_gelu, encoder,
+            template, device, batch_size, **opts) -> None:
+    """Fill the cache for a dataset: frames, then CLIP features, then label embeddings.
+
+    Each step is the stage of the same name, with its own params group (frames.*, features.*,
+    labels.*); without a model (--model or model.name) only the frame stage runs.
+
+    \b
+    Examples:
+      pipeline extract --dataset k400 --root /data/k400 --model ViT-B-16 --pretrained openai --workers 8
+      pipeline extract --params data/profiles/ucf101.yaml
+    """
+    from stages import labels as labels_stage
+
+    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name), opts)
+    if not (model or ctx.params.get("model", None)):
+        click.echo("note: no model given (--model or model.name): extract ran the frame stage only")
+        return
+    data = dataset_args(ctx, dataset, root, split_id, untrimmed, name)
+    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    params = load_params(ctx.params_file)
+    feats = Params(params, "features")
+    dev = device or default_device()
+    _run_features(Context.like(ctx, "features"), data.cache_name, spec, {
+        "splits": opts["splits"], "device": dev, "batch_size": batch_size or feats.get("batch_size", None),
+        "workers": opts["workers"], "scheduler_address": opts["scheduler_address"],
+        "replace_mismatched": opts["replace_mismatched"]})
+    lab = Params(params, "labels")
+    path, emb = labels_stage.run(ctx.cache, data.cache_name, lab.get("encoder", encoder, "clip"),
+                                 lab.get("template", template, "paper"), spec, device=dev,
+                                 replace_mismatched=bool(lab.get("replace_mismatched", opts["replace_mismatched"],
+                                                                 False)))
+    click.echo(f"labels {data.cache_name}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
 
 
 def main() -> None:

@@ -1,22 +1,46 @@
-"""Export: a stored split to .npz or .h5."""
+"""Export: a stored output (frames, features, label embeddings, a head) to .npz or .h5."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline import store
+from pipeline.errors import PipelineError
 from pipeline.export import export_arrays
 from pipeline.framestore import DecodedFrames
+from pipeline.models.text import encoder_tag
 
-from .paths import frames_path
+from .paths import features_path, frames_path, heads_path, labels_path
 
 FRAME_ARRAYS = ("frames", "frame_index", "timestamp", "video_id", "label", "status", "reason")
+FEATURE_ARRAYS = ("features", "video_id", "label", "status", "reason")
 
 
-def run(cache: Path, what: str, dataset: str, split: str, fmt: str, out: str) -> Path:
-    group = store.open_existing(frames_path(cache, dataset, split), f"frame store for {dataset}/{split}")
-    arrays = {name: group[name] for name in FRAME_ARRAYS}
-    arrays["frames"] = DecodedFrames(group)  # uint8, whatever the store's codec
+def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str | None = None,
+        model_tag: str | None = None, encoder: str | None = None, kind: str | None = None) -> Path:
+    if what in ("frames", "features") and not split:
+        raise PipelineError(f"--what {what} needs --split")
+    if what in ("features", "head") and not model_tag:
+        raise PipelineError(f"--what {what} needs --model")
+    if what == "frames":
+        group = store.open_existing(frames_path(cache, dataset, split), f"frame store for {dataset}/{split}")
+        arrays = {name: group[name] for name in FRAME_ARRAYS}
+        arrays["frames"] = DecodedFrames(group)  # uint8, whatever the store's codec
+    elif what == "features":
+        group = store.open_existing(features_path(cache, dataset, model_tag, split), f"features of {dataset}/{split}")
+        arrays = {name: group[name] for name in FEATURE_ARRAYS}
+    elif what == "labels":
+        tag = encoder_tag(encoder or "clip", model_tag or "")
+        group = store.open_existing(labels_path(cache, dataset, tag), f"label embeddings {tag} of {dataset}")
+        arrays = {"embeddings": group["embeddings"]}
+    elif what == "head":
+        if not kind:
+            raise PipelineError("--what head needs --kind")
+        enc = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
+        group = store.open_existing(heads_path(cache, dataset, model_tag, kind, enc), f"{kind} head of {dataset}")
+        arrays = {"head": group["head"]}
+    else:
+        raise PipelineError(f"cannot export {what!r}")
     attrs = {"class_names": list(group.attrs["class_names"]), "fingerprint": group.attrs["fingerprint"],
-             "dataset": dataset, "split": split}
+             "dataset": dataset, "split": split or "-", "stage": group.attrs["stage"]}
     return export_arrays(out, fmt, arrays, attrs)

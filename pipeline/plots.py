@@ -1,0 +1,39 @@
+"""PNG figures: the inter-class correlation map of a head (the paper's Fig. 1)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def correlation(head: np.ndarray) -> np.ndarray:
+    """Cosine similarity between the rows of a head [C, D] -> [C, C]."""
+    h = head / np.maximum(np.linalg.norm(head, axis=1, keepdims=True), 1e-12)
+    return h @ h.T
+
+
+def plot_correlation(head: np.ndarray, class_names: list[str], out: str | os.PathLike, title: str) -> Path:
+    corr = correlation(head)
+    n = len(class_names)
+    size = max(4.0, min(16.0, 0.32 * n + 2))
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    # colour range from the data: near-identical text rows (cosine 0.9+) must still show structure
+    im = ax.imshow(corr, cmap="viridis", vmin=float(corr.min()), vmax=1.0)
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    off = corr[~np.eye(n, dtype=bool)]
+    ax.set_title(f"{title}\noff-diagonal cosine: mean {off.mean():.2f}, max {off.max():.2f}" if n > 1 else title,
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
