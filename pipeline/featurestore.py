@@ -14,50 +14,58 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from . import store
 from .framestore import FAILED, OK, PENDING, read_frames
 from .models.clip import LoadedClip, ModelSpec, load_clip
 
-_INTERPOLATION = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+# torch is imported inside the functions that encode: reading features (heads, evaluation) must
+# stay free of torch's import time.
 
 
 def precision_for(device: str) -> str:
     """The compute precision, part of the fingerprint: AMP on GPU and fp32 on CPU never mix rows."""
+    import torch
+
     if device.startswith("cuda"):
         return "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"
     return "fp32"
 
 
-def preprocess(frames: np.ndarray, clip: LoadedClip) -> torch.Tensor:
+def preprocess(frames: np.ndarray, clip: LoadedClip):
     """uint8 [n, H, W, 3] -> normalised float [n, 3, S, S]: the model's own resize, centre crop, mean and std."""
+    import torch
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
-    x = F.resize(x, [clip.image_size], interpolation=_INTERPOLATION.get(clip.interpolation,
-                                                                         InterpolationMode.BICUBIC), antialias=True)
+    x = F.resize(x, [clip.image_size], interpolation=modes.get(clip.interpolation, InterpolationMode.BICUBIC),
+                 antialias=True)
     x = F.center_crop(x, [clip.image_size, clip.image_size])
     return F.normalize(x, mean=list(clip.mean), std=list(clip.std))
 
 
-@torch.no_grad()
 def encode_frames(frames: np.ndarray, clip: LoadedClip, device: str, batch_size: int) -> np.ndarray:
     """float32 [n, D] image embeddings (not normalised) of uint8 frames [n, H, W, 3]."""
+    import torch
+
     out = []
     precision = precision_for(device)
     dtype = torch.bfloat16 if precision == "amp-bf16" else torch.float16
     for lo in range(0, len(frames), batch_size):
         x = preprocess(frames[lo:lo + batch_size], clip).to(device, non_blocking=True)
-        with torch.autocast(device_type="cuda", dtype=dtype, enabled=precision != "fp32"):
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=dtype, enabled=precision != "fp32"):
             out.append(clip.model.encode_image(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
 
 
-def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precision: str) -> dict:
+def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precision: str, batch_size: int) -> dict:
+    """Frames, model, precision and batch size: BLAS kernels make a row's last bits depend on the batch it
+    was computed in, so rows computed at another batch size are another output, not a resumable one."""
     return {"stage": "features", "frames": frames_group.attrs["fingerprint"], "model": identity,
-            "precision": precision}
+            "precision": precision, "batch_size": batch_size}
 
 
 def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: LoadedClip, spec: ModelSpec,
@@ -102,6 +110,8 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
                           batch_size: int, threads: int = 0) -> FeatureBlockResult:
     """Encode one block of stored videos and write it, then mark the block done."""
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     group = zarr.open_group(path, mode="r+")
     frames_group = zarr.open_group(frames_path, mode="r")

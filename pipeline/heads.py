@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from .errors import PipelineError
 
@@ -53,6 +52,8 @@ def sample_per_class(labels: np.ndarray, n_classes: int, per_class: int, seed: i
 def lda_head(x: np.ndarray, y: np.ndarray, n_classes: int, solver: str = "svd",
              shrinkage: float | str | None = None) -> np.ndarray:
     """``coef_`` of scikit-learn's LDA fitted on (x, y): [C, D] (two classes: [-w, w])."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # 2 s to import: only when fitting
+
     if shrinkage is not None and solver == "svd":
         raise PipelineError("LDA shrinkage needs solver 'lsqr' or 'eigen'")
     lda = LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage)

@@ -38,8 +38,8 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
         if store.pending_blocks(frames_group):
             raise PipelineError(f"frame store {dataset}/{split} is unfinished: re-run `pipeline frames` first")
         path = features_path(cache, dataset, spec.tag, split)
-        record = features_fingerprint_record(frames_group, clip.identity, precision)
-        params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision,
+        record = features_fingerprint_record(frames_group, clip.identity, precision, batch_size)
+        params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision, "batch_size": batch_size,
                   "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
         with store.writer_lock(path):
             group = store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,

@@ -12,6 +12,50 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from videos import write_video  # noqa: E402
 
+# No test may reach a model hub: these machines (and many clusters) are offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+
+
+def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny open_clip CLIP with random weights, saved as a ``local-dir:`` model."""
+    import open_clip
+    import torch
+
+    from pipeline.models.clip import save_local_dir
+
+    torch.manual_seed(seed)
+    return save_local_dir(open_clip.model.CLIP(**TINY_CLIP), TINY_CLIP, folder)
+
+
+def run_inproc(*args: str) -> str:
+    """Run the CLI in this process (torch and open_clip are imported once per test session).
+
+    Like ``python -m pipeline``, a PipelineError fails the call; the cwd is the tests folder,
+    so the repository's own params.yaml stays out of it.
+    """
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    old = os.getcwd()
+    os.chdir(Path(__file__).parent)
+    try:
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=True)
+    finally:
+        os.chdir(old)
+    if result.exit_code != 0:
+        raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.exception!r}")
+    return result.output
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
 
 @pytest.fixture(scope="session")
 def template(tmp_path_factory) -> Path:

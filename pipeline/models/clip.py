@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import open_clip
-import torch
-
 from ..errors import PipelineError
+
+# torch and open_clip are imported where they are used: importing open_clip takes ~10 s here,
+# and commands that only read the cache (heads, evaluate, status) must not pay for it.
 
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin",
                 "model.safetensors")
@@ -92,18 +92,22 @@ def quick_gelu_for(spec: ModelSpec) -> bool:
     """Whether to force QuickGELU: as asked, else as the pretrained tag was trained (OpenAI tags: yes)."""
     if spec.quick_gelu is not None:
         return spec.quick_gelu
+    import open_clip
+
     if spec.pretrained and not spec.name.startswith(("local-dir:", "hf-hub:")):
         tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
         return bool(tag_cfg and tag_cfg.get("quick_gelu", False))
     return False
 
 
-def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip:
+def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
     """Build the model of ``spec`` in eval mode on ``device``; one-line errors for every user mistake.
 
     A checkpoint file of OpenAI weights needs ``quick_gelu=True`` in the spec (``--quick-gelu``);
     for tags it is automatic.
     """
+    import open_clip
+
     force_quick_gelu = quick_gelu_for(spec)
     if spec.name.startswith("local-dir:"):
         folder = Path(spec.name[len("local-dir:"):])
@@ -154,13 +158,15 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedClip
     )
 
 
-def _uses_quick_gelu(model: torch.nn.Module) -> bool:
+def _uses_quick_gelu(model: Any) -> bool:
     return any(type(m).__name__ == "QuickGELU" for m in model.modules())
 
 
-def save_local_dir(model: torch.nn.Module, model_cfg: dict, out: str | os.PathLike,
-                   preprocess_cfg: dict | None = None) -> Path:
+def save_local_dir(model: Any, model_cfg: dict, out: str | os.PathLike, preprocess_cfg: dict | None = None) -> Path:
     """Write ``model`` as an open_clip ``local-dir:`` model (open_clip_config.json + weights)."""
+    import open_clip
+    import torch
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {

@@ -6,12 +6,14 @@ import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import PipelineError
-from .clip import LoadedClip
+
+if TYPE_CHECKING:
+    from .clip import LoadedClip
 
 PAPER_TEMPLATE = "a video of a person {}."
 # The 28 prompts CLIP's authors used for Kinetics-700 zero-shot (averaged: prompt ensembling).
@@ -62,22 +64,24 @@ def resolve_hf(name: str) -> str:
     return name
 
 
-@torch.no_grad()
 def encode_with_clip(clip: LoadedClip, class_names: list[str], templates: list[str], device: str) -> np.ndarray:
     """float32 [C, D]: per template normalised text embeddings, averaged, renormalised (prompt ensembling)."""
+    import torch
+
     total = None
     for template in templates:
         tokens = clip.tokenizer([template.format(c) for c in class_names]).to(device)
-        emb = clip.model.encode_text(tokens).float()
+        with torch.no_grad():
+            emb = clip.model.encode_text(tokens).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         total = emb if total is None else total + emb
     total = total / total.norm(dim=-1, keepdim=True)
     return total.cpu().numpy().astype(np.float32)
 
 
-@torch.no_grad()
 def encode_with_hf(name: str, class_names: list[str], templates: list[str], device: str) -> tuple[np.ndarray, dict]:
     """float32 [C, D_text] with mean pooling over tokens (attention-masked), averaged over templates."""
+    import torch
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -95,7 +99,8 @@ def encode_with_hf(name: str, class_names: list[str], templates: list[str], devi
     for template in templates:
         batch = tokenizer([template.format(c) for c in class_names], padding=True, truncation=True,
                           return_tensors="pt").to(device)
-        hidden = model(**batch).last_hidden_state
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         emb = emb / emb.norm(dim=-1, keepdim=True)

@@ -1,0 +1,259 @@
+"""Feature store end to end with a tiny local-dir CLIP: features, labels, heads, evaluation, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import run_inproc, write_tiny_clip
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+from test_frames_stage import run_cli
+
+from pipeline import evaluation, store
+from pipeline.errors import PipelineError
+from pipeline.featurestore import preprocess
+from pipeline.heads import orthogonal_head
+from pipeline.models.clip import LoadedClip, ModelSpec, load_clip, quick_gelu_for
+from pipeline.models.text import KINETICS_TEMPLATES, encode_with_clip, resolve_templates
+from pipeline.world import WorldSpec, generate_world
+
+WORLD = WorldSpec(colours=("red", "green", "blue"), shapes=("disc", "ring"), sizes=("small", "large"),
+                  train_per_class=5, val_per_class=2, frames=8, size=32, seed=3)  # 12 classes
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory, tiny_clip) -> tuple[Path, Path]:
+    """A cache with frames, features and CLIP label embeddings of a 12-class world."""
+    base = tmp_path_factory.mktemp("fs")
+    generate_world(base / "world", WORLD)
+    cache = base / "cache"
+    run_inproc("extract", "-d", "csv", "--root", str(base / "world"), "--name", "toy", "--num-frames", "4",
+            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}",
+            "--cache", str(cache), "--quiet")
+    return cache, tiny_clip
+
+
+def model_args(tiny: Path) -> list[str]:
+    return ["--model", f"local-dir:{tiny}"]
+
+
+def test_extract_fills_frames_features_and_labels(extracted):
+    cache, tiny = extracted
+    status = json.loads(run_cli("status", "--json", "--cache", str(cache)).stdout)
+    entries = {(e["stage"], e["split"]): e for e in status}
+    assert entries[("features", "train")]["ok"] == 60 and entries[("features", "val")]["ok"] == 24
+    assert entries[("labels", "-")]["total"] == 12
+    g = zarr.open_group(str(cache / "features" / "toy" / "tiny-clip" / "train"), mode="r")
+    assert g["features"].dtype == np.float16 and g["features"].shape == (60, 4, 32)
+    # rows aligned with the frame store, and equal to encoding the stored frames directly
+    frames = zarr.open_group(str(cache / "frames" / "toy" / "train"), mode="r")
+    assert g["video_id"][:].tolist() == frames["video_id"][:].tolist()
+    from pipeline.framestore import read_frames
+
+    clip = load_clip(ModelSpec(f"local-dir:{tiny}"))
+    with torch.no_grad():
+        direct = clip.model.encode_image(preprocess(read_frames(frames, 7), clip)).numpy()
+    assert np.allclose(g["features"][7].astype(np.float32), direct, atol=2e-3)
+
+
+def test_every_head_kind_and_lda_matches_sklearn(extracted):
+    cache, tiny = extracted
+    m = model_args(tiny)
+    for kind in ("clip-text", "random", "orthogonal", "prototype"):
+        run_inproc("heads", "-d", "toy", *m, "--kind", kind, "--per-class", "3", "--cache", str(cache))
+    run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--cache", str(cache))
+    heads = cache / "heads" / "toy" / "tiny-clip"
+    kinds = ("clip-text", "random", "orthogonal", "prototype", "lda")
+    h = {k: zarr.open_group(str(heads / k), mode="r") for k in kinds}
+    for g in h.values():
+        assert g["head"].shape == (12, 32) and g["head"].dtype == np.float32
+    orth = h["orthogonal"]["head"][:]
+    assert np.allclose(orth @ orth.T, np.eye(12), atol=1e-5)
+    labels = zarr.open_group(str(cache / "labels" / "toy" / "clip-tiny-clip"), mode="r")
+    assert np.array_equal(h["clip-text"]["head"][:], labels["embeddings"][:])
+
+    # LDA = scikit-learn's coef_ on the same sampled, time-averaged features
+    feats = zarr.open_group(str(cache / "features" / "toy" / "tiny-clip" / "train"), mode="r")
+    ids = feats["video_id"][:].tolist()
+    sample = h["lda"]["sample_video_id"][:].tolist()
+    assert len(sample) == 36 and len(set(sample)) == 36  # 3 per class
+    rows = np.array([ids.index(v) for v in sample])
+    x = feats["features"][:][rows].astype(np.float32).mean(axis=1)
+    y = feats["label"][:][rows]
+    expected = LinearDiscriminantAnalysis(solver="svd").fit(x.astype(np.float64), y).coef_
+    assert np.allclose(h["lda"]["head"][:], expected, rtol=1e-4, atol=1e-4)
+    # the prototype head is the normalised class means of the same sample
+    means = np.stack([x[y == c].mean(0) for c in range(12)])
+    assert np.allclose(h["prototype"]["head"][:], means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
+    # same seed, same sample; another seed, another sample
+    run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--seed", "1", "--cache", str(cache), "--replace-mismatched")
+    assert zarr.open_group(str(heads / "lda"), mode="r")["sample_video_id"][:].tolist() != sample
+
+    png = run_inproc("plot-heads", "-d", "toy", *m, "--kind", "clip-text", "--kind", "lda", "--cache", str(cache))
+    for kind in ("clip-text", "lda"):
+        path = cache / "plots" / "toy" / f"head-correlation-{kind}.png"
+        assert f"wrote {path}" in png and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_protocols_and_json(extracted, tmp_path):
+    cache, tiny = extracted
+    m = model_args(tiny)
+    run_inproc("heads", "-d", "toy", *m, "--kind", "prototype", "--per-class", "5", "--cache", str(cache),
+               "--replace-mismatched")
+    subset = tmp_path / "s1.csv"
+    subset.write_text("a small red disc,a large blue ring\na small green ring\n")
+    out = run_inproc("evaluate", "-d", "toy", *m, "--head", "prototype", "--protocol", "full", "--protocol", "half",
+                     "--protocol", "subsets", "--subsets", str(subset), "--json", "--out", str(tmp_path / "m.json"),
+                     "--cache", str(cache))
+    result = json.loads(out)
+    assert result == json.loads((tmp_path / "m.json").read_text())
+    assert result["full"]["videos"] == 24 and 0 <= result["full"]["top1"] <= 100
+    assert result["full"]["top5"] >= result["full"]["top1"]
+    assert len(result["half"]["runs"]) == 10 and all(r["classes"] == 6 for r in result["half"]["runs"])
+    assert result["subsets"]["runs"][0]["classes"] == 3
+    again = json.loads(run_inproc("evaluate", "-d", "toy", *m, "--head", "prototype", "--protocol", "half", "--json",
+                                  "--cache", str(cache)))
+    assert again["half"] == result["half"]  # seeds 0..9: reproducible
+    table = run_inproc("evaluate", "-d", "toy", *m, "--head", "prototype", "--protocol", "half", "--cache", str(cache))
+    assert "+-" in table and "half" in table
+
+
+def test_metrics_on_a_constructed_example():
+    # 4 videos, 3 classes; logits chosen so that the answers are known
+    logits = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.1, 0.3, 0.6]])
+    labels = np.array([0, 1, 1, 0])
+    m = evaluation.metrics(logits, labels)
+    assert m["top1"] == 50.0  # videos 0 and 1
+    assert m["top5"] == 100.0  # top-3 (C < 5) always contains the label
+    assert m["mean_class"] == 50.0  # class 0: 1/2, class 1: 1/2
+    feats = np.array([[1.0, 0.0], [0.0, 2.0]])
+    head = np.array([[3.0, 0.0], [0.0, 1.0]])
+    assert np.allclose(evaluation.cosine_logits(feats, head), np.eye(2))
+    with pytest.raises(PipelineError, match="head width 3 differs from the feature width 2"):
+        evaluation.cosine_logits(feats, np.ones((2, 3)))
+    # restricted to classes {1, 2}: video of class 1 chooses among those only
+    r = evaluation.restricted(np.array([[0.0, 1.0, 0.2]]), np.array([1]), np.eye(3), np.array([1, 2]))
+    assert r["top1"] == 100.0 and r["classes"] == 1
+
+
+def test_orthogonal_head_rejects_more_classes_than_dimensions():
+    with pytest.raises(PipelineError, match="classes <= width"):
+        orthogonal_head(40, 32, 0)
+    h = orthogonal_head(32, 32, 5)
+    assert np.allclose(h @ h.T, np.eye(32), atol=1e-5) and np.array_equal(h, orthogonal_head(32, 32, 5))
+
+
+def test_preprocessing_uses_the_models_constants(tiny_clip):
+    clip = load_clip(ModelSpec(f"local-dir:{tiny_clip}"))
+    frames = np.full((2, 48, 64, 3), 128, np.uint8)
+    x = preprocess(frames, clip)
+    assert x.shape == (2, 3, 32, 32)
+    expected = (128 / 255 - np.array(clip.mean)) / np.array(clip.std)
+    assert np.allclose(x[0, :, 5, 5].numpy(), expected, atol=1e-4)
+
+
+def test_quick_gelu_follows_the_pretrained_tag():
+    assert quick_gelu_for(ModelSpec("ViT-B-16", "openai")) is True
+    assert quick_gelu_for(ModelSpec("ViT-B-16", "laion2b_s34b_b88k")) is False
+    assert quick_gelu_for(ModelSpec("ViT-B-16", "/w.pt", quick_gelu=True)) is True
+    assert ModelSpec("ViT-B-16", "openai").tag == "ViT-B-16-openai"
+
+
+def test_missing_weights_offline_is_a_one_line_error(tmp_path):
+    with pytest.raises(PipelineError, match="offline, or not in the local cache.*--pretrained /path/to/weights"):
+        load_clip(ModelSpec("ViT-B-16", "openai"))
+    with pytest.raises(PipelineError, match="neither a checkpoint file nor a tag"):
+        load_clip(ModelSpec("ViT-B-16", "no-such-tag"))
+    with pytest.raises(PipelineError, match="no open_clip_config.json"):
+        load_clip(ModelSpec(f"local-dir:{tmp_path}"))
+
+
+def test_templates_and_prompt_ensembling(tiny_clip):
+    assert len(KINETICS_TEMPLATES) == 28 and len(set(KINETICS_TEMPLATES)) == 28
+    assert resolve_templates("paper") == ["a video of a person {}."]
+    clip: LoadedClip = load_clip(ModelSpec(f"local-dir:{tiny_clip}"))
+    names = ["jumping", "running"]
+    both = encode_with_clip(clip, names, ["a photo of {}.", "a video of {}."], "cpu")
+    a = encode_with_clip(clip, names, ["a photo of {}."], "cpu")
+    b = encode_with_clip(clip, names, ["a video of {}."], "cpu")
+    mean = (a + b) / np.linalg.norm(a + b, axis=1, keepdims=True)
+    assert np.allclose(both, mean, atol=1e-5)
+
+
+def test_hf_text_encoder_labels_and_text_head(extracted):
+    cache, tiny = extracted
+    m = model_args(tiny)
+    run_inproc("labels", "-d", "toy", *m, "--encoder", "hf:all-MiniLM-L6-v2", "--cache", str(cache))
+    g = zarr.open_group(str(cache / "labels" / "toy" / "hf-all-MiniLM-L6-v2"), mode="r")
+    emb = g["embeddings"][:]
+    assert emb.shape == (12, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    run_inproc("heads", "-d", "toy", *m, "--kind", "text", "--encoder", "hf:all-MiniLM-L6-v2", "--cache", str(cache))
+    proc = run_cli("evaluate", "-d", "toy", *m, "--head", "text", "--encoder", "hf:all-MiniLM-L6-v2",
+                   "--cache", str(cache), check=False)
+    assert proc.returncode == 2 and "only a trained run's projection can bridge it" in proc.stderr
+
+
+def test_exports_round_trip(extracted, tmp_path):
+    cache, tiny = extracted
+    m = model_args(tiny)
+    run_inproc("export", "--what", "features", "-d", "toy", "--split", "val", *m, "--format", "h5",
+               "--out", str(tmp_path / "f.h5"), "--cache", str(cache))
+    run_inproc("export", "--what", "labels", "-d", "toy", *m, "--format", "npz", "--out", str(tmp_path / "l.npz"),
+               "--cache", str(cache))
+    g = zarr.open_group(str(cache / "features" / "toy" / "tiny-clip" / "val"), mode="r")
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert np.array_equal(f["features"][:], g["features"][:]) and f["features"].dtype == np.float16
+        assert [v.decode() for v in f["video_id"][:]] == g["video_id"][:].tolist()
+        assert list(f.attrs["class_names"]) == list(g.attrs["class_names"])
+    with np.load(tmp_path / "l.npz") as z:
+        lab = zarr.open_group(str(cache / "labels" / "toy" / "clip-tiny-clip"), mode="r")
+        assert np.array_equal(z["embeddings"], lab["embeddings"][:])
+
+
+def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp_path):
+    cache, tiny = extracted
+    work = tmp_path / "cache"
+    shutil.copytree(cache / "frames", work / "frames")
+    args = ["features", "-d", "toy", "--model", f"local-dir:{tiny}", "--quiet", "--batch-size", "2",
+            "--cache", str(work)]
+    markers = work / "features" / "toy" / "tiny-clip" / "train" / "block_done" / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(os.listdir(markers)) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    group = zarr.open_group(str(work / "features" / "toy" / "tiny-clip" / "train"), mode="r")
+    assert 0 < len(store.pending_blocks(group)) < 15, "the kill should land mid-run"
+    run_inproc(*args)
+    clean = tmp_path / "clean"
+    shutil.copytree(cache / "frames", clean / "frames")
+    run_inproc(*args[:-1], str(clean))  # uninterrupted, same parameters
+    for split in ("train", "val"):
+        a = zarr.open_group(str(work / "features" / "toy" / "tiny-clip" / split), mode="r")
+        b = zarr.open_group(str(clean / "features" / "toy" / "tiny-clip" / split), mode="r")
+        assert np.array_equal(a["features"][:], b["features"][:]) and np.array_equal(a["status"][:], b["status"][:])
+    # another batch size is another output (row bits depend on it): refused, not mixed
+    proc = run_cli(*[a if a != "2" else "4" for a in args], check=False)
+    assert proc.returncode == 2 and "changed: batch_size" in proc.stderr
+
+    # new weights in the same folder: same cache key, other fingerprint -> refused, never mixed
+    write_tiny_clip(tiny.parent / "retrained" / "tiny-clip", seed=1)
+    other = ["features", "-d", "toy", "--model", f"local-dir:{tiny.parent / 'retrained' / 'tiny-clip'}",
+             "--cache", str(work), "--quiet"]
+    proc = run_cli(*other, check=False)
+    assert proc.returncode == 2 and "weights_sha256" in proc.stderr
