@@ -128,16 +128,17 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 # ---- arrays ---------------------------------------------------------------------------------
 
-def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tuple[int, ...],
-                     dtype: Any, fill_value: Any = 0, compress: bool = True) -> zarr.Array:
+def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tuple[int, ...], dtype: Any,
+                     fill_value: Any = 0, compress: bool = True, chunk_per_video: bool = True) -> zarr.Array:
     """A per-video array [n, *inner], sharded by blocks of ``block`` videos, one chunk per video.
 
     Shards are the unit of work and of writing; a chunk per video keeps random reads (training
-    loaders) cheap. Small metadata arrays use plain chunks of one block.
+    loaders) cheap. Small metadata arrays, and arrays read whole (``chunk_per_video=False``:
+    features), use plain chunks of one block.
     """
     shape = (n, *inner)
     kwargs: dict[str, Any] = {"compressors": [ZstdCodec(level=3)] if compress else None}
-    if inner and int(np.prod(inner)) * np.dtype(dtype).itemsize >= 4096:
+    if chunk_per_video and inner and int(np.prod(inner)) * np.dtype(dtype).itemsize >= 4096:
         kwargs.update(chunks=(1, *inner), shards=(block, *inner))
     else:
         kwargs.update(chunks=(block, *inner))
