@@ -619,6 +619,112 @@ def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretr
     click.echo(f"labels {data.cache_name}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
 
 
+@cli.command()
+@common_options("finetune")
+@click.option("--dataset", "-d", help="Dataset name in the cache.")
+@model_options
+@click.option("--head", type=click.Choice(["clip-text", "text", "lda", "prototype", "random", "orthogonal",
+                                           "learnable"]), help="Classifier head; learnable = vision-only baseline.")
+@click.option("--encoder", help="Text encoder of a 'text' head: hf:NAME_OR_PATH.")
+@click.option("--temporal", type=click.Choice(["tap", "ttrans", "tokent1d"]), help="Temporal module [tap].")
+@click.option("--frozen-backbone", is_flag=True, default=None,
+              help="Train only the temporal module (and projection) on cached features.")
+@click.option("--frames", type=click.IntRange(1), help="Frames per clip, T [8].")
+@click.option("--shots", type=click.IntRange(1), help="K training videos per class (few-shot), seeded.")
+@click.option("--run", "run_name", help="Run name under CACHE/runs [derived from the settings].")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs [30].")
+@click.option("--batch-size", type=click.IntRange(1), help="Batch size [256].")
+@click.option("--lr", type=float, help="Learning rate of new modules [5e-5].")
+@click.option("--temporal-lr", type=float, help="Learning rate of the temporal module [--lr].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [0.2].")
+@click.option("--warmup-epochs", type=float, help="Linear warm-up epochs [5].")
+@click.option("--min-lr", type=float, help="Cosine floor of the learning rate [5e-6].")
+@click.option("--layers", type=click.IntRange(1), help="T-Trans layers [6].")
+@click.option("--seed", type=int, help="Seed of the run [0].")
+@click.option("--checkpoint-every", type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends) [0].")
+@click.option("--replace-mismatched", is_flag=True, default=None, help="Replace a run made with other parameters.")
+def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder, temporal, frozen_backbone, frames,
+             shots, run_name, epochs, batch_size, lr, temporal_lr, weight_decay, warmup_epochs, min_lr, layers, seed,
+             checkpoint_every, replace_mismatched) -> None:
+    """Train a video classifier against a frozen head (the paper's recipe, Table A.3 defaults).
+
+    With --frozen-backbone the CLIP encoder is not run: the temporal module (T-Trans, or a
+    projection for TAP) trains on the cached frame features in minutes on a CPU. A killed run
+    resumes from its last checkpoint when the same command is run again.
+
+    \b
+    Examples:
+      pipeline finetune --frozen-backbone -d k400 -m ViT-B-16 --pretrained openai --head clip-text --temporal ttrans
+      pipeline finetune --frozen-backbone -d demo -m local-dir:cache/tiny-clip --head learnable --shots 2
+    """
+    from stages import finetune as finetune_stage
+
+    from .training import TrainConfig
+
+    p = ctx.params
+    if not p.get("frozen_backbone", frozen_backbone, False):
+        raise PipelineError("full fine-tuning of the visual encoder is not implemented yet; "
+                            "--frozen-backbone trains the temporal module on cached features")
+    kind = p.get("temporal", temporal, "tap")
+    if kind == "tokent1d":
+        raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
+                            "not --frozen-backbone")
+    cfg = TrainConfig(
+        epochs=int(p.get("epochs", epochs, 30)), batch_size=int(p.get("batch_size", batch_size, 256)),
+        lr=float(p.get("lr", lr, 5e-5)), temporal_lr=p.get("temporal_lr", temporal_lr),
+        weight_decay=float(p.get("weight_decay", weight_decay, 0.2)),
+        warmup_epochs=float(p.get("warmup_epochs", warmup_epochs, 5.0)), min_lr=float(p.get("min_lr", min_lr, 5e-6)),
+        seed=int(p.get("seed", seed, 0)), checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)))
+    if cfg.temporal_lr is not None:
+        cfg.temporal_lr = float(cfg.temporal_lr)
+    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    head_kind = p.get("head", head, "clip-text")
+    result = finetune_stage.run(
+        ctx.cache, cache_dataset(ctx, dataset), spec.tag, head_kind, kind, cfg, encoder=p.get("encoder", encoder),
+        run_name=p.get("run", run_name), frames=int(p.get("frames", frames, 8)), shots=p.get("shots", shots),
+        layers=int(p.get("layers", layers, 6)),
+        replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)), quiet=ctx.quiet)
+    shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items() if k.startswith(("val_", "best"))}
+    click.echo(f"run {result['run']}: {result['steps']} steps; " + ", ".join(f"{k} {v}" for k, v in shown.items())
+               + f" -> {result['path']}")
+
+
+@cli.command("import")
+@common_options("import")
+@dataset_options
+@click.option("--from", "source", type=click.Path(file_okay=False), help="Folder of <video_id>.npy / .h5 files.")
+@click.option("--model-tag", help="Cache key for these features, used as --model by later commands.")
+@click.option("--num-frames", type=click.IntRange(1), help="Frames per video in the store (resampled) [8].")
+@click.option("--block-size", type=click.IntRange(1), help="Videos per block [16].")
+@click.option("--replace-mismatched", is_flag=True, default=None, help="Rebuild an output made from other inputs.")
+def import_(ctx: Context, dataset, root, split_id, untrimmed, name, source, model_tag, num_frames, block_size,
+            replace_mismatched) -> None:
+    """Import per-video features made by another extractor into a feature store.
+
+    Videos come from the dataset's annotations (any adapter); each is read from
+    FROM/<video_id>.npy or FROM/<video_id>.h5 (dataset `features`), shaped [frames, dim], and
+    resampled to NUM_FRAMES by segment centres. Later commands use the store with --model MODEL_TAG.
+
+    \b
+    Example:
+      pipeline import -d ucf101 --root /data/ucf101 --from /data/ucf101-vitl14-feats --model-tag vitl14-ext
+      pipeline heads -d ucf101 --model vitl14-ext --kind prototype
+    """
+    from stages import import_features
+
+    p = ctx.params
+    tag = p.get("model_tag", model_tag)
+    src = p.get("from", source)
+    if not tag or not src:
+        raise PipelineError("import needs --from DIR and --model-tag TAG")
+    summaries = import_features.run(
+        ctx.cache, dataset_args(ctx, dataset, root, split_id, untrimmed, name), Path(src), str(tag),
+        int(p.get("num_frames", num_frames, 8)), block_size=int(p.get("block_size", block_size, 16)),
+        replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)), quiet=ctx.quiet)
+    for s in summaries:
+        _print_summary(s)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

@@ -15,12 +15,21 @@ from .paths import frames_path, labels_path, splits_of
 
 
 def class_names_of(cache: Path, dataset: str) -> tuple[list[str], str]:
-    """Class names from the dataset's frame store (every split stores the same list), and its fingerprint."""
+    """The dataset's class names (every split stores the same list) and their fingerprint.
+
+    From its frame store, or from a feature store when the features were imported (no frames).
+    """
     splits = splits_of(cache, "frames", dataset)
-    if not splits:
-        raise PipelineError(f"no frame store for {dataset!r} under {cache}: run `pipeline frames` first")
-    group = store.open_existing(frames_path(cache, dataset, splits[0]), f"frame store {dataset}/{splits[0]}")
-    return list(group.attrs["class_names"]), store.fingerprint({"class_names": group.attrs["class_names"]})
+    if splits:
+        group = store.open_existing(frames_path(cache, dataset, splits[0]), f"frame store {dataset}/{splits[0]}")
+    else:
+        found = sorted((Path(cache) / "features" / dataset).glob("*/*/zarr.json"))
+        if not found:
+            raise PipelineError(f"no frame or feature store for {dataset!r} under {cache}: "
+                                "run `pipeline frames` (or `pipeline import`) first")
+        group = store.open_existing(found[0].parent, f"features of {dataset}")
+    names = list(group.attrs["class_names"])
+    return names, store.fingerprint({"class_names": names})
 
 
 def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str = "cpu",

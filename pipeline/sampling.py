@@ -1,0 +1,24 @@
+"""TSN-style frame sampling: T of the T_cache stored frames, one per segment."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def segment_indices(n: int, t: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """One index per each of ``t`` equal segments of ``n`` frames.
+
+    Training (``rng`` given): a random offset inside each segment. Evaluation: the segment centres.
+    With fewer frames than segments, indices repeat.
+    """
+    edges = np.arange(t + 1) * n / t
+    if rng is None:
+        idx = (edges[:-1] + edges[1:]) / 2
+    else:
+        idx = edges[:-1] + rng.random(t) * (edges[1:] - edges[:-1])
+    return np.minimum(idx.astype(np.int64), n - 1)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random stream of one sample in one epoch: independent of order, workers and resumption."""
+    return np.random.default_rng([seed, epoch, index])

@@ -1,0 +1,166 @@
+"""Import of external features, and the training loop on cached features (frozen backbone)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import run_inproc
+from test_frames_stage import run_cli
+
+from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
+from pipeline.models.temporal import TemporalMeanPool, TemporalTransformer
+from pipeline.sampling import segment_indices
+from pipeline.training import TrainConfig, lr_at, train
+
+C, D, T = 6, 16, 8
+
+
+def write_external_features(root: Path, per_class: dict[str, int], order_classes: bool = False, seed: int = 7):
+    """A generic CSV dataset whose videos exist only as per-video .npy/.h5 feature files [T, D].
+
+    Static classes: class mean + noise. With ``order_classes``, two classes share the same frames
+    in opposite temporal order (only a temporal module can tell them apart).
+    """
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((C, D)) * 2
+    rows = []
+    feats = root / "feats"
+    feats.mkdir(parents=True)
+    for split, count in per_class.items():
+        for c in range(C):
+            for k in range(count):
+                vid = f"{split}/c{c}_{k}"
+                x = means[c] + 0.7 * rng.standard_normal((T, D))
+                if order_classes and c in (0, 1):
+                    ramp = np.linspace(-3, 3, T)[:, None] * means[0] / np.linalg.norm(means[0])
+                    # no noise: the two classes hold exactly the same frames, in opposite order
+                    x = means[0] + (ramp if c == 0 else ramp[::-1])
+                (feats / split).mkdir(exist_ok=True)
+                if k % 2:
+                    np.save(feats / f"{vid}.npy", x.astype(np.float32))
+                else:
+                    with h5py.File(feats / f"{vid}.h5", "w") as f:
+                        f["features"] = x.astype(np.float32)
+                rows.append(f"{vid}.mp4,class {c},{split}\n")
+    (root / "videos.csv").write_text("path,label,split\n" + "".join(rows))
+    return feats
+
+
+@pytest.fixture
+def imported(tmp_path) -> Path:
+    feats = write_external_features(tmp_path, {"train": 12, "val": 6})
+    (feats / "val" / "c3_5.npy").unlink()  # one video's file is missing
+    cache = tmp_path / "cache"
+    out = run_inproc("import", "-d", "csv", "--root", str(tmp_path / "videos.csv"), "--name", "ext", "--from",
+                     str(feats.parent / "feats"), "--model-tag", "extfeat", "--num-frames", "4", "--cache", str(cache),
+                     "--quiet")
+    assert "ext/val: 36 videos, 35 ok, 1 failed" in out and "no feature file" in out
+    return cache
+
+
+def test_import_resamples_and_aligns_rows(imported, tmp_path):
+    g = zarr.open_group(str(imported / "features" / "ext" / "extfeat" / "train"), mode="r")
+    assert g["features"].shape == (72, 4, D) and g.attrs["embed_dim"] == D
+    ids = g["video_id"][:].tolist()
+    i = ids.index("train/c2_3")
+    original = np.load(tmp_path / "feats" / "train" / "c2_3.npy")
+    assert np.allclose(g["features"][i].astype(np.float32), original[segment_indices(T, 4)], atol=1e-2)
+    assert g["label"][i] == 2
+
+
+def test_frozen_backbone_training_learns_and_reports(imported):
+    common = ["finetune", "--frozen-backbone", "-d", "ext", "--model", "extfeat", "--frames", "4", "--epochs", "6",
+              "--batch-size", "16", "--lr", "1e-2", "--warmup-epochs", "1", "--min-lr", "1e-4",
+              "--cache", str(imported), "-q"]
+    run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run", "learn")
+    metrics = json.loads((imported / "runs" / "learn" / "metrics.json").read_text())
+    assert metrics["val_top1"] > 90 and metrics["val_videos"] == 35
+    history = [json.loads(line) for line in (imported / "runs" / "learn" / "history.jsonl").read_text().splitlines()]
+    losses = [h["loss"] for h in history if h["kind"] == "step"]
+    assert len(losses) == 6 * 5 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])  # the loss falls
+    # a frozen head built from the cache, and T-Trans
+    run_inproc("heads", "-d", "ext", "--model", "extfeat", "--kind", "orthogonal", "--cache", str(imported))
+    run_inproc(*common, "--head", "orthogonal", "--temporal", "ttrans", "--layers", "1", "--run", "orth")
+    assert json.loads((imported / "runs" / "orth" / "metrics.json").read_text())["val_top1"] > 80
+    # few-shot: K per class, repeated to the full set's iterations per epoch
+    run_inproc(*common, "--head", "learnable", "--shots", "2", "--run", "two")
+    steps = [json.loads(x) for x in (imported / "runs" / "two" / "history.jsonl").read_text().splitlines()]
+    assert sum(s["kind"] == "step" for s in steps) == 6 * 5
+    # a finished run re-run: nothing to do; other settings under the same name: refused
+    run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run", "learn")
+    proc = run_cli(*common, "--head", "learnable", "--temporal", "tap", "--run", "learn", "--seed", "3", check=False)
+    assert proc.returncode == 2 and "exists with other parameters" in proc.stderr
+
+
+def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
+    x = torch.randn(3, 5, 32)
+    tt = TemporalTransformer(32, layers=2, max_frames=8)
+    assert torch.allclose(tt(x), TemporalMeanPool()(x), atol=1e-6)
+
+    feats = write_external_features(tmp_path, {"train": 16, "val": 6}, order_classes=True)
+    cache = tmp_path / "cache"
+    run_inproc("import", "-d", "csv", "--root", str(tmp_path / "videos.csv"), "--name", "ord", "--from", str(feats),
+               "--model-tag", "f", "--num-frames", "8", "--cache", str(cache), "-q")
+    common = ["finetune", "--frozen-backbone", "-d", "ord", "--model", "f", "--frames", "8", "--epochs", "15",
+              "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-4", "--head", "learnable",
+              "--cache", str(cache), "-q"]
+    run_inproc(*common, "--temporal", "tap", "--run", "tap")
+    run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--run", "tt")
+    tap = json.loads((cache / "runs" / "tap" / "metrics.json").read_text())["val_top1"]
+    ttrans = json.loads((cache / "runs" / "tt" / "metrics.json").read_text())["val_top1"]
+    # classes 0 and 1 hold the same frames in opposite order: TAP cannot separate them (<= 5/6 of 100%)
+    assert tap <= 100 * 5 / 6 + 1e-6 and ttrans > tap
+
+
+class ToySet:
+    def __init__(self, n=40, seed=0):
+        g = np.random.default_rng(seed)
+        self.y = g.integers(0, C, n)
+        self.x = (np.eye(C, D)[self.y][:, None, :] * 3 + g.standard_normal((n, T, D))).astype(np.float32)
+
+    def __len__(self):
+        return len(self.y)
+
+    def get(self, idx, epoch, train):
+        idx = list(idx)
+        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return FrameFeatureClassifier(TemporalTransformer(D, layers=1, max_frames=T),
+                                  CosineHead(torch.randn(C, D), learnable=True), D, project=False)
+
+
+def test_resume_after_a_crash_is_bit_exact(tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_epochs=1, min_lr=1e-4, checkpoint_every=3)
+    data = ToySet()
+    full = make_model()
+    train(full, data, data, cfg, tmp_path / "a", "fp")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_8(kind, values):
+        if kind == "step" and values["step"] == 8:
+            raise Crash
+    with pytest.raises(Crash):
+        train(make_model(), data, data, cfg, tmp_path / "b", "fp", callback=crash_at_step_8)  # last ckpt: step 6
+    resumed = make_model(seed=123)  # whatever the fresh weights: the checkpoint replaces them
+    train(resumed, data, data, cfg, tmp_path / "b", "fp")
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(99, 100, 10, 1.0, 0.1) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55, abs=0.02)
