@@ -31,6 +31,8 @@ def run_blocks(fn: Callable[..., Any], calls: Sequence[tuple], *, workers: int =
         return []
     from dask.distributed import Client, LocalCluster, as_completed
 
+    for name in ("distributed", "distributed.scheduler", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # keep the user's terminal to our progress bar
     cluster = None
     try:
         if scheduler_address:
