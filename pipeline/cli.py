@@ -725,6 +725,41 @@ def import_(ctx: Context, dataset, root, split_id, untrimmed, name, source, mode
         _print_summary(s)
 
 
+@cli.command()
+@common_options("pretrain")
+@click.option("--dataset", "-d", help="Dataset name in the cache (the demo world) [data.name].")
+@click.option("--out", type=click.Path(file_okay=False), help="Model folder [CACHE/tiny-clip].")
+@click.option("--steps", type=click.IntRange(1), help="Training steps [600].")
+@click.option("--batch-size", type=click.IntRange(2), help="Frame-caption pairs per step [128].")
+@click.option("--lr", type=float, help="Peak learning rate [5e-4].")
+@click.option("--seed", type=int, help="Seed [0].")
+@click.option("--heldout", multiple=True, help="Class never shown in pretraining (repeatable; params: list).")
+def pretrain(ctx: Context, dataset, out, steps, batch_size, lr, seed, heldout) -> None:
+    """Pretrain the demo's tiny CLIP (open_clip CLIP + ClipLoss) on frame-caption pairs of the world.
+
+    Saved as an open_clip local-dir: model (open_clip_config.json + weights), loaded by every later
+    stage exactly like a real CLIP: --model local-dir:cache/tiny-clip.
+
+    \b
+    Example:
+      pipeline pretrain --dataset demo --steps 600 --heldout "a large blue ring"
+    """
+    from stages import pretrain as pretrain_stage
+
+    from .pretrain import PretrainConfig
+
+    p = ctx.params
+    defaults = PretrainConfig()
+    cfg = PretrainConfig(**{k: type(getattr(defaults, k))(p.get(k, None, getattr(defaults, k)))
+                            for k in defaults.as_dict()} | {
+        k: v for k, v in {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}.items() if v is not None})
+    target = Path(p.get("out", out, None) or ctx.cache / "tiny-clip")
+    summary = pretrain_stage.run(ctx.cache, cache_dataset(ctx, dataset), target, cfg,
+                                 list(p.get("heldout", heldout, []) or []), ctx.quiet)
+    click.echo(f"tiny CLIP: {cfg.steps} steps on {summary['clips']} clips, loss {summary['first_loss']:.2f} -> "
+               f"{summary['final_loss']:.2f} -> local-dir:{target}")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

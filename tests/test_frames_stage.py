@@ -255,3 +255,28 @@ def test_raw_codec_is_lossless_and_jpeg_is_close(tmp_path, ucf_tree):
     assert raw["stored"].dtype == np.uint8 and np.array_equal(raw["stored"], raw["frames"])
     assert np.abs(jpeg["frames"].astype(int) - raw["frames"].astype(int)).mean() < 3
     assert sum(len(b) for b in jpeg["stored"].ravel()) < raw["frames"].nbytes / 4
+
+
+@pytest.mark.parametrize("profile", ["k400", "k600", "ucf101", "hmdb51", "anet"])
+def test_real_data_profiles_are_valid(profile):
+    from pipeline.framestore import FrameCodec
+    from pipeline.params import Params, load_params
+    from pipeline.video import FrameSpec
+
+    params = load_params(Path(__file__).parents[1] / "data" / "profiles" / f"{profile}.yaml")
+    frames = Params(params, "frames")
+    spec = FrameSpec(**{k: frames.get(k, None) for k in ("num_frames", "height", "width") if frames.get(k, None)})
+    assert spec.num_frames >= 32 and (spec.height, spec.width) == (256, 320)  # 4 clips x 8 frames, 3-crop room
+    FrameCodec(frames.get("codec", None, "jpeg"), int(frames.get("jpeg_quality", None, 90)))
+    assert frames.get("dataset", None) == profile
+    assert Params(params, "features").get("model", None) == "ViT-B-16"
+    assert Params(params, "lda").get("per_class", None) == 60
+
+
+def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
+    profile = Path(__file__).parents[1] / "data" / "profiles" / "ucf101.yaml"
+    out = run_cli("frames", "--params", str(profile), "--root", str(ucf_tree), "--workers", "1", "--split", "train",
+                  "--cache", str(tmp_path / "c"), "-q")
+    assert "ucf101/train: 6 videos, 6 ok" in out.stdout
+    g = zarr.open_group(str(tmp_path / "c" / "frames" / "ucf101" / "train"), mode="r")
+    assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 320, 3)
