@@ -31,9 +31,6 @@ class Context:
         """The same cache and params file, read for another command's group."""
         return cls(str(other.cache), other.params_file, other.quiet, section)
 
-    def say(self, message: str = "") -> None:
-        click.echo(message)
-
 
 def common_options(section: str) -> Callable:
     """--cache, --params and --quiet on every command; builds a :class:`Context` from them."""

@@ -31,6 +31,24 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
     return save_local_dir(open_clip.model.CLIP(**TINY_CLIP), TINY_CLIP, folder)
 
 
+def sigkill_mid_run(args: list[str], store_path: Path, cwd: Path, after_blocks: int, timeout: float = 120) -> None:
+    """Run ``python -m pipeline *args`` and SIGKILL it once ``after_blocks`` blocks of ``store_path`` are done."""
+    import signal
+    import subprocess
+    import time
+
+    markers = store_path / "block_done" / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=cwd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(os.listdir(markers)) >= after_blocks:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def run_inproc(*args: str) -> str:
     """Run the CLI in this process (torch and open_clip are imported once per test session).
 

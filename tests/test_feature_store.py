@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -16,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_inproc, write_tiny_clip
+from conftest import run_inproc, sigkill_mid_run, write_tiny_clip
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from test_frames_stage import run_cli
 
@@ -227,16 +222,7 @@ def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp
     shutil.copytree(cache / "frames", work / "frames")
     args = ["features", "-d", "toy", "--model", f"local-dir:{tiny}", "--quiet", "--batch-size", "2",
             "--cache", str(work)]
-    markers = work / "features" / "toy" / "tiny-clip" / "train" / "block_done" / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=tmp_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if markers.is_dir() and len(os.listdir(markers)) >= 2:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_mid_run(args, work / "features" / "toy" / "tiny-clip" / "train", tmp_path, after_blocks=2)
     group = zarr.open_group(str(work / "features" / "toy" / "tiny-clip" / "train"), mode="r")
     assert 0 < len(store.pending_blocks(group)) < 15, "the kill should land mid-run"
     run_inproc(*args)

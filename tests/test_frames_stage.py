@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import zarr
-from conftest import copy_video, make_broken_files
+from conftest import copy_video, make_broken_files, sigkill_mid_run
 from videos import brightness_index, write_video
 
 from pipeline import store
@@ -169,16 +167,7 @@ def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
     expected = load(tmp_path / "clean" / "frames" / "csv" / "train")
 
     killed = tmp_path / "killed"
-    markers = killed / "frames" / "csv" / "train" / "block_done" / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--cache", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if markers.is_dir() and len(os.listdir(markers)) >= 3:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_mid_run([*args, "--cache", str(killed)], killed / "frames" / "csv" / "train", tmp_path, after_blocks=3)
     group = zarr.open_group(str(killed / "frames" / "csv" / "train"), mode="r")
     pending = store.pending_blocks(group)
     assert 0 < len(pending) < 24, "the kill should land mid-run"
@@ -280,3 +269,15 @@ def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
     assert "ucf101/train: 6 videos, 6 ok" in out.stdout
     g = zarr.open_group(str(tmp_path / "c" / "frames" / "ucf101" / "train"), mode="r")
     assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 320, 3)
+
+
+def test_profile_pipelines_are_valid_dvc_stages():
+    import shutil
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    root = Path(__file__).parents[1]
+    out = subprocess.run([dvc, "stage", "list", "data/profiles/dvc.yaml"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for profile in ("k400", "k600", "ucf101", "hmdb51", "anet"):
+        for stage in ("frames", "features", "labels", "heads", "evaluate"):
+            assert f"data/profiles/dvc.yaml:{stage}@{profile}" in out.stdout
