@@ -75,6 +75,9 @@ def dataset_args(ctx: Context, dataset: str | None, root: str | None, split_id: 
     if ds is None:
         raise PipelineError("no dataset given: pass --dataset NAME or set data.dataset in params.yaml")
     p = ctx.params.for_dataset(ds)
+    if p is not ctx.params:
+        click.echo(f"note: the params file describes another dataset; its data.* keys are ignored for --dataset {ds} "
+                   f"(its {ctx.params.section}.* keys still apply; pass --params FILE for another setup)", err=True)
     return DatasetArgs(dataset=ds, root=p.get("root", root), split_id=int(p.get("split_id", split_id, 1)),
                        untrimmed=bool(p.get("untrimmed", untrimmed, False)), name=p.get("name", name))
 

@@ -24,7 +24,7 @@ def load_manifest(dataset: str, root: str | None, *, split_id: int = 1, untrimme
     if dataset not in DATASETS:
         raise PipelineError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if not root:
-        raise PipelineError(f"no root given for dataset {dataset!r}: pass --root DIR or set dataset.root")
+        raise PipelineError(f"no root given for dataset {dataset!r}: pass --root DIR or set data.root in params.yaml")
     if dataset in ("k400", "k600", "k700"):
         return load_kinetics(dataset, root, untrimmed=untrimmed)
     if dataset == "ucf101":
