@@ -760,6 +760,58 @@ def pretrain(ctx: Context, dataset, out, steps, batch_size, lr, seed, heldout) -
                f"{summary['final_loss']:.2f} -> local-dir:{target}")
 
 
+@cli.command()
+@common_options("predict")
+@click.argument("videos", nargs=-1, required=True, type=click.Path())
+@model_options
+@click.option("--labels", "labels_text", help="Comma-separated label names: 'jumping,running,swimming'.")
+@click.option("--labels-file", type=click.Path(dir_okay=False), help="One label name a line.")
+@click.option("--template", help="Prompt template: paper, bare, kinetics28, a file, or a text with {} [paper].")
+@click.option("--frames", type=click.IntRange(1), help="Frames per video [8].")
+@click.option("--device", help="torch device [cuda when present, else cpu].")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+def predict(ctx: Context, videos, model, pretrained, quick_gelu, labels_text, labels_file, template, frames, device,
+            as_json) -> None:
+    """Label videos zero-shot with your own label names; prints the top-5 with probabilities.
+
+    Frames at the centres of uniform segments, CLIP image features averaged over time, cosine with
+    the text embeddings of the labels, softmax at CLIP's logit scale. (A fine-tuned run as the
+    classifier comes with full fine-tuning.)
+
+    \b
+    Examples:
+      pipeline predict clip.mp4 -m ViT-B-16 --pretrained openai --labels "juggling,skateboarding,surfing"
+      pipeline predict a.mp4 b.webm -m local-dir:cache/tiny-clip --labels-file labels.txt --template "a photo of a {}"
+    """
+    from stages import predict as predict_stage
+
+    p = ctx.params
+    if labels_file:
+        path = Path(labels_file)
+        if not path.is_file():
+            raise PipelineError(f"labels file not found: {path}")
+        names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+    elif labels_text:
+        names = [n.strip() for n in labels_text.split(",") if n.strip()]
+    else:
+        raise PipelineError("give the label names: --labels 'a,b,c' or --labels-file FILE")
+    results = predict_stage.run(list(videos), names, model_spec(ctx, model, pretrained, quick_gelu),
+                                template=p.get("template", template, "paper"), frames=int(p.get("frames", frames, 8)),
+                                device=p.get("device", device, None) or default_device())
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(r["video"])
+        if "error" in r:
+            click.echo(f"  failed: {r['error']}")
+            continue
+        for name, prob in r["top"]:
+            click.echo(f"  {prob:6.1%}  {name}")
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

@@ -243,3 +243,23 @@ def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp
              "--cache", str(work), "--quiet"]
     proc = run_cli(*other, check=False)
     assert proc.returncode == 2 and "weights_sha256" in proc.stderr
+
+
+def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
+    from videos import write_video
+
+    from stages import predict as predict_stage
+
+    video = write_video(tmp_path / "v.mp4", n_frames=12, width=48, height=32)
+    out = run_inproc("predict", video, "--model", f"local-dir:{tiny_clip}", "--labels",
+                     "jumping,running,swimming,juggling,surfing,rowing", "--frames", "4")
+    lines = out.strip().splitlines()
+    assert lines[0] == video and len(lines) == 6  # the video, then its top 5
+    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.05
+    results = predict_stage.run([video, str(tmp_path / "missing.mp4")], ["a", "b"], ModelSpec(f"local-dir:{tiny_clip}"),
+                                frames=4)
+    assert len(results[0]["top"]) == 2 and abs(sum(p for _, p in results[0]["top"]) - 1) < 1e-5
+    assert "missing file" in results[1]["error"]
+    with pytest.raises(PipelineError, match="at least two label names"):
+        predict_stage.run([video], ["only"], ModelSpec(f"local-dir:{tiny_clip}"))
