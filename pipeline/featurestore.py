@@ -95,6 +95,12 @@ def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: Loaded
 _MODELS: dict[Any, LoadedClip] = {}
 
 
+def remember_model(spec: ModelSpec, device: str, clip: LoadedClip) -> None:
+    """Reuse a model this process already loaded (the coordinator's) instead of loading it again."""
+    _MODELS.clear()
+    _MODELS[(spec, device)] = clip
+
+
 def _model(spec: ModelSpec, device: str) -> LoadedClip:
     key = (spec, device)
     if key not in _MODELS:

@@ -11,6 +11,7 @@ from pipeline.featurestore import (
     features_fingerprint_record,
     init_feature_store,
     precision_for,
+    remember_model,
 )
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.parallel import run_blocks, threads_per_worker
@@ -30,6 +31,7 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
     if missing:
         raise PipelineError(f"no frame store for {dataset}/{missing[0]}; stored splits: {', '.join(available)}")
     clip = load_clip(spec, device)  # fail fast on a bad model, and learn its identity
+    remember_model(spec, device, clip)  # in-process blocks reuse it (dask workers load their own)
     precision = precision_for(device)
     summaries = []
     for split in chosen:
