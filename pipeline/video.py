@@ -128,7 +128,7 @@ def _open(path: str, threads: int, max_pixels: int = MAX_PIXELS):
     return container, stream
 
 
-def _segment(stream, start: float, end: float) -> tuple[float, float]:
+def _segment(start: float, end: float) -> tuple[float, float]:
     """[start, end) in seconds; the whole stream when start/end are NaN."""
     s = 0.0 if math.isnan(start) else max(0.0, start)
     e = math.inf if math.isnan(end) else end
@@ -203,9 +203,7 @@ def _decode_planned(path: str, spec: FrameSpec, start: float, end: float, thread
     but a non-reference frame that is not a target is dropped before decoding (``skip_frame =
     NONREF``, set per packet): with B-frames that is about 40% of the decoding work.
     """
-    container, stream = _open(path, threads, spec.max_pixels)
-    with container:
-        s, e = _segment(stream, start, end)
+    s, e = _segment(start, end)
     stamps = _plan(path, spec, s, e)
     if stamps is None:
         return None
@@ -257,7 +255,7 @@ def _frames_in(container, stream, s: float, e: float):
 def _count_frames(path: str, start: float, end: float) -> int:
     container, stream = _open(path, threads=1)
     with container:
-        s, e = _segment(stream, start, end)
+        s, e = _segment(start, end)
         n = sum(1 for _ in _frames_in(container, stream, s, e))
     if n == 0:
         raise DecodeError("no decodable frames")
@@ -268,7 +266,7 @@ def _decode_exact(path: str, spec: FrameSpec, start: float, end: float, threads:
                   known_count: int | None) -> Clip | None:
     container, stream = _open(path, threads, spec.max_pixels)
     with container:
-        s, e = _segment(stream, start, end)
+        s, e = _segment(start, end)
         declared = known_count or _estimate_count(container, stream, s, e)
         if declared is None:
             return None
@@ -301,7 +299,7 @@ def _decode_keyframes(path: str, spec: FrameSpec, start: float, end: float, thre
     """Nearest keyframe to each segment centre, decoding keyframes only (approximate, fast)."""
     container, stream = _open(path, threads, spec.max_pixels)
     with container:
-        s, e = _segment(stream, start, end)
+        s, e = _segment(start, end)
         count = _estimate_count(container, stream, s, e)
         rate = _rate(stream)
         duration = (count / rate) if count else None
