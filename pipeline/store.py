@@ -178,6 +178,11 @@ def n_blocks_of(group: zarr.Group) -> int:
     return (n + block - 1) // block
 
 
+def rows_in(group: zarr.Group, blocks: list[int]) -> int:
+    """How many videos the given blocks hold (the last block may be short)."""
+    return sum(block_slice(group, b).stop - block_slice(group, b).start for b in blocks)
+
+
 def block_slice(group: zarr.Group, block: int) -> slice:
     n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
     return slice(block * size, min(n, (block + 1) * size))

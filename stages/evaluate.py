@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.featurestore import video_features
 from pipeline.models.text import encoder_tag
 
-from .heads import _features_group
+from .heads import open_features
 from .paths import heads_path
 
 
@@ -31,7 +31,7 @@ def read_subsets(files: list[str]) -> list[list[str]]:
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
         out: Path | None = None) -> dict:
-    group = _features_group(cache, dataset, model_tag, split)
+    group = open_features(cache, dataset, model_tag, split)
     feats, labels, _ = video_features(group)
     names = list(group.attrs["class_names"])
     enc_tag = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None

@@ -48,7 +48,7 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
                                       init=lambda g, fg=frames_group, fp=fpath: init_feature_store(
                                           g, fg, clip, spec, precision, str(fp)))
             pending = store.pending_blocks(group)
-            todo = sum(store.block_slice(group, b).stop - store.block_slice(group, b).start for b in pending)
+            todo = store.rows_in(group, pending)
             threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
             with Progress(todo, f"features {dataset}/{split}", quiet) as bar:
                 errors = run_blocks(

@@ -19,7 +19,7 @@ from pipeline.progress import Progress
 from pipeline.sampling import sample_rng, segment_indices
 from pipeline.training import ClipSet, TrainConfig, train
 
-from .heads import _features_group
+from .heads import open_features
 from .paths import heads_path, splits_of
 
 
@@ -49,9 +49,9 @@ def load_split(group) -> tuple[np.ndarray, np.ndarray]:
 def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg: TrainConfig, *,
         encoder: str | None = None, run_name: str | None = None, frames: int = 8, shots: int | None = None,
         layers: int = 6, replace_mismatched: bool = False, quiet: bool = False) -> dict:
-    train_group = _features_group(cache, dataset, model_tag, "train")
+    train_group = open_features(cache, dataset, model_tag, "train")
     has_val = "val" in splits_of(cache, "features", dataset, model_tag)
-    val_group = _features_group(cache, dataset, model_tag, "val") if has_val else None
+    val_group = open_features(cache, dataset, model_tag, "val") if has_val else None
     names = list(train_group.attrs["class_names"])
     c, width = len(names), int(train_group.attrs["embed_dim"])
     if frames > int(train_group.attrs["num_frames"]):

@@ -63,7 +63,7 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
                 path, fp, params, replace_mismatched=replace_mismatched,
                 init=lambda g, part=part, split=split: init_frame_store(g, part, split, spec, codec, block_size))
             pending = store.pending_blocks(group)
-            todo = sum(store.block_slice(group, b).stop - store.block_slice(group, b).start for b in pending)
+            todo = store.rows_in(group, pending)
             threads = threads_per_worker(workers)
             with Progress(todo, f"frames {data.cache_name}/{split}", quiet) as bar:
                 def done(result: BlockResult) -> None:

@@ -17,7 +17,7 @@ from .labels import class_names_of
 from .paths import features_path, heads_path, labels_path, splits_of
 
 
-def _features_group(cache: Path, dataset: str, model_tag: str, split: str | None = None):
+def open_features(cache: Path, dataset: str, model_tag: str, split: str | None = None):
     splits = splits_of(cache, "features", dataset, model_tag)
     if not splits:
         raise PipelineError(f"no features of {dataset!r} with model {model_tag!r}: run `pipeline features` first")
@@ -49,11 +49,11 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
         head = labels["embeddings"][:]
         record["labels"] = labels.attrs["fingerprint"]
     elif kind in ("random", "orthogonal"):
-        d = int(_features_group(cache, dataset, model_tag).attrs["embed_dim"])
+        d = int(open_features(cache, dataset, model_tag).attrs["embed_dim"])
         head = random_head(c, d, seed) if kind == "random" else orthogonal_head(c, d, seed)
         record.update(seed=seed, width=d)
     elif kind in ("lda", "prototype"):
-        group = _features_group(cache, dataset, model_tag, split)
+        group = open_features(cache, dataset, model_tag, split)
         feats, labels, rows = video_features(group)
         usable = labels >= 0
         feats, labels, rows = feats[usable], labels[usable], rows[usable]
