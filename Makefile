@@ -28,6 +28,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_frames.py
+	$(BIN)/python benchmarks/bench_codec.py
+	$(BIN)/python benchmarks/bench_features.py
+	$(BIN)/python benchmarks/bench_loader.py
 
 clean:
 	rm -rf cache/world cache/frames

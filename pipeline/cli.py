@@ -475,15 +475,26 @@ def lda(ctx: Context, model, pretrained, quick_gelu, **opts) -> None:
 @click.option("--head-dataset", help="Use a head built from another dataset's class names (matched by name).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON (e.g. for DVC metrics).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--run", "--run-name", "run_name", help="Evaluate this fine-tuned run (CACHE/runs/RUN) instead of "
+              "an untuned head.")
+@click.option("--views", help="With --run: temporal clips x spatial crops, e.g. 4x3 [1x1].")
+@click.option("--batch-size", type=click.IntRange(1), help="With --run: videos per forward pass [16].")
+@click.option("--workers", type=click.IntRange(0), help="With --run: data-loader processes [0].")
+@click.option("--device", help="With --run: cpu, cuda or cuda:N [cuda if available].")
 def evaluate(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder, from_cache, split, protocols,
-             subset_files, head_dataset, out, as_json) -> None:
-    """Evaluate a head on cached features: top-1, top-5 and mean class accuracy.
+             subset_files, head_dataset, out, as_json, run_name, views, batch_size, workers, device) -> None:
+    """Evaluate a head on cached features, or a fine-tuned run: top-1, top-5, mean class accuracy (mAP
+    for multi-label sets).
 
-    The video embedding is the temporal average of the cached frame features; logits are cosine
-    similarities with the head rows.
+    Untuned: the video embedding is the temporal average of the cached frame features; logits are
+    cosine similarities with the head rows. With --run: the run's model on clips of the frame
+    store; --views CxS averages the L2-normalised embeddings of C temporal clips x S crops before
+    the head. --dataset other than the run's: zero-shot on that dataset's classes (text heads).
 
     \b
     Examples:
+      pipeline evaluate --run k400-ViT-B-16-openai-clip-text-tap --views 4x3
+      pipeline evaluate --run k400-ViT-B-16-openai-clip-text-tap --dataset ucf101
       pipeline evaluate --dataset ucf101 --model ViT-B-16 --pretrained openai --head clip-text --protocol half
       pipeline evaluate --dataset k600 --head clip-text --protocol subsets --subsets s1.csv --subsets s2.csv
       pipeline evaluate --dataset demo --model local-dir:cache/tiny-clip --head lda --protocol full --protocol half
@@ -491,6 +502,10 @@ def evaluate(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder
     from stages import evaluate as evaluate_stage
 
     p = ctx.params
+    run_name = p.get("run", run_name)
+    if run_name:
+        _evaluate_run(ctx, run_name, dataset, split, views, batch_size, workers, device, out, as_json)
+        return
     ds = cache_dataset(ctx, dataset)
     spec = model_spec(ctx, model, pretrained, quick_gelu)
     chosen = tuple(p.get("protocols", protocols, ["full"]))
@@ -511,6 +526,42 @@ def evaluate(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder
         click.echo(f"  {protocol:<10} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
     if result["videos_without_head_class"]:
         click.echo(f"  ({result['videos_without_head_class']} videos of classes the head does not have were left out)")
+
+
+def parse_views(text: str) -> tuple[int, int]:
+    try:
+        temporal, spatial = (int(v) for v in text.lower().split("x"))
+        if temporal < 1 or spatial < 1:
+            raise ValueError
+    except ValueError:
+        raise PipelineError(f"--views {text!r}: expected CLIPSxCROPS with positive numbers, e.g. 1x1 or 4x3") from None
+    return temporal, spatial
+
+
+def _evaluate_run(ctx: Context, run_name: str, dataset, split, views, batch_size, workers, device, out,
+                  as_json) -> None:
+    from stages import evaluate as evaluate_stage
+
+    from . import distributed
+
+    p = ctx.params
+    try:
+        result = evaluate_stage.run_trained(
+            ctx.cache, run_name, dataset=dataset, split=p.get("split", split, "val"),
+            views=parse_views(str(p.get("views", views, "1x1"))), batch_size=int(p.get("batch_size", batch_size, 16)),
+            workers=int(p.get("workers", workers, 0)), device=p.get("device", device), out=Path(out) if out else None)
+    finally:
+        main = distributed.is_main()
+        distributed.teardown()
+    if not main:
+        return
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    keys = ["mAP", "top1", "top5"] if "mAP" in result else ["top1", "top5", "mean_class"]
+    click.echo(f"run {result['run']} (trained on {result['trained_on']}, {result['head']} head) on "
+               f"{result['dataset']}/{result['split']}, {result['views']} views, {result['videos']} videos: "
+               + ", ".join(f"{k} {result[k]:.2f}" for k in keys))
 
 
 @cli.command()
@@ -631,62 +682,114 @@ def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretr
               help="Train only the temporal module (and projection) on cached features.")
 @click.option("--frames", type=click.IntRange(1), help="Frames per clip, T [8].")
 @click.option("--shots", type=click.IntRange(1), help="K training videos per class (few-shot), seeded.")
-@click.option("--run", "run_name", help="Run name under CACHE/runs [derived from the settings].")
+@click.option("--run", "--run-name", "run_name", help="Run name under CACHE/runs [derived from the settings]; "
+              "under torchrun write --run-name (torchrun takes --run for its own --run-path).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs [30].")
-@click.option("--batch-size", type=click.IntRange(1), help="Batch size [256].")
+@click.option("--batch-size", type=click.IntRange(1), help="Global batch size (all GPUs, all accumulation) [256].")
+@click.option("--micro-batch", type=click.IntRange(0), help="Clips per forward pass per process; gradients "
+              "accumulate to the global batch (0: no accumulation) [0].")
 @click.option("--lr", type=float, help="Learning rate of new modules [5e-5].")
+@click.option("--backbone-lr-ratio", type=float, help="The pretrained encoder's lr relative to --lr [0.1].")
 @click.option("--temporal-lr", type=float, help="Learning rate of the temporal module [--lr].")
 @click.option("--weight-decay", type=float, help="AdamW weight decay [0.2].")
 @click.option("--warmup-epochs", type=float, help="Linear warm-up epochs [5].")
 @click.option("--min-lr", type=float, help="Cosine floor of the learning rate [5e-6].")
 @click.option("--layers", type=click.IntRange(1), help="T-Trans layers [6].")
+@click.option("--t1d-init", type=click.Choice(["identity", "shift"]), help="TokenT1D initialisation [identity].")
+@click.option("--crop-scale", type=(float, float), help="RandomResizedCrop area range [0.08 1.0].")
+@click.option("--flip", type=click.FloatRange(0, 1), help="Horizontal flip probability [0.5].")
+@click.option("--grayscale", type=click.FloatRange(0, 1), help="Grayscale probability [0.2].")
+@click.option("--randaugment", type=(int, int), help="RandAugment N M (0 0: off) [2 9].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on GPU (bf16, or fp16 with a scaler) [on].")
+@click.option("--grad-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
+@click.option("--workers", type=click.IntRange(0), help="Data-loader processes per GPU/process [4].")
+@click.option("--device", help="cpu, cuda or cuda:N [cuda if available]; under torchrun: LOCAL_RANK's GPU.")
 @click.option("--seed", type=int, help="Seed of the run [0].")
 @click.option("--checkpoint-every", type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends) [0].")
 @click.option("--replace-mismatched", is_flag=True, default=None, help="Replace a run made with other parameters.")
+@click.option("--objective", type=click.Choice(["ce", "contrastive"]),
+              help="ce: cross-entropy against the frozen head (the paper); contrastive: video-text InfoNCE "
+              "(the Table 9 baseline) [ce].")
+@click.option("--batch-gather/--no-batch-gather", default=None,
+              help="Contrastive: score local clips against the batch gathered from all processes [on].")
+@click.option("--text", "text_mode", type=click.Choice(["offline", "online"]),
+              help="Contrastive: cached label embeddings (offline) or the CLIP text tower trained (online) "
+              "[offline].")
+@click.option("--text-lr", type=float, help="Contrastive, online text: the text tower's lr [5e-6].")
+@click.option("--text-weight-decay", type=float, help="Contrastive, online text: its weight decay [0.2].")
+@click.option("--text-template", help="Contrastive, online text: prompt with {} [a video of a person {}.].")
 def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder, temporal, frozen_backbone, frames,
-             shots, run_name, epochs, batch_size, lr, temporal_lr, weight_decay, warmup_epochs, min_lr, layers, seed,
-             checkpoint_every, replace_mismatched) -> None:
+             shots, run_name, epochs, batch_size, micro_batch, lr, backbone_lr_ratio, temporal_lr, weight_decay,
+             warmup_epochs, min_lr, layers, t1d_init, crop_scale, flip, grayscale, randaugment, amp,
+             grad_checkpointing, workers, device, seed, checkpoint_every, replace_mismatched, objective,
+             batch_gather, text_mode, text_lr, text_weight_decay, text_template) -> None:
     """Train a video classifier against a frozen head (the paper's recipe, Table A.3 defaults).
 
-    With --frozen-backbone the CLIP encoder is not run: the temporal module (T-Trans, or a
-    projection for TAP) trains on the cached frame features in minutes on a CPU. A killed run
-    resumes from its last checkpoint when the same command is run again.
+    Full fine-tuning trains the CLIP visual encoder (at --backbone-lr-ratio x --lr) and the
+    temporal module on clips of the frame store; the head stays the cached one. With
+    --frozen-backbone the encoder is not run: the temporal module trains on cached features.
+    A killed run resumes from its last checkpoint when the same command is run again.
 
     \b
     Examples:
-      pipeline finetune --frozen-backbone -d k400 -m ViT-B-16 --pretrained openai --head clip-text --temporal ttrans
+      pipeline finetune -d k400 -m ViT-B-16 --pretrained openai --head clip-text --temporal tokent1d
+      torchrun --nproc_per_node=8 -m pipeline finetune -d k400 -m ViT-B-16 --pretrained openai --head clip-text
       pipeline finetune --frozen-backbone -d demo -m local-dir:cache/tiny-clip --head learnable --shots 2
+      torchrun --nproc_per_node=2 -m pipeline finetune -d demo -m local-dir:cache/tiny-clip --objective contrastive
     """
     from stages import finetune as finetune_stage
 
+    from . import distributed
+    from .clips import AugmentConfig
     from .training import TrainConfig
 
     p = ctx.params
-    if not p.get("frozen_backbone", frozen_backbone, False):
-        raise PipelineError("full fine-tuning of the visual encoder is not implemented yet; "
-                            "--frozen-backbone trains the temporal module on cached features")
     kind = p.get("temporal", temporal, "tap")
-    if kind == "tokent1d":
-        raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
-                            "not --frozen-backbone")
     cfg = TrainConfig(
         epochs=int(p.get("epochs", epochs, 30)), batch_size=int(p.get("batch_size", batch_size, 256)),
-        lr=float(p.get("lr", lr, 5e-5)), temporal_lr=p.get("temporal_lr", temporal_lr),
-        weight_decay=float(p.get("weight_decay", weight_decay, 0.2)),
+        micro_batch=int(p.get("micro_batch", micro_batch, 0)), lr=float(p.get("lr", lr, 5e-5)),
+        backbone_lr_ratio=float(p.get("backbone_lr_ratio", backbone_lr_ratio, 0.1)),
+        temporal_lr=p.get("temporal_lr", temporal_lr), weight_decay=float(p.get("weight_decay", weight_decay, 0.2)),
         warmup_epochs=float(p.get("warmup_epochs", warmup_epochs, 5.0)), min_lr=float(p.get("min_lr", min_lr, 5e-6)),
-        seed=int(p.get("seed", seed, 0)), checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)))
+        seed=int(p.get("seed", seed, 0)), checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)),
+        amp=bool(p.get("amp", amp, True)), workers=int(p.get("workers", workers, 4)))
     if cfg.temporal_lr is not None:
         cfg.temporal_lr = float(cfg.temporal_lr)
     spec = model_spec(ctx, model, pretrained, quick_gelu)
+    common = dict(encoder=p.get("encoder", encoder), run_name=p.get("run", run_name),
+                  frames=int(p.get("frames", frames, 8)), shots=p.get("shots", shots),
+                  layers=int(p.get("layers", layers, 6)), device=p.get("device", device),
+                  replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)), quiet=ctx.quiet)
     head_kind = p.get("head", head, "clip-text")
-    result = finetune_stage.run(
-        ctx.cache, cache_dataset(ctx, dataset), spec.tag, head_kind, kind, cfg, encoder=p.get("encoder", encoder),
-        run_name=p.get("run", run_name), frames=int(p.get("frames", frames, 8)), shots=p.get("shots", shots),
-        layers=int(p.get("layers", layers, 6)),
-        replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)), quiet=ctx.quiet)
-    shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items() if k.startswith(("val_", "best"))}
-    click.echo(f"run {result['run']}: {result['steps']} steps; " + ", ".join(f"{k} {v}" for k, v in shown.items())
-               + f" -> {result['path']}")
+    goal = finetune_stage.Objective(
+        kind=p.get("objective", objective, "ce"), batch_gather=bool(p.get("batch_gather", batch_gather, True)),
+        text=p.get("text", text_mode, "offline"), text_lr=float(p.get("text_lr", text_lr, 5e-6)),
+        text_weight_decay=float(p.get("text_weight_decay", text_weight_decay, 0.2)),
+        template=str(p.get("text_template", text_template, "a video of a person {}.")))
+    common["objective"] = goal
+    try:
+        if p.get("frozen_backbone", frozen_backbone, False):
+            cfg.workers = int(p.get("workers", workers, 0))
+            result = finetune_stage.run(ctx.cache, cache_dataset(ctx, dataset), spec.tag, head_kind, kind, cfg,
+                                        spec=spec, **common)
+        else:
+            ra = p.get("randaugment", randaugment, (2, 9))
+            augment = AugmentConfig(crop_scale=tuple(float(v) for v in p.get("crop_scale", crop_scale, (0.08, 1.0))),
+                                    flip=float(p.get("flip", flip, 0.5)),
+                                    grayscale=float(p.get("grayscale", grayscale, 0.2)),
+                                    randaugment_ops=int(ra[0]), randaugment_magnitude=int(ra[1]))
+            result = finetune_stage.run_full(
+                ctx.cache, cache_dataset(ctx, dataset), spec, head_kind, kind, cfg, augment=augment,
+                t1d_init=p.get("t1d_init", t1d_init, "identity"),
+                grad_checkpointing=bool(p.get("grad_checkpointing", grad_checkpointing, False)), **common)
+    finally:
+        main = distributed.is_main()
+        distributed.teardown()
+    if main:
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()
+                 if k.startswith(("val_", "best"))}
+        click.echo(f"run {result['run']}: {result['steps']} steps; "
+                   + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {result['path']}")
 
 
 @cli.command("import")
@@ -735,7 +838,7 @@ def import_(ctx: Context, dataset, root, split_id, untrimmed, name, source, mode
 @click.option("--seed", type=int, help="Seed [0].")
 @click.option("--heldout", multiple=True, help="Class never shown in pretraining (repeatable; params: list).")
 def pretrain(ctx: Context, dataset, out, steps, batch_size, lr, seed, heldout) -> None:
-    """Pretrain the demo's tiny CLIP (open_clip CLIP + ClipLoss) on frame-caption pairs of the world.
+    """Pretrain the demo's tiny CLIP (open_clip CLIP, contrastive loss) on frame-caption pairs of the world.
 
     Saved as an open_clip local-dir: model (open_clip_config.json + weights), loaded by every later
     stage exactly like a real CLIP: --model local-dir:cache/tiny-clip.
@@ -769,23 +872,28 @@ def pretrain(ctx: Context, dataset, out, steps, batch_size, lr, seed, heldout) -
 @click.option("--template", help="Prompt template: paper, bare, kinetics28, a file, or a text with {} [paper].")
 @click.option("--frames", type=click.IntRange(1), help="Frames per video [8].")
 @click.option("--device", help="torch device [cuda when present, else cpu].")
+@click.option("--run", "--run-name", "run_name", help="A fine-tuned run (CACHE/runs/RUN) as the classifier; "
+              "without --labels it uses the run's own classes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
 def predict(ctx: Context, videos, model, pretrained, quick_gelu, labels_text, labels_file, template, frames, device,
-            as_json) -> None:
-    """Label videos zero-shot with your own label names; prints the top-5 with probabilities.
+            run_name, as_json) -> None:
+    """Label videos with your own label names (zero-shot) or with a fine-tuned run; prints the top-5.
 
-    Frames at the centres of uniform segments, CLIP image features averaged over time, cosine with
-    the text embeddings of the labels, softmax at CLIP's logit scale. (A fine-tuned run as the
-    classifier comes with full fine-tuning.)
+    Zero-shot (--model): frames at the centres of uniform segments, CLIP image features averaged
+    over time, cosine with the text embeddings of the labels, softmax at CLIP's logit scale.
+    --run: the run's video model; --labels are embedded by the run's text encoder.
 
     \b
     Examples:
       pipeline predict clip.mp4 -m ViT-B-16 --pretrained openai --labels "juggling,skateboarding,surfing"
       pipeline predict a.mp4 b.webm -m local-dir:cache/tiny-clip --labels-file labels.txt --template "a photo of a {}"
+      pipeline predict clip.mp4 --run k400-ViT-B-16-openai-clip-text-tap
     """
     from stages import predict as predict_stage
 
     p = ctx.params
+    run_name = p.get("run", run_name)
+    names = None
     if labels_file:
         path = Path(labels_file)
         if not path.is_file():
@@ -793,11 +901,17 @@ def predict(ctx: Context, videos, model, pretrained, quick_gelu, labels_text, la
         names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
     elif labels_text:
         names = [n.strip() for n in labels_text.split(",") if n.strip()]
+    elif not run_name:
+        raise PipelineError("give the label names: --labels 'a,b,c' or --labels-file FILE (or a fine-tuned --run)")
+    if run_name:
+        results = predict_stage.run_trained(list(videos), ctx.cache, run_name, names,
+                                            template=p.get("template", template, "paper"),
+                                            device=p.get("device", device, None) or default_device())
     else:
-        raise PipelineError("give the label names: --labels 'a,b,c' or --labels-file FILE")
-    results = predict_stage.run(list(videos), names, model_spec(ctx, model, pretrained, quick_gelu),
-                                template=p.get("template", template, "paper"), frames=int(p.get("frames", frames, 8)),
-                                device=p.get("device", device, None) or default_device())
+        results = predict_stage.run(list(videos), names, model_spec(ctx, model, pretrained, quick_gelu),
+                                    template=p.get("template", template, "paper"),
+                                    frames=int(p.get("frames", frames, 8)),
+                                    device=p.get("device", device, None) or default_device())
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -35,6 +35,23 @@ def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "mean_class": 100 * float(np.mean(per_class)), "videos": int(labels.size), "classes": int(classes.size)}
 
 
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """Multi-label validation (ActivityNet): mAP over classes with a positive, and top-1/top-5 hit rates
+    (a hit: the predicted class is one of the video's labels), in percent."""
+    from sklearn.metrics import average_precision_score
+
+    if targets.size == 0:
+        raise PipelineError("no labelled videos to evaluate")
+    targets = targets.astype(bool)
+    present = np.flatnonzero(targets.any(axis=0))
+    ap = [average_precision_score(targets[:, c], scores[:, c]) for c in present]
+    k = min(5, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    hits = np.take_along_axis(targets, top, axis=1)
+    return {"mAP": 100 * float(np.mean(ap)), "top1": 100 * float(hits[:, 0].mean()),
+            "top5": 100 * float(hits.any(axis=1).mean()), "videos": int(len(targets)), "classes": int(present.size)}
+
+
 def restricted(features: np.ndarray, labels: np.ndarray, head: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     """Metrics over the videos of ``classes``, choosing among those classes only."""
     keep = np.isin(labels, classes)

@@ -165,9 +165,14 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
     return BlockResult(block, m, failures)
 
 
-def read_frames(group: zarr.Group, rows: slice | int) -> np.ndarray:
-    """uint8 frames [n, T, H, W, 3] (or [T, H, W, 3] for one row), whatever the store's codec."""
+def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray | None = None) -> np.ndarray:
+    """uint8 frames [n, T, H, W, 3] (or [T, H, W, 3] for one row), whatever the store's codec.
+
+    ``frame_indices`` (one row only) picks frames before decoding: training decodes T of T_cache JPEGs.
+    """
     stored = group["frames"][rows]
+    if frame_indices is not None:
+        stored = stored[np.asarray(frame_indices)]
     if group.attrs["codec"]["name"] == "raw":
         return stored
     spec = group.attrs["spec"]

@@ -1,7 +1,8 @@
 """Pretrain a tiny CLIP on single frames with captions, for the offline demo world.
 
-The model is an ``open_clip.model.CLIP`` with a small config, trained with open_clip's
-``ClipLoss`` and saved as a ``local-dir:`` model, so every later stage loads it through the same
+The model is an ``open_clip.model.CLIP`` with a small config, trained with the project's
+contrastive loss (``losses.VideoTextContrastiveLoss``: open_clip's ``ClipLoss`` with identical
+captions as positives of each other) and saved as a ``local-dir:`` model, so every later stage loads it through the same
 code path as a real CLIP. Captions name the attributes of the frame's class ("a photo of a small red
 ring"), each attribute word dropped with probability ``word_dropout`` so the text tower learns the
 words one by one; classes listed as held out never appear, so zero-shot on them must compose.
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .losses import VideoTextContrastiveLoss
 
 CAPTION = "a photo of a {}"
 
@@ -61,7 +64,6 @@ def pretrain(frames: np.ndarray, class_names: list[str], labels: np.ndarray, cfg
     """Train on uint8 frames [N, T, H, W, 3] of clips with ``labels``; returns (model, model_cfg, losses)."""
     import open_clip
     import torch
-    from open_clip.loss import ClipLoss
     from torchvision.transforms.v2 import functional as F
 
     torch.manual_seed(cfg.seed)
@@ -72,7 +74,9 @@ def pretrain(frames: np.ndarray, class_names: list[str], labels: np.ndarray, cfg
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = ClipLoss()
+    # The project's one contrastive loss: identical captions in a batch are positives of each other
+    # (with every caption distinct it is exactly open_clip's ClipLoss).
+    loss_fn = VideoTextContrastiveLoss()
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     n, t = frames.shape[:2]
@@ -86,12 +90,15 @@ def pretrain(frames: np.ndarray, class_names: list[str], labels: np.ndarray, cfg
         if images.shape[-1] != cfg.image_size:
             images = F.resize(images, [cfg.image_size, cfg.image_size], antialias=True)
         images = (images - mean) / std
-        texts = tokenizer([caption(class_names[labels[c]], rng, cfg.word_dropout) for c in clips])
+        captions = [caption(class_names[labels[c]], rng, cfg.word_dropout) for c in clips]
+        texts = tokenizer(captions)
+        ids = {text: i for i, text in enumerate(dict.fromkeys(captions))}
+        same_caption = torch.tensor([ids[text] for text in captions])
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         out = model(images, texts)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss = loss_fn(out["image_features"], out["text_features"], same_caption, model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def segment_indices(n: int, t: int, rng: np.random.Generator | None = None) -> np.ndarray:
+def segment_indices(n: int, t: int, rng: np.random.Generator | None = None, position: float = 0.5) -> np.ndarray:
     """One index per each of ``t`` equal segments of ``n`` frames.
 
-    Training (``rng`` given): a random offset inside each segment. Evaluation: the segment centres.
-    With fewer frames than segments, indices repeat.
+    Training (``rng`` given): a random offset inside each segment. Evaluation: ``position`` inside
+    each segment (0.5: the centres; multi-view clip c of C: (c + 0.5) / C). With fewer frames than
+    segments, indices repeat.
     """
     edges = np.arange(t + 1) * n / t
     if rng is None:
-        idx = (edges[:-1] + edges[1:]) / 2
+        idx = edges[:-1] + position * (edges[1:] - edges[:-1])
     else:
         idx = edges[:-1] + rng.random(t) * (edges[1:] - edges[:-1])
     return np.minimum(idx.astype(np.int64), n - 1)
@@ -22,3 +23,8 @@ def segment_indices(n: int, t: int, rng: np.random.Generator | None = None) -> n
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random stream of one sample in one epoch: independent of order, workers and resumption."""
     return np.random.default_rng([seed, epoch, index])
+
+
+def view_positions(clips: int) -> list[float]:
+    """Where in each segment the ``clips`` temporal views of multi-view testing sample."""
+    return [(c + 0.5) / clips for c in range(clips)]

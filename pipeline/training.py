@@ -1,27 +1,38 @@
-"""One training loop for the project: cross-entropy against a (frozen) head, resumable bit for bit.
+"""One training loop for the project: a loss against a (frozen) head, resumable bit for bit, 1 to N processes.
 
-Every random choice is a function of (seed, epoch, step or sample index), so a run killed at any
-point and resumed from its last checkpoint replays exactly the same steps. Checkpoints hold the
-model, the optimizer, the step, torch's RNG state (dropout), the best metric and the run's
-fingerprint; they are written to a temporary file and renamed, and load with weights_only=True.
-The loop reports through a callback (a stage wires it to files or DVCLive): no DVC here.
+Every random choice is a function of (seed, epoch, sample index): the epoch's order, each clip's
+frames and augmentation. A run killed at any point and resumed from its last checkpoint therefore
+replays exactly the same steps, whatever the number of loader workers. Checkpoints hold the model,
+the optimizer, the AMP scaler, the step (the sampler's position), RNG states, the best metric and
+the run's fingerprint; they are written to a temporary file and renamed, and load with
+``weights_only=True``.
+
+Distributed (torchrun): each global batch of ``batch_size`` clips is split across ranks (rank r
+takes every world-th clip), each rank's share in micro-batches of ``micro_batch`` with gradient
+accumulation; losses are weighted so that the DDP gradient equals the single-process gradient of
+the global batch. Evaluation gives every clip to exactly one rank and gathers: no padded duplicates.
+The loop reports through a callback on rank 0 (a stage wires it to files or DVCLive): no DVC here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import FingerprintMismatch
-from .evaluation import metrics
+from .evaluation import metrics, multilabel_metrics
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -29,8 +40,10 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int = 256  # global batch (all ranks, all accumulation steps)
+    micro_batch: int = 0  # clips per forward pass on one rank (0: the rank's whole share)
     lr: float = 5e-5  # new modules (paper Table A.3)
+    backbone_lr_ratio: float = 0.1  # the pretrained encoder's lr, relative to lr
     temporal_lr: float | None = None  # the temporal module's own lr (None: lr)
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
@@ -38,19 +51,44 @@ class TrainConfig:
     min_lr: float = 5e-6  # cosine floor, for the lr of new modules (other groups scale with it)
     seed: int = 0
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
+    amp: bool = True  # autocast on GPU (bf16 where supported, else fp16 with a scaler); fp32 on CPU
+    workers: int = 0  # data-loader processes per rank
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class ClipSet:
-    """A training or evaluation set: ``get(indices, epoch)`` -> (inputs, labels) tensors."""
+class ClipSet(Protocol):
+    """A training or evaluation set: ``item(index, epoch, train)`` -> (input, label).
+
+    Evaluation inputs carry a leading views axis [V, ...]; their embeddings are averaged over it.
+    """
+
+    def __len__(self) -> int: ...
+
+    def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _EpochView(torch.utils.data.Dataset):
+    def __init__(self, data: ClipSet, epoch: int, train: bool) -> None:
+        self.data, self.epoch, self.train = data, epoch, train
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self.data)
 
-    def get(self, indices: Sequence[int], epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    def __getitem__(self, index: int):
+        return (index, *self.data.item(int(index), self.epoch, self.train))
+
+
+def _loader(data: ClipSet, epoch: int, train: bool, batches: Sequence[Sequence[int]], workers: int, pin: bool):
+    return torch.utils.data.DataLoader(_EpochView(data, epoch, train), batch_sampler=batches, num_workers=workers,
+                                       pin_memory=pin, persistent_workers=False)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> float:
@@ -61,39 +99,121 @@ def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> floa
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig, lr_of: Callable[[str], float]) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; each parameter's lr from ``lr_of(name)``."""
+def param_groups(model: nn.Module, cfg: TrainConfig, lr_of: Callable[[str], float | tuple[float, float]]) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; each parameter's lr from ``lr_of(name)``, which may also
+    return (lr, weight decay) for parameters with their own decay (a trained text tower)."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = cfg.weight_decay if (p.ndim >= 2 and "position" not in name) else 0.0
-        groups.setdefault((lr_of(name), decay), []).append(p)
+        rule = lr_of(name)
+        lr, wd = rule if isinstance(rule, tuple) else (rule, cfg.weight_decay)
+        no_decay = p.ndim < 2 or any(k in name for k in ("position", "class_embedding", "logit_scale", "t1d"))
+        groups.setdefault((lr, 0.0 if no_decay else wd), []).append(p)
     return [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The paper's objective: cross-entropy of the scaled cosine logits against the head."""
+    return F.cross_entropy(model(x).float(), y)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ClipSet, batch_size: int) -> dict[str, float]:
+def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.device | str = "cpu", workers: int = 0,
+            amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [n, C], labels) over the whole set; under DDP each clip is scored by one rank, then gathered.
+
+    Views (the leading axis of each input) are embedded separately, L2-normalised and averaged
+    before the head, as multi-view testing does.
+    """
+    device = torch.device(device)
+    rank, world = rank_and_world()
+    was_training = model.training
     model.eval()
-    logits, labels = [], []
-    for lo in range(0, len(data), batch_size):
-        x, y = data.get(range(lo, min(len(data), lo + batch_size)), epoch=0, train=False)
-        logits.append(model(x).float())
-        labels.append(y)
-    return metrics(torch.cat(logits).numpy(), torch.cat(labels).numpy())
+    mine = list(range(rank, len(data), world))
+    batches = [mine[lo:lo + batch_size] for lo in range(0, len(mine), batch_size)]
+    autocast, _ = autocast_for(device, amp)
+    out_idx, out_logits, out_labels = [], [], []
+    for idx, x, y in _loader(data, 0, False, batches, workers, device.type == "cuda"):
+        b, v = x.shape[:2]
+        with autocast:
+            emb = model.embed(x.to(device, non_blocking=True).flatten(0, 1)).float()
+        video = F.normalize(emb.view(b, v, -1), dim=-1).mean(dim=1)
+        out_logits.append(model.head(video).float().cpu())
+        out_idx.append(idx)
+        out_labels.append(y)
+    model.train(was_training)
+    n_classes = model.head.weight.shape[0]
+    local = (torch.cat(out_idx) if out_idx else torch.zeros(0, dtype=torch.long),
+             torch.cat(out_logits) if out_logits else torch.zeros(0, n_classes),
+             torch.cat(out_labels) if out_labels else torch.zeros(0, dtype=torch.long))
+    if world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, local)
+        local = tuple(torch.cat([p[k] for p in parts]) for k in range(3))
+    order = torch.argsort(local[0])
+    return local[1][order].numpy(), local[2][order].numpy()
+
+
+def evaluate(model: nn.Module, data: ClipSet, batch_size: int, device: torch.device | str = "cpu",
+             workers: int = 0, amp: bool = True) -> dict[str, float]:
+    logits, labels = predict(model, data, batch_size, device, workers, amp)
+    return multilabel_metrics(logits, labels) if labels.ndim == 2 else metrics(logits, labels)
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _step_plan(batch: np.ndarray, rank: int, world: int, micro: int) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of one global batch, each with its share of the global batch.
+
+    A rank left without clips (a last batch smaller than the world) still runs one clip at weight 0,
+    so that every rank takes part in the gradient all-reduce.
+    """
+    mine = batch[rank::world].tolist()
+    if not mine:
+        return [([int(batch[0])], 0.0)]
+    micro = micro or len(mine)
+    return [(mine[lo:lo + micro], len(mine[lo:lo + micro]) / len(batch)) for lo in range(0, len(mine), micro)]
 
 
 def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: TrainConfig, run_dir: Path,
           fingerprint: str, lr_of: Callable[[str], float] | None = None,
-          callback: Callable[[str, dict], None] | None = None, epoch_length: int | None = None) -> dict[str, Any]:
-    """Train ``model`` (cross-entropy on its logits); resume from ``run_dir`` when its checkpoint matches.
+          callback: Callable[[str, dict], None] | None = None, epoch_length: int | None = None,
+          device: torch.device | str = "cpu", objective: Callable = cross_entropy,
+          eval_batch: int | None = None) -> dict[str, Any]:
+    """Train ``model`` (``objective``: cross-entropy by default); resume from ``run_dir`` when its checkpoint matches.
 
     ``epoch_length``: samples per epoch (few-shot: the full training set's size, the subset repeated).
+    The model must have ``embed`` and ``head`` (evaluation averages embeddings over views).
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    callback = callback or (lambda kind, values: None)
+    device = torch.device(device)
+    rank, world = rank_and_world()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    callback = callback if (callback and rank == 0) else (lambda kind, values: None)
     lr_of = lr_of or (lambda name: cfg.lr)
+    model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg, lr_of), lr=cfg.lr, betas=cfg.betas)
+    autocast, scaler = autocast_for(device, cfg.amp)
     n = epoch_length or len(train_set)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -108,41 +228,71 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
                                       "use another --run name or --replace-mismatched")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        _set_rng_states(ck["rng"])
         state = ck["state"]
     else:
         torch.manual_seed(cfg.seed)
 
-    def save() -> None:
-        tmp = path.with_suffix(".partial")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                    "state": state, "fingerprint": fingerprint, "config": cfg.as_dict()}, tmp)
-        os.replace(tmp, path)
+    callback("start", {"step": state["global_step"]})
+    ddp = world > 1
+    net = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
-    loss_fn = nn.CrossEntropyLoss()
+    def save() -> None:
+        if rank == 0:
+            tmp = path.with_suffix(".partial")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_states(),
+                        "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                        "fingerprint": fingerprint, "config": cfg.as_dict()}, tmp)
+            os.replace(tmp, path)
+        if ddp:
+            dist.barrier()
+
     for epoch in range(state["epoch"], cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n) % len(train_set)
+        plans = [_step_plan(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], rank, world, cfg.micro_batch)
+                 for s in range(state["step"], steps_per_epoch)]
+        micro_batches = [ids for plan in plans for ids, _ in plan]
+        batches = iter(_loader(train_set, epoch, True, micro_batches, cfg.workers, device.type == "cuda"))
         model.train()
-        for step in range(state["step"], steps_per_epoch):
-            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x, y = train_set.get(batch.tolist(), epoch=epoch, train=True)
+        for step, plan in zip(range(state["step"], steps_per_epoch), plans, strict=True):
+            started = time.perf_counter()
             ratio = lr_at(state["global_step"], total, warmup, cfg.lr, cfg.min_lr) / cfg.lr
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * ratio
-            loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for k, (_, weight) in enumerate(plan):
+                _, x, y = next(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = k == len(plan) - 1
+                with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
+                    # weight * world: DDP averages over ranks, so the sum is the global batch's mean loss
+                    loss = objective(net, x, y) * (weight * world)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_loss += loss.detach().double().cpu() / world
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            if ddp:
+                dist.all_reduce(step_loss)
             state["global_step"] += 1
             state["step"] = step + 1
-            callback("step", {"step": state["global_step"], "epoch": epoch, "loss": float(loss.detach()),
-                              "lr": cfg.lr * ratio})
+            clips = len(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+            callback("step", {"step": state["global_step"], "epoch": epoch, "loss": float(step_loss),
+                              "lr": cfg.lr * ratio, "clips": clips, "seconds": time.perf_counter() - started})
             if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
                 save()
         state["epoch"], state["step"] = epoch + 1, 0
         record = {"epoch": epoch + 1, "step": state["global_step"]}
         if val_set is not None:
-            record.update({f"val_{k}": v for k, v in evaluate(model, val_set, cfg.batch_size).items()})
+            scores = evaluate(model, val_set, eval_batch or cfg.micro_batch or cfg.batch_size, device, cfg.workers,
+                              cfg.amp)
+            record.update({f"val_{k}": v for k, v in scores.items()})
             state["best_top1"] = max(state["best_top1"], record["val_top1"])
         state["history"].append(record)
         callback("epoch", record)

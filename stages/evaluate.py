@@ -67,3 +67,59 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
+                views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
+                out: Path | None = None) -> dict:
+    """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
+    classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
+    import torch
+
+    from pipeline import distributed
+    from pipeline.clips import FrameClipSet, Normalization, usable_rows
+    from pipeline.training import predict
+
+    from .finetune import CachedFeatureSet, load_run, open_frames
+
+    dev = distributed.setup(device)
+    model, info, clip = load_run(cache, run_name)
+    dataset = dataset or info["dataset"]
+    temporal, spatial = views
+    if dataset != info["dataset"]:
+        if info["head"] not in ("clip-text", "text"):
+            raise PipelineError(f"run {run_name!r} has a {info['head']} head, fitted to {info['dataset']}'s classes; "
+                                "zero-shot transfer to another dataset needs a text head (clip-text or text)")
+        from pipeline.models.classifier import TextTowerHead
+
+        if isinstance(model.head, TextTowerHead):  # a trained text tower embeds the new class names itself
+            from .labels import class_names_of
+
+            model.head.set_classes(class_names_of(cache, dataset)[0])
+        else:
+            enc = encoder_tag(info["encoder"], info["model_tag"]) if info["head"] == "text" else None
+            hgroup = store.open_existing(heads_path(cache, dataset, info["model_tag"], info["head"], enc),
+                                         f"{info['head']} head of {dataset} (run `pipeline heads -d {dataset}` first)")
+            model.head.weight = torch.from_numpy(hgroup["head"][:]).float()
+    if info["backbone"] == "frozen":
+        if spatial != 1:
+            raise PipelineError("a frozen-backbone run evaluates cached features: spatial views need the frame "
+                                "store and a fully fine-tuned run (use --views Cx1)")
+        group = open_features(cache, dataset, info["model_tag"], split)
+        rows, labels = usable_rows(group)
+        data = CachedFeatureSet(group["features"][:][rows], labels, info["frames"], 0, views=temporal)
+    else:
+        group, path = open_frames(cache, dataset, split)
+        rows, labels = usable_rows(group, multilabel="targets" in group)
+        data = FrameClipSet(str(path), rows, labels, info["frames"],
+                            Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
+                            views=(temporal, spatial))
+    model.to(dev)
+    logits, y = predict(model, data, batch_size, dev, workers)
+    scores = evaluation.multilabel_metrics(logits, y) if y.ndim == 2 else evaluation.metrics(logits, y)
+    result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
+              "trained_on": info["dataset"], "head": info["head"], **scores}
+    if out is not None and distributed.is_main():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+    return result

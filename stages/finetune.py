@@ -1,54 +1,261 @@
-"""Finetune stage, frozen-backbone setting: train the temporal module against a head on cached features."""
+"""Finetune stage: a video classifier trained against a frozen head from the cache.
+
+Two settings share one run directory layout and the library's one training loop:
+- full fine-tuning (the paper): the CLIP visual encoder + temporal module on clips of the frame store;
+- ``frozen_backbone``: only the temporal module (and a projection) on cached frame features.
+
+Run directory cache/runs/<name>/: run.json (settings, inputs' fingerprints), checkpoint.pt,
+history.jsonl, metrics.json and dvclive/ (per-step loss and lr, per-epoch accuracy).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import store
+from pipeline import distributed, store
+from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
 from pipeline.errors import PipelineError
 from pipeline.heads import sample_per_class
-from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
+from pipeline.losses import VideoTextContrastiveLoss
+from pipeline.models.classifier import (
+    ContrastiveVideoText,
+    CosineHead,
+    FrameFeatureClassifier,
+    TextTowerHead,
+    build_video_classifier,
+)
+from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.temporal import build_temporal
 from pipeline.models.text import encoder_tag
 from pipeline.progress import Progress
-from pipeline.sampling import sample_rng, segment_indices
-from pipeline.training import ClipSet, TrainConfig, train
+from pipeline.sampling import sample_rng, segment_indices, view_positions
+from pipeline.training import TrainConfig, rank_and_world, train
 
 from .heads import open_features
-from .paths import heads_path, splits_of
+from .paths import frames_path, heads_path, splits_of
+
+HEAD_SEED_STREAM = 0x1EAD
 
 
-class CachedFeatureSet(ClipSet):
-    """Clips of T frame features drawn TSN-style from the T_cache cached ones."""
+@dataclass(frozen=True)
+class Objective:
+    """What the run optimises: cross-entropy against the frozen head (the paper), or the contrastive
+    video-text baseline (Table 9) with or without batch gather, its text side cached or trained."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, frames: int, seed: int) -> None:
-        self.features, self.labels, self.frames, self.seed = features, labels, frames, seed
+    kind: str = "ce"  # ce | contrastive
+    batch_gather: bool = True
+    text: str = "offline"  # offline: the cached label embeddings; online: the CLIP text tower, trained
+    text_lr: float = 5e-6
+    text_weight_decay: float = 0.2
+    template: str = "a video of a person {}."  # the online text tower's prompt
+
+    def record(self) -> dict | None:
+        return None if self.kind == "ce" else asdict(self)
+
+
+def with_objective(video_model, objective: Objective, head: str, clip, names: list[str], lr_of):
+    """(model, objective function or None, lr rule) for ``objective`` around a video classifier."""
+    if objective.kind == "ce":
+        return video_model, None, lr_of
+    if objective.kind != "contrastive":
+        raise PipelineError(f"unknown objective {objective.kind!r} (ce, contrastive)")
+    if head not in ("clip-text", "text"):
+        raise PipelineError("the contrastive objective matches videos with class-name text: use --head clip-text "
+                            "(or text) for its text side")
+    online = None
+    if objective.text == "online":
+        if head != "clip-text" or clip is None:
+            raise PipelineError("--text online trains the CLIP text tower: use --head clip-text")
+        online = TextTowerHead(clip.model, clip.tokenizer, objective.template, names,
+                               float(video_model.head.logit_scale.detach()))
+    model = ContrastiveVideoText(video_model, online)
+    rank, world = rank_and_world()
+    loss = VideoTextContrastiveLoss(gather=objective.batch_gather, rank=rank, world_size=world)
+
+    def contrastive(net, x, y):
+        video, text, scale = net(x, y)
+        return loss(video, text, y, scale)
+
+    def rule(name: str):
+        name = name.removeprefix("video.")
+        if name.startswith("head.text."):
+            return objective.text_lr, objective.text_weight_decay
+        return lr_of(name)
+
+    return model, contrastive, rule
+
+
+class CachedFeatureSet(torch.utils.data.Dataset):
+    """Clips of T frame features drawn TSN-style from the T_cache cached ones; ``views`` temporal views in eval."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, frames: int, seed: int, views: int = 1) -> None:
+        self.features, self.frames, self.seed, self.views = features, frames, seed, views
+        self.labels = np.asarray(labels).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def get(self, indices, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.features.shape[1]
-        rows = [self.features[i, segment_indices(n, self.frames, sample_rng(self.seed, epoch, i) if train else None)]
-                for i in indices]
-        x = torch.from_numpy(np.stack(rows).astype(np.float32))
-        return x, torch.from_numpy(self.labels[list(indices)].astype(np.int64))
+        if train:
+            x = self.features[index, segment_indices(n, self.frames, sample_rng(self.seed, epoch, index))]
+        else:
+            x = np.stack([self.features[index, segment_indices(n, self.frames, position=p)]
+                          for p in view_positions(self.views)])
+        return torch.from_numpy(x.astype(np.float32)), torch.as_tensor(self.labels[index])
 
 
 def load_split(group) -> tuple[np.ndarray, np.ndarray]:
-    status, labels = group["status"][:], group["label"][:]
-    keep = (status == 1) & (labels >= 0)
-    return group["features"][:][keep], labels[keep]
+    rows, labels = usable_rows(group)
+    return group["features"][:][rows], labels
+
+
+def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: str | None, n_classes: int,
+                 width: int, seed: int) -> tuple[torch.Tensor, str]:
+    """The head's rows and fingerprint: from the cache, or random for the learnable (vision-only) head."""
+    if head == "learnable":
+        # its own stream of the run seed (not the same draws as any other seeded choice of the run)
+        rng = np.random.default_rng([seed, HEAD_SEED_STREAM])
+        return torch.from_numpy(rng.standard_normal((n_classes, width)).astype(np.float32)), "learnable"
+    enc = encoder_tag(encoder, model_tag) if head == "text" and encoder else None
+    if head == "text" and not encoder:
+        raise PipelineError("--head text needs --encoder hf:NAME (the text encoder of the labels stage)")
+    hgroup = store.open_existing(heads_path(cache, dataset, model_tag, head, enc),
+                                 f"{head} head of {dataset} (run `pipeline heads --kind {head}` first)")
+    return torch.from_numpy(hgroup["head"][:]), hgroup.attrs["fingerprint"]
+
+
+def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: bool) -> None:
+    config_file = run_dir / "run.json"
+    if config_file.exists() and json.loads(config_file.read_text())["fingerprint"] != fp:
+        if not replace_mismatched:
+            raise PipelineError(f"run {run_dir.name!r} exists with other parameters or inputs; use another --run "
+                                "or --replace-mismatched")
+        for entry in run_dir.iterdir():
+            if entry.name != store.LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(json.dumps({"fingerprint": fp, **info}, indent=2, default=str))
+
+
+class Reporter:
+    """The training loop's callback: history.jsonl, DVCLive metrics and a progress bar with clips/s.
+
+    On resume, records past the checkpoint's step (replayed now) are dropped first, so the logs
+    read like those of an uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, steps: int, desc: str, quiet: bool, live: bool = True) -> None:
+        self.history = run_dir / "history.jsonl"
+        self.bar = Progress(steps, desc, quiet, unit="step")
+        self.live = None
+        self.live_dir = run_dir / "dvclive"
+        self.use_live = live
+        self.clips, self.seconds = 0, 0.0
+
+    def _truncate(self, step: int) -> None:
+        if self.history.exists():
+            kept = [line for line in self.history.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= step]
+            self.history.write_text("".join(line + "\n" for line in kept))
+        for tsv in self.live_dir.rglob("*.tsv") if self.live_dir.exists() else []:
+            lines = tsv.read_text().splitlines()
+            header = lines[:1]
+            rows = [r for r in lines[1:] if _tsv_step(header, r) <= step]
+            tsv.write_text("".join(line + "\n" for line in header + rows))
+
+    def __call__(self, kind: str, values: dict) -> None:
+        if kind == "start":
+            self._truncate(values["step"])
+            self.bar.update(values["step"])
+            if self.use_live:
+                from dvclive import Live
+
+                self.live = Live(str(self.live_dir), resume=values["step"] > 0, save_dvc_exp=False, dvcyaml=None)
+            return
+        with open(self.history, "a") as log:
+            log.write(json.dumps({"kind": kind, **values}) + "\n")
+        if kind == "step":
+            self.clips += values["clips"]
+            self.seconds += values["seconds"]
+            self.bar.update(1)
+            if self.bar._bar is not None:
+                self.bar._bar.set_postfix(loss=f"{values['loss']:.3f}", clips_s=f"{self.clips / self.seconds:.1f}")
+            if self.live is not None:
+                self.live.step = values["step"]
+                self.live.log_metric("train/loss", values["loss"])
+                self.live.log_metric("train/lr", values["lr"])
+                self.live.log_metric("train/clips_per_s", values["clips"] / max(values["seconds"], 1e-9))
+        elif kind == "epoch" and self.live is not None:
+            self.live.step = values["step"]
+            for key, value in values.items():
+                if key.startswith("val_"):
+                    self.live.log_metric(f"val/{key[4:]}", value)
+
+    def close(self, final: dict) -> None:
+        self.bar.close()
+        if self.live is not None:
+            for key, value in final.items():
+                if isinstance(value, (int, float)) and key != "steps":
+                    self.live.summary[key] = value
+            self.live.make_summary()
+            self.live.end()
+
+
+def _tsv_step(header: list[str], row: str) -> float:
+    cols = header[0].split("\t") if header else []
+    fields = row.split("\t")
+    return float(fields[cols.index("step")]) if "step" in cols else 0.0
+
+
+def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cfg: TrainConfig, lr_of,
+               epoch_length: int | None, device: torch.device, replace_mismatched: bool, quiet: bool,
+               objective=None) -> dict:
+    main = distributed.is_main()
+    lock = store.writer_lock(run_dir) if main else None
+    if lock is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.__enter__()
+    try:
+        if main:
+            _prepare_run_dir(run_dir, fp, info, replace_mismatched)
+        distributed.barrier()
+        steps = cfg.epochs * math.ceil((epoch_length or len(train_set)) / cfg.batch_size)
+        reporter = Reporter(run_dir, steps, f"finetune {run_dir.name}", quiet or not main)
+        started = time.perf_counter()
+        kwargs = {"objective": objective} if objective is not None else {}
+        result = train(model, train_set, val_set, cfg, run_dir, fp, lr_of=lr_of, callback=reporter,
+                       epoch_length=epoch_length, device=device, **kwargs)
+        final = result["history"][-1] if result["history"] else {}
+        metrics = {"run": run_dir.name, "steps": result["steps"], "best_val_top1": result["best_top1"],
+                   **{k: v for k, v in final.items() if k.startswith("val_")}}
+        if main:
+            metrics["train_seconds_this_call"] = round(time.perf_counter() - started, 2)
+            reporter.close(metrics)
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics | {"path": str(run_dir)}
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
 
 
 def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg: TrainConfig, *,
         encoder: str | None = None, run_name: str | None = None, frames: int = 8, shots: int | None = None,
-        layers: int = 6, replace_mismatched: bool = False, quiet: bool = False) -> dict:
+        layers: int = 6, replace_mismatched: bool = False, quiet: bool = False, device: str | None = None,
+        objective: Objective = Objective(), spec: ModelSpec | None = None) -> dict:
+    """Frozen backbone: the temporal module (and a projection) on cached frame features."""
+    if temporal == "tokent1d":
+        raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
+                            "not --frozen-backbone")
+    dev = distributed.setup(device)
     train_group = open_features(cache, dataset, model_tag, "train")
     has_val = "val" in splits_of(cache, "features", dataset, model_tag)
     val_group = open_features(cache, dataset, model_tag, "val") if has_val else None
@@ -56,15 +263,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     c, width = len(names), int(train_group.attrs["embed_dim"])
     if frames > int(train_group.attrs["num_frames"]):
         raise PipelineError(f"--frames {frames} > the {train_group.attrs['num_frames']} frames cached per video")
-    if head == "learnable":
-        # its own stream of the run seed (not the same draws as any other seeded choice of the run)
-        rng = np.random.default_rng([cfg.seed, 0x1EAD])
-        weights = torch.from_numpy(rng.standard_normal((c, width)).astype(np.float32))
-        head_fp = "learnable"
-    else:
-        enc = encoder_tag(encoder, model_tag) if head == "text" and encoder else None
-        hgroup = store.open_existing(heads_path(cache, dataset, model_tag, head, enc), f"{head} head of {dataset}")
-        weights, head_fp = torch.from_numpy(hgroup["head"][:]), hgroup.attrs["fingerprint"]
+    weights, head_fp = head_weights(cache, dataset, model_tag, head, encoder, c, width, cfg.seed)
     x_train, y_train = load_split(train_group)
     epoch_length = None
     if shots:
@@ -72,13 +271,11 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
         epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
         x_train, y_train = x_train[rows], y_train[rows]
     run_name = run_name or f"{dataset}-{model_tag}-{head}-{temporal}-frozen" + (f"-{shots}shot" if shots else "")
-    run_dir = Path(cache) / "runs" / run_name
     record = {"stage": "finetune", "backbone": "frozen", "train": train_group.attrs["fingerprint"],
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
-              "config": cfg.as_dict()}
+              "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
-
     torch.manual_seed(cfg.seed)
     model = FrameFeatureClassifier(build_temporal(temporal, width, layers=layers, max_frames=frames),
                                    CosineHead(weights, learnable=head == "learnable"), width, project=temporal == "tap")
@@ -87,32 +284,122 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     def lr_of(name: str) -> float:
         return temporal_lr if name.startswith("temporal.") else cfg.lr
 
-    with store.writer_lock(run_dir):
-        config_file = run_dir / "run.json"
-        if config_file.exists() and json.loads(config_file.read_text())["fingerprint"] != fp:
-            if not replace_mismatched:
-                raise PipelineError(f"run {run_name!r} exists with other parameters or inputs; use another --run "
-                                    "or --replace-mismatched")
-            for entry in run_dir.iterdir():
-                if entry.name != store.LOCK_NAME:
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        config_file.write_text(json.dumps({"fingerprint": fp, **record, "dataset": dataset, "model_tag": model_tag,
-                                           "class_names": names, "encoder": encoder}, indent=2, default=str))
-        history = run_dir / "history.jsonl"
-        steps = cfg.epochs * -(-(epoch_length or len(y_train)) // cfg.batch_size)
-        with Progress(steps, f"finetune {run_name}", quiet, unit="step") as bar, open(history, "a") as log:
-            def report(kind: str, values: dict) -> None:
-                log.write(json.dumps({"kind": kind, **values}) + "\n")
-                log.flush()
-                if kind == "step":
-                    bar.update(1)
+    clip = load_clip(spec) if objective.text == "online" and objective.kind == "contrastive" and spec else None
+    model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
+    val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
+    info = {**record, "dataset": dataset, "model_tag": model_tag, "class_names": names, "encoder": encoder,
+            "model_spec": asdict(spec) if spec else None}
+    return _train_run(Path(cache) / "runs" / run_name, fp, info, model, CachedFeatureSet(x_train, y_train, frames,
+                      cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
 
-            bar.update(0)
-            val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
-            result = train(model, CachedFeatureSet(x_train, y_train, frames, cfg.seed), val_set, cfg, run_dir, fp,
-                           lr_of=lr_of, callback=report, epoch_length=epoch_length)
-    final = result["history"][-1] if result["history"] else {}
-    metrics = {"run": run_name, "steps": result["steps"], "best_val_top1": result["best_top1"],
-               **{k: v for k, v in final.items() if k.startswith("val_")}}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics | {"path": str(run_dir)}
+
+def _fingerprinted(cfg: TrainConfig) -> dict:
+    """The config keys that change results (not the loader's worker count)."""
+    return {k: v for k, v in cfg.as_dict().items() if k != "workers"}
+
+
+def open_frames(cache: Path, dataset: str, split: str):
+    path = frames_path(cache, dataset, split)
+    if not (path / "zarr.json").exists():
+        raise PipelineError(f"no frames of {dataset}/{split}: run `pipeline frames` (or `extract`) first")
+    group = store.open_existing(path, f"frames {dataset}/{split}")
+    if store.pending_blocks(group):
+        raise PipelineError(f"frames {dataset}/{split} are unfinished: re-run `pipeline frames` first")
+    return group, path
+
+
+def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, frames: int, layers: int,
+                t1d_init: str, grad_checkpointing: bool = False):
+    """The loaded open_clip model's visual tower wrapped as a video classifier against ``head_rows``."""
+    head = CosineHead(head_rows, learnable=learnable, logit_scale=float(clip.model.logit_scale.detach()))
+    return build_video_classifier(clip.model.visual, clip.embed_dim, head, temporal, frames, layers, t1d_init,
+                                  grad_checkpointing)
+
+
+def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: str, cfg: TrainConfig, *,
+             augment: AugmentConfig = AugmentConfig(), encoder: str | None = None, run_name: str | None = None,
+             frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "identity",
+             grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
+             device: str | None = None, objective: Objective = Objective()) -> dict:
+    """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
+    dev = distributed.setup(device)
+    train_group, train_path = open_frames(cache, dataset, "train")
+    has_val = "val" in splits_of(cache, "frames", dataset)
+    val_group, val_path = open_frames(cache, dataset, "val") if has_val else (None, None)
+    names = list(train_group.attrs["class_names"])
+    t_cache = int(train_group.attrs["spec"]["num_frames"])
+    if frames > t_cache:
+        raise PipelineError(f"--frames {frames} > the {t_cache} frames stored per video")
+    clip = load_clip(spec)
+    weights, head_fp = head_weights(cache, dataset, spec.tag, head, encoder, len(names), clip.embed_dim, cfg.seed)
+    torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
+    model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing)
+    norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
+    rows, labels = usable_rows(train_group)
+    epoch_length = None
+    if shots:
+        picked = sample_per_class(labels, len(names), shots, cfg.seed)
+        epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
+        rows, labels = rows[picked], labels[picked]
+    train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment)
+    val_set = None
+    if val_group is not None:
+        val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group)
+        val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed)
+    run_name = run_name or f"{dataset}-{spec.tag}-{head}-{temporal}" + (f"-{shots}shot" if shots else "")
+    record = {"stage": "finetune", "backbone": "full", "model": clip.identity,
+              "train": train_group.attrs["fingerprint"],
+              "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
+              "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
+              "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
+              "config": _fingerprinted(cfg), "objective": objective.record()}
+    fp = store.fingerprint(record)
+    temporal_lr = cfg.temporal_lr or cfg.lr
+    backbone_lr = cfg.lr * cfg.backbone_lr_ratio
+
+    def lr_of(name: str) -> float:
+        if name.startswith("temporal.") or ".t1d." in name:
+            return temporal_lr
+        return backbone_lr if name.startswith("visual.") else cfg.lr
+
+    model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
+    info = {**record, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec), "class_names": names,
+            "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"])}
+    return _train_run(Path(cache) / "runs" / run_name, fp, info, model, train_set, val_set, cfg, lr_of,
+                      epoch_length, dev, replace_mismatched, quiet, objective_fn)
+
+
+def load_run(cache: Path, run_name: str):
+    """(model with the run's latest weights, run.json, loaded clip or None for frozen-backbone runs)."""
+    run_dir = Path(cache) / "runs" / run_name
+    if not (run_dir / "run.json").is_file():
+        known = sorted(p.name for p in (Path(cache) / "runs").glob("*") if (p / "run.json").is_file())
+        raise PipelineError(f"no run {run_name!r} in {Path(cache) / 'runs'}" + (f"; runs: {', '.join(known)}"
+                                                                                    if known else ""))
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise PipelineError(f"run {run_name!r} has no checkpoint yet (it has not finished an epoch)")
+    info = json.loads((run_dir / "run.json").read_text())
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    objective = Objective(**info["objective"]) if info.get("objective") else Objective()
+    contrastive = objective.kind == "contrastive"
+    video_state = {k.removeprefix("video."): v for k, v in state.items()} if contrastive else state
+    online = contrastive and objective.text == "online"
+    clip = load_clip(ModelSpec(**info["model_spec"])) if (info["backbone"] == "full" or online) else None
+    if online:  # the head is the trained text tower: placeholder rows of the video width until loaded
+        rows = torch.zeros(len(info["class_names"]), clip.embed_dim)
+    else:
+        rows = video_state["head.weight"]
+    if info["backbone"] == "frozen":
+        width = int(video_state["projection.weight"].shape[1]) if "projection.weight" in video_state else rows.shape[1]
+        model = FrameFeatureClassifier(build_temporal(info["temporal"], width, layers=info["layers"],
+                                                      max_frames=info["frames"]),
+                                       CosineHead(rows, learnable=info["head"] == "learnable"), width,
+                                       project="projection.weight" in video_state)
+    else:
+        model = build_model(clip, rows, info["head"] == "learnable", info["temporal"], info["frames"], info["layers"],
+                            info.get("t1d_init") or "identity")
+    if contrastive:
+        model, _, _ = with_objective(model, objective, info["head"], clip, info["class_names"], lambda name: 0.0)
+    model.load_state_dict(state)
+    model.eval()
+    return model, info, clip

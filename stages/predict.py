@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from pipeline.errors import PipelineError
@@ -9,6 +11,66 @@ from pipeline.featurestore import encode_frames
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.text import encode_with_clip, resolve_templates
 from pipeline.video import DecodeError, FrameSpec, decode_clip
+
+
+def _top(logits: np.ndarray, labels: list[str], top: int) -> list[tuple[str, float]]:
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    return [(labels[i], float(probs[i])) for i in np.argsort(-probs)[:top]]
+
+
+def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str] | None, *, template: str = "paper",
+                device: str = "cpu", top: int = 5) -> list[dict]:
+    """Top labels from a fine-tuned run: its own classes, or your ``labels`` through the run's text encoder.
+
+    Frames are decoded exactly as the run's frame store was made, then sampled and cropped as in
+    single-view evaluation.
+    """
+    import torch
+
+    from pipeline.clips import Normalization, eval_views
+    from pipeline.models.classifier import TextTowerHead
+    from pipeline.models.text import encode_with_hf
+    from pipeline.sampling import segment_indices
+
+    from .finetune import load_run
+
+    model, info, clip = load_run(cache, run_name)
+    if info["backbone"] != "full":
+        raise PipelineError(f"run {run_name!r} trained on cached features (frozen backbone): predict needs a fully "
+                            "fine-tuned run, or --model SPEC for zero-shot")
+    if labels:
+        if len(labels) < 2:
+            raise PipelineError("give at least two label names (--labels 'a,b' or --labels-file)")
+        if isinstance(model.head, TextTowerHead):  # contrastive run with a trained text tower
+            model.head.set_classes(labels)
+        elif info["head"] == "clip-text":
+            rows = encode_with_clip(clip, labels, resolve_templates(template), device)
+        elif info["head"] == "text":
+            rows, _ = encode_with_hf(info["encoder"].removeprefix("hf:"), labels, resolve_templates(template), device)
+        else:
+            raise PipelineError(f"run {run_name!r} has a {info['head']} head with rows only for its own classes; "
+                                "leave out --labels to use them")
+        if not isinstance(model.head, TextTowerHead):
+            model.head.weight = torch.from_numpy(rows).float()
+    else:
+        labels = list(info["class_names"])
+    model.to(device)
+    norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
+    frame_spec = FrameSpec(**{k: v for k, v in info["frame_spec"].items() if k in FrameSpec.__dataclass_fields__})
+    results = []
+    for video in videos:
+        try:
+            stored = decode_clip(video, frame_spec).frames
+        except DecodeError as e:
+            results.append({"video": video, "error": str(e)})
+            continue
+        picks = segment_indices(len(stored), info["frames"])
+        x = eval_views(torch.from_numpy(np.ascontiguousarray(stored[picks])).permute(0, 3, 1, 2), norm, 1)
+        with torch.no_grad():
+            logits = model.head(model.embed(x.to(device))).float().cpu().numpy()[0]
+        results.append({"video": video, "top": _top(logits, labels, top)})
+    return results
 
 
 def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str = "paper", frames: int = 8,
@@ -31,9 +93,5 @@ def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str 
             continue
         emb = encode_frames(clip_frames, clip, device, batch_size=frames).mean(axis=0)
         emb = emb / max(np.linalg.norm(emb), 1e-12)
-        logits = scale * text @ emb
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs)[:top]
-        results.append({"video": video, "top": [(labels[i], float(probs[i])) for i in order]})
+        results.append({"video": video, "top": _top(scale * text @ emb, labels, top)})
     return results

@@ -12,6 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from videos import write_video  # noqa: E402
 
+from pipeline.world import WorldSpec, generate_world  # noqa: E402
+
 # No test may reach a model hub: these machines (and many clusters) are offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -120,3 +122,19 @@ def make_broken_files(folder: Path, template: Path) -> dict[str, Path]:
     files["dangling"] = folder / "dangling.mp4"
     os.symlink(folder / "does-not-exist.mp4", files["dangling"])
     return files
+
+
+WORLD = WorldSpec(colours=("red", "green", "blue"), shapes=("disc", "ring"), sizes=("small", "large"),
+                  train_per_class=5, val_per_class=2, frames=8, size=32, seed=3)  # 12 classes
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory, tiny_clip) -> tuple[Path, Path]:
+    """A cache with frames, features and CLIP label embeddings of a 12-class world."""
+    base = tmp_path_factory.mktemp("fs")
+    generate_world(base / "world", WORLD)
+    cache = base / "cache"
+    run_inproc("extract", "-d", "csv", "--root", str(base / "world"), "--name", "toy", "--num-frames", "4",
+            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}",
+            "--cache", str(cache), "--quiet")
+    return cache, tiny_clip

@@ -21,22 +21,6 @@ from pipeline.featurestore import preprocess
 from pipeline.heads import orthogonal_head
 from pipeline.models.clip import LoadedClip, ModelSpec, load_clip, quick_gelu_for
 from pipeline.models.text import KINETICS_TEMPLATES, encode_with_clip, resolve_templates
-from pipeline.world import WorldSpec, generate_world
-
-WORLD = WorldSpec(colours=("red", "green", "blue"), shapes=("disc", "ring"), sizes=("small", "large"),
-                  train_per_class=5, val_per_class=2, frames=8, size=32, seed=3)  # 12 classes
-
-
-@pytest.fixture(scope="session")
-def extracted(tmp_path_factory, tiny_clip) -> tuple[Path, Path]:
-    """A cache with frames, features and CLIP label embeddings of a 12-class world."""
-    base = tmp_path_factory.mktemp("fs")
-    generate_world(base / "world", WORLD)
-    cache = base / "cache"
-    run_inproc("extract", "-d", "csv", "--root", str(base / "world"), "--name", "toy", "--num-frames", "4",
-            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}",
-            "--cache", str(cache), "--quiet")
-    return cache, tiny_clip
 
 
 def model_args(tiny: Path) -> list[str]:

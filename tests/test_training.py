@@ -128,9 +128,9 @@ class ToySet:
     def __len__(self):
         return len(self.y)
 
-    def get(self, idx, epoch, train):
-        idx = list(idx)
-        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+    def item(self, i, epoch, train):
+        x = torch.from_numpy(self.x[i])
+        return (x if train else x[None]), torch.as_tensor(self.y[i])
 
 
 def make_model(seed=0):

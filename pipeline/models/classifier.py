@@ -43,8 +43,132 @@ class FrameFeatureClassifier(nn.Module):
             nn.init.eye_(self.projection.weight)
         self.head = head
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
         video = self.temporal(frames)
-        if self.projection is not None:
-            video = self.projection(video)
-        return self.head(video)
+        return self.projection(video) if self.projection is not None else video
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(frames))
+
+
+class VideoClassifier(nn.Module):
+    """The full model: CLIP visual encoder on every frame -> temporal module -> (projection) -> cosine head.
+
+    Input: normalised clips [B, T, 3, S, S]. With TokenT1D the temporal mixing happens inside the
+    encoder's blocks (``t1d_blocks``) and ``temporal`` is the mean over frames. ``embed`` gives the
+    video embedding before the head (multi-view evaluation averages it over views).
+    """
+
+    def __init__(self, visual: nn.Module, temporal: nn.Module, head: CosineHead, width: int,
+                 t1d_blocks: list | None = None) -> None:
+        super().__init__()
+        self.visual = visual
+        self.temporal = temporal
+        head_width = head.weight.shape[1]
+        # Only a head of another width needs a projection: the encoder itself adapts to the head.
+        self.projection = nn.Linear(width, head_width, bias=False) if head_width != width else None
+        self.head = head
+        self._t1d_blocks = list(t1d_blocks or [])  # plain list: the blocks are registered under visual
+
+    def embed(self, clips: torch.Tensor) -> torch.Tensor:
+        b, t = clips.shape[:2]
+        for block in self._t1d_blocks:
+            block.frames = t
+        frames = self.visual(clips.flatten(0, 1)).view(b, t, -1)
+        video = self.temporal(frames)
+        return self.projection(video) if self.projection is not None else video
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(clips))
+
+
+def build_video_classifier(visual: nn.Module, width: int, head: CosineHead, temporal: str, frames: int,
+                           layers: int = 6, t1d_init: str = "identity",
+                           grad_checkpointing: bool = False) -> VideoClassifier:
+    """The full fine-tuning model around an open_clip visual tower (modified in place for TokenT1D)."""
+    from .temporal import TemporalMeanPool, TemporalTransformer, insert_token_t1d
+
+    blocks = insert_token_t1d(visual, t1d_init) if temporal == "tokent1d" else None
+    if temporal in ("tap", "tokent1d"):
+        module: nn.Module = TemporalMeanPool()
+    elif temporal == "ttrans":
+        module = TemporalTransformer(width, layers=layers, max_frames=frames)
+    else:
+        raise ValueError(f"unknown temporal module {temporal!r} (tap, ttrans, tokent1d)")
+    if grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):
+        visual.set_grad_checkpointing(True)
+    return VideoClassifier(visual, module, head, width, blocks)
+
+
+class TextTowerHead(nn.Module):
+    """The CLIP text tower as a head: rows = text embeddings of the class prompts, computed by the tower.
+
+    Used by the contrastive objective with ``--text online``: the tower trains, and evaluation
+    classifies with the class-name embeddings of the tower as it is after training. Rows are
+    recomputed on every training call and cached while in eval mode.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, template: str, class_names: list[str],
+                 logit_scale: float) -> None:
+        super().__init__()
+        clip_model.visual = nn.Identity()  # the visual tower lives in the video model
+        self.text = clip_model
+        self.tokenizer, self.template = tokenizer, template
+        self.register_buffer("tokens", tokenizer([template.format(n) for n in class_names]), persistent=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self._rows: torch.Tensor | None = None
+
+    def set_classes(self, class_names: list[str]) -> None:
+        """Classify among other class names (zero-shot on another dataset, or your own labels)."""
+        self.tokens = self.tokenizer([self.template.format(n) for n in class_names]).to(self.tokens.device)
+        self._rows = None
+
+    def class_embeddings(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.tokens if classes is None else self.tokens[classes]
+        return self.text.encode_text(tokens)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.training or self._rows is None:
+            with torch.no_grad():
+                self._rows = self.class_embeddings().float()
+        return self._rows
+
+    def train(self, mode: bool = True):
+        self._rows = None
+        return super().train(mode)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        v = video / video.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        h = self.weight / self.weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return self.logit_scale.exp().clamp(max=100.0) * v @ h.t()
+
+
+class ContrastiveVideoText(nn.Module):
+    """Video-text matching (ActionCLIP-style, the paper's Table 9 baseline) around a video classifier.
+
+    ``forward(clips, labels)`` -> (L2-normalised video embeddings, L2-normalised text embeddings of
+    each clip's class, logit scale). Offline text: the cached label embeddings (the classifier's
+    frozen head rows); online: the CLIP text tower, trained. ``embed`` and ``head`` are those of
+    an ordinary classifier, so evaluation is the same as for every other run.
+    """
+
+    def __init__(self, video: VideoClassifier | FrameFeatureClassifier, online_head: TextTowerHead | None = None):
+        super().__init__()
+        self.video = video
+        if online_head is not None:
+            self.video.head = online_head
+
+    @property
+    def head(self) -> nn.Module:
+        return self.video.head
+
+    def embed(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.video.embed(clips)
+
+    def forward(self, clips: torch.Tensor, labels: torch.Tensor):
+        video = self.video.embed(clips)
+        head = self.video.head
+        text = head.class_embeddings(labels) if isinstance(head, TextTowerHead) else head.weight[labels]
+        norm = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # noqa: E731
+        return norm(video.float()), norm(text.float()), head.logit_scale.clamp(max=math.log(100.0))

@@ -1,0 +1,138 @@
+"""Training and evaluation clips from the frame store: TSN sampling, clip-level augmentation, views.
+
+Never re-decodes videos: a clip is T of the T_cache frames stored per video (JPEG-decoded only for
+the frames it uses). Every random choice of a sample is drawn from its own stream seeded by
+(seed, epoch, index), so a clip is the same whichever worker makes it and whether or not the run
+was resumed in between.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+
+from .framestore import read_frames
+from .sampling import sample_rng, segment_indices, view_positions
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Clip-level augmentation (one draw for all frames of a clip). Defaults: the paper's recipe."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    flip: float = 0.5  # horizontal flip probability (0 where left/right is part of the label)
+    grayscale: float = 0.2  # grayscale probability (0 where colour is part of the label)
+    randaugment_ops: int = 2  # RandAugment N (0: off)
+    randaugment_magnitude: int = 9  # RandAugment M
+
+
+@dataclass(frozen=True)
+class Normalization:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+
+def _mode(name: str):
+    from torchvision.transforms.v2 import InterpolationMode
+
+    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}.get(
+        name, InterpolationMode.BICUBIC)
+
+
+def train_transform(norm: Normalization, aug: AugmentConfig):
+    """uint8 [T, 3, H, W] -> float [T, 3, S, S]; v2 draws one set of parameters per call, i.e. per clip."""
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(norm.image_size, scale=aug.crop_scale, interpolation=_mode(norm.interpolation),
+                                  antialias=True)]
+    if aug.flip > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.flip))
+    if aug.grayscale > 0:
+        steps.append(v2.RandomGrayscale(aug.grayscale))
+    if aug.randaugment_ops > 0:
+        steps.append(v2.RandAugment(aug.randaugment_ops, aug.randaugment_magnitude))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(norm.mean), list(norm.std))]
+    return v2.Compose(steps)
+
+
+def eval_views(clip: torch.Tensor, norm: Normalization, spatial: int) -> torch.Tensor:
+    """uint8 [T, 3, H, W] -> float [spatial, T, 3, S, S]: short side resized to S, then 1 (centre) or
+    ``spatial`` crops spread along the long side (3: the usual left/centre/right)."""
+    from torchvision.transforms.v2 import functional as F
+
+    s = norm.image_size
+    x = F.resize(clip, [s], interpolation=_mode(norm.interpolation), antialias=True)
+    h, w = x.shape[-2:]
+    crops = []
+    for k in range(spatial):
+        frac = 0.5 if spatial == 1 else k / (spatial - 1)
+        top, left = round((h - s) * frac) if h > w else (h - s) // 2, round((w - s) * frac) if w >= h else (w - s) // 2
+        crops.append(F.crop(x, top, left, s, s))
+    out = torch.stack(crops).to(torch.float32).div_(255)
+    return F.normalize(out.flatten(0, 1), list(norm.mean), list(norm.std)).view(out.shape)
+
+
+class FrameClipSet(torch.utils.data.Dataset):
+    """Clips of one split of a frame store: ``item(index, epoch, train)`` -> (clip, label).
+
+    Training clips are [T, 3, S, S]; evaluation clips are [V, T, 3, S, S] with V = temporal views x
+    spatial crops (1 x 1 by default: segment centres, centre crop).
+    """
+
+    def __init__(self, store_path: str, rows: np.ndarray, labels: np.ndarray, frames: int, norm: Normalization,
+                 seed: int, aug: AugmentConfig | None = None, views: tuple[int, int] = (1, 1)) -> None:
+        labels = np.asarray(labels)
+        # class indices as int64 (what cross-entropy takes); multi-hot targets [n, C] as they are
+        self.store_path, self.rows = str(store_path), np.asarray(rows)
+        self.labels = labels.astype(np.int64) if labels.ndim == 1 else labels
+        self.frames, self.norm, self.seed, self.aug, self.views = frames, norm, seed, aug or AugmentConfig(), views
+        self._group: zarr.Group | None = None
+        self._pid = -1
+        self._transform = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def group(self) -> zarr.Group:
+        # Opened per process: a zarr handle must not cross a fork into DataLoader workers.
+        if self._group is None or self._pid != os.getpid():
+            self._group, self._pid = zarr.open_group(self.store_path, mode="r"), os.getpid()
+        return self._group
+
+    def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        group = self.group()
+        row = int(self.rows[index])
+        t_cache = group["frames"].shape[1]
+        label = torch.as_tensor(self.labels[index])
+        if train:
+            rng = sample_rng(self.seed, epoch, index)
+            picks = segment_indices(t_cache, self.frames, rng)
+            clip = torch.from_numpy(read_frames(group, row, picks)).permute(0, 3, 1, 2)
+            if self._transform is None:
+                self._transform = train_transform(self.norm, self.aug)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**62)))
+                return self._transform(clip), label
+        temporal, spatial = self.views
+        picks = np.concatenate([segment_indices(t_cache, self.frames, position=p) for p in view_positions(temporal)])
+        frames = torch.from_numpy(read_frames(group, row, picks)).permute(0, 3, 1, 2)
+        views = [eval_views(frames[c * self.frames:(c + 1) * self.frames], self.norm, spatial) for c in range(temporal)]
+        return torch.cat(views), label
+
+
+def usable_rows(group: zarr.Group, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a frame or feature store that decoded and carry a label: (rows, labels or multi-hot targets)."""
+    status = group["status"][:]
+    if multilabel and "targets" in group:
+        targets = group["targets"][:]
+        keep = np.flatnonzero((status == 1) & (targets.sum(axis=1) > 0))
+        return keep, targets[keep]
+    labels = group["label"][:]
+    keep = np.flatnonzero((status == 1) & (labels >= 0))
+    return keep, labels[keep]

@@ -1,0 +1,243 @@
+"""Full fine-tuning of the visual encoder on the frame store: heads, temporal modules, resume, DDP, views."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_inproc
+
+from pipeline.clips import FrameClipSet, Normalization, usable_rows
+from pipeline.evaluation import multilabel_metrics
+from pipeline.heads import sample_per_class
+from pipeline.models.classifier import CosineHead, build_video_classifier
+from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.models.temporal import TokenT1D
+from pipeline.training import predict
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+
+
+@pytest.fixture(scope="module")
+def ft_cache(extracted, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A private copy of the feature-store cache with every head kind built."""
+    cache = tmp_path_factory.mktemp("ft") / "cache"
+    shutil.copytree(extracted[0], cache)
+    m = ["--model", f"local-dir:{extracted[1]}", "--cache", str(cache)]
+    for kind in ("clip-text", "random", "orthogonal", "prototype"):
+        run_inproc("heads", "-d", "toy", *m, "--kind", kind, "--per-class", "3", "--replace-mismatched")
+    run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--replace-mismatched")
+    return cache, m
+
+
+def common(m: list[str], run: str, *extra: str) -> list[str]:
+    # 60 training clips of 4 frames; augmentation without colour changes (the classes are colours)
+    return ["finetune", "-d", "toy", *m, "--frames", "4", "--batch-size", "16", "--epochs", "1", "--lr", "1e-3",
+            "--warmup-epochs", "0.3", "--min-lr", "1e-4", "--grayscale", "0", "--randaugment", "0", "0",
+            "--crop-scale", "0.6", "1", "--workers", "0", "-q", "--run", run, *extra]
+
+
+def load_state(cache: Path, run: str) -> dict:
+    return torch.load(cache / "runs" / run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_every_head_and_temporal_module_trains(ft_cache, extracted):
+    cache, m = ft_cache
+    clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
+    initial = clip.model.visual.state_dict()
+    for head, temporal in [("clip-text", "tap"), ("random", "tap"), ("orthogonal", "tap"), ("lda", "tap"),
+                           ("prototype", "tap"), ("learnable", "ttrans"), ("clip-text", "tokent1d")]:
+        name = f"{head}-{temporal}"
+        extra = ["--layers", "1"] if temporal == "ttrans" else []
+        run_inproc(*common(m, name, "--head", head, "--temporal", temporal, *extra))
+        metrics = json.loads((cache / "runs" / name / "metrics.json").read_text())
+        assert metrics["steps"] == 4 and metrics["val_videos"] == 24, name
+        state = load_state(cache, name)
+        block = "visual.transformer.resblocks.0." + ("block." if temporal == "tokent1d" else "")
+        assert not torch.equal(state[block + "mlp.c_fc.weight"], initial["transformer.resblocks.0.mlp.c_fc.weight"])
+        if head != "learnable":  # the head is frozen: exactly the cached rows
+            import zarr
+
+            cached = zarr.open_group(str(cache / "heads" / "toy" / "tiny-clip" / head), mode="r")["head"][:]
+            assert torch.equal(state["head.weight"], torch.from_numpy(cached).float()), name
+        history = [json.loads(x) for x in (cache / "runs" / name / "history.jsonl").read_text().splitlines()]
+        assert all(np.isfinite(h["loss"]) for h in history if h["kind"] == "step")
+    live = json.loads((cache / "runs" / "clip-text-tap" / "dvclive" / "metrics.json").read_text())
+    assert "val_top1" in live and (cache / "runs" / "clip-text-tap" / "dvclive" / "plots" / "metrics" / "train"
+                                   / "loss.tsv").is_file()
+
+
+def test_loss_falls_on_a_learnable_task(ft_cache):
+    cache, m = ft_cache
+    run_inproc(*common(m, "learn", "--head", "learnable", "--epochs", "6", "--lr", "3e-3",
+                       "--backbone-lr-ratio", "0.3"))
+    losses = [json.loads(x)["loss"] for x in (cache / "runs" / "learn" / "history.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "step"]
+    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
+
+
+def test_token_t1d_is_the_identity_at_initialisation(extracted):
+    clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
+    head = CosineHead(torch.randn(5, clip.embed_dim), learnable=False)
+    x = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        plain = build_video_classifier(load_clip(ModelSpec(f"local-dir:{extracted[1]}")).model.visual,
+                                       clip.embed_dim, head, "tap", 4)(x)
+        t1d = build_video_classifier(clip.model.visual, clip.embed_dim, head, "tokent1d", 4)(x)
+    assert torch.allclose(plain, t1d, atol=1e-5)
+    tokens = torch.randn(2 * 4, 3, 16)
+    shifted = TokenT1D(16, "shift")(tokens, 4)
+    assert torch.equal(shifted[:, 1:], tokens[:, 1:])  # patch tokens untouched
+    cls = tokens[:, 0].view(2, 4, 16)
+    assert torch.equal(shifted[:, 0].view(2, 4, 16)[:, 1:, :2], cls[:, :-1, :2])  # 1/8 of channels: previous frame
+
+
+def wait_for_step(history: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and any(json.loads(x).get("step", 0) >= step for x in history.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never reached step {step}: {proc.stderr.read().decode()[-800:]}")
+
+
+def test_sigkilled_run_resumes_bit_exact(ft_cache):
+    cache, m = ft_cache
+    args = common(m, "whole", "--head", "clip-text", "--temporal", "ttrans", "--layers", "1", "--epochs", "2",
+                  "--checkpoint-every", "2", "--workers", "2", "--randaugment", "2", "5")
+    run_inproc(*args)
+    killed = ["killed" if a == "whole" else a for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *killed], cwd=Path(__file__).parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_step(cache / "runs" / "killed" / "history.jsonl", 5, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its loader workers, mid-epoch 2
+    proc.wait()
+    assert not (cache / "runs" / "killed" / "metrics.json").exists()
+    run_inproc(*killed)
+    a, b = load_state(cache, "whole"), load_state(cache, "killed")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(x)["step"] for x in (cache / "runs" / "killed" / "history.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "step"]
+    assert steps == list(range(1, 9))  # the replayed steps replace the lost ones in the log
+
+
+def test_few_shot_subset_is_seeded_and_repeated(ft_cache):
+    cache, m = ft_cache
+    import zarr
+
+    labels = usable_rows(zarr.open_group(str(cache / "frames" / "toy" / "train"), mode="r"))[1]
+    a, b, c = (sample_per_class(labels, 12, 2, s) for s in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and len(a) == 24
+    run_inproc(*common(m, "two", "--head", "clip-text", "--shots", "2"))
+    metrics = json.loads((cache / "runs" / "two" / "metrics.json").read_text())
+    assert metrics["steps"] == 4  # 24 clips repeated to the full set's 60 per epoch
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pipeline", *args],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_process_ddp_matches_one_process(ft_cache):
+    cache, m = ft_cache
+    args = common(m, "one", "--head", "clip-text", "--batch-size", "12", "--micro-batch", "4")
+    run_inproc(*args)
+    ddp = ["two-procs" if a == "one" else "--run-name" if a == "--run" else a for a in args]
+    proc = torchrun(*ddp)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_state(cache, "one"), load_state(cache, "two-procs")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=2e-5, rtol=1e-4), key
+    # evaluation of the same weights: exactly the metrics of one process (24 videos, 2 ranks, no padding)
+    single = json.loads(run_inproc("evaluate", "--run", "one", "--views", "2x3", "--batch-size", "5", "--json",
+                                   "--cache", str(cache)))
+    proc = torchrun("evaluate", "--run-name", "one", "--views", "2x3", "--batch-size", "5", "--json",
+                    "--cache", str(cache))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    both = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert both == single and single["videos"] == 24
+
+
+def test_multi_view_clips_and_averaging(ft_cache, extracted):
+    cache, _ = ft_cache
+    import zarr
+
+    clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
+    norm = Normalization(clip.image_size, clip.mean, clip.std)
+    path = cache / "frames" / "toy" / "val"
+    rows, labels = usable_rows(zarr.open_group(str(path), mode="r"))
+    data = FrameClipSet(str(path), rows[:3], labels[:3], 2, norm, 0, views=(2, 3))
+    x, _ = data.item(0, 0, False)
+    assert x.shape == (6, 2, 3, 32, 32)
+    single = FrameClipSet(str(path), rows[:3], labels[:3], 2, norm, 0).item(0, 0, False)[0]
+    # T_cache 4, T 2: clip 0 takes frames (0, 2), clip 1 (1, 3) = the single view's segment centres;
+    # square 32-px frames: the three crops coincide
+    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[3]) and torch.equal(x[3], x[5])
+    assert not torch.equal(x[0], x[3])
+    # predict() averages the L2-normalised view embeddings before the head
+    head = CosineHead(torch.randn(12, clip.embed_dim), learnable=False)
+    model = build_video_classifier(clip.model.visual, clip.embed_dim, head, "tap", 2).eval()
+    logits, y = predict(model, data, batch_size=2)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model.embed(x), dim=-1).mean(0, keepdim=True)
+        assert np.allclose(logits[0], model.head(emb)[0].numpy(), atol=1e-5) and logits.shape == (3, 12)
+
+
+def test_multilabel_map_on_a_constructed_example():
+    targets = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 0, 0]])
+    scores = np.array([[0.9, 0.1, 0.0], [0.1, 0.2, 0.8], [0.5, 0.1, 0.3], [0.2, 0.7, 0.1]])
+    r = multilabel_metrics(scores, targets)
+    # class 0: positives ranked 1st and 3rd -> AP (1 + 2/3) / 2; class 1: ranked 2nd -> 1/2; class 2: 1st, 2nd -> 1
+    assert r["mAP"] == pytest.approx(100 * ((1 + 2 / 3) / 2 + 0.5 + 1) / 3)
+    assert r["top1"] == pytest.approx(50.0)  # rows 0 and 1 hit; row 2 predicts 0, row 3 predicts 1
+
+
+def test_evaluate_and_predict_with_a_run(ft_cache, extracted):
+    cache, m = ft_cache
+    run_inproc(*common(m, "pv", "--head", "clip-text"))
+    out = run_inproc("evaluate", "--run", "pv", "--views", "2x3", "--cache", str(cache))
+    assert "2x3 views, 24 videos: top1" in out
+    single = json.loads(run_inproc("evaluate", "--run", "pv", "--json", "--cache", str(cache)))
+    metrics = json.loads((cache / "runs" / "pv" / "metrics.json").read_text())
+    assert single["top1"] == pytest.approx(metrics["val_top1"])  # the loop's evaluation is the 1x1 one
+    video = sorted((extracted[0].parent / "world").rglob("*.mp4"))[0]
+    out = run_inproc("predict", str(video), "--run", "pv", "--cache", str(cache))
+    assert out.count("%") == 5
+    out = run_inproc("predict", str(video), "--run", "pv", "--labels", "red thing,blue thing", "--cache", str(cache))
+    assert "red thing" in out and "blue thing" in out
+
+
+def test_contrastive_objective_offline_online_and_gathered(ft_cache):
+    cache, m = ft_cache
+    base = common(m, "c-off", "--head", "clip-text", "--objective", "contrastive", "--batch-size", "12")
+    run_inproc(*base)
+    run_inproc(*["c-off-nogather" if a == "c-off" else a for a in base], "--no-batch-gather")
+    a, b = load_state(cache, "c-off"), load_state(cache, "c-off-nogather")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # one process: gathering changes nothing
+    assert torch.equal(a["video.head.weight"], load_state(cache, "one")["head.weight"])  # offline: cached rows
+    run_inproc(*["c-on" if a == "c-off" else a for a in base], "--text", "online", "--text-lr", "1e-3")
+    online = load_state(cache, "c-on")
+    from pipeline.models.clip import load_clip as load
+
+    tower = load(ModelSpec(m[1])).model.state_dict()
+    assert not torch.equal(online["video.head.text.ln_final.weight"], tower["ln_final.weight"])  # the tower trained
+    out = json.loads(run_inproc("evaluate", "--run", "c-on", "--json", "--cache", str(cache)))
+    assert out["videos"] == 24 and 0 <= out["top1"] <= 100
+    # two processes: with gather each rank sees the other's clips as negatives, without it not
+    for name, flag in (("c2-gather", "--batch-gather"), ("c2-local", "--no-batch-gather")):
+        proc = torchrun(*[name if a == "c-off" else "--run-name" if a == "--run" else a for a in base], flag)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    g, loc = load_state(cache, "c2-gather"), load_state(cache, "c2-local")
+    key = "video.visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.allclose(g[key], loc[key], atol=1e-6)
