@@ -227,10 +227,12 @@ def status(ctx: Context, as_json: bool) -> None:
 @click.option("--frames", "num_frames", type=click.IntRange(1), help="Frames per clip [16].")
 @click.option("--size", type=click.IntRange(16), help="Frame side in pixels [64].")
 @click.option("--seed", type=int, help="World seed [0].")
-def world(ctx: Context, out, train_per_class, val_per_class, num_frames, size, seed) -> None:
+@click.option("--kind", type=click.Choice(["objects", "order"]), help="Which world [objects].")
+def world(ctx: Context, out, train_per_class, val_per_class, num_frames, size, seed, kind) -> None:
     """Generate the embedded demo world: synthetic H.264 clips of coloured shapes.
 
-    Classes are "a <size> <colour> <shape>" (2 sizes x 6 colours x 4 shapes by default). The output is
+    Classes are "a <size> <colour> <shape>" (2 sizes x 6 colours x 4 shapes by default). --kind order:
+    "a <colour> object then a <colour> object", the classes where frame order matters. The output is
     a generic CSV dataset (videos.csv + classes.txt), read by the regular `csv` adapter.
 
     \b
@@ -242,9 +244,12 @@ def world(ctx: Context, out, train_per_class, val_per_class, num_frames, size, s
 
     from .world import WorldSpec
 
-    p = ctx.params
+    kind = kind or "objects"
+    # the order world has its own params group (order_world), so both worlds live in one params.yaml
+    p = ctx.params if kind == "objects" else Context.like(ctx, "order_world").params
     spec = WorldSpec(
-        colours=tuple(p.get("colours", None, WorldSpec.colours)),
+        colours=tuple(p.get("colours", None, WorldSpec.colours if kind == "objects" else ("red", "green", "blue",
+                                                                                          "yellow"))),
         shapes=tuple(p.get("shapes", None, WorldSpec.shapes)),
         sizes=tuple(p.get("sizes", None, WorldSpec.sizes)),
         train_per_class=int(p.get("train_per_class", train_per_class, WorldSpec.train_per_class)),
@@ -252,8 +257,9 @@ def world(ctx: Context, out, train_per_class, val_per_class, num_frames, size, s
         frames=int(p.get("frames", num_frames, WorldSpec.frames)),
         size=int(p.get("size", size, WorldSpec.size)),
         seed=int(p.get("seed", seed, WorldSpec.seed)),
+        kind=kind,
     )
-    target = Path(out) if out else ctx.cache / "world"
+    target = Path(out) if out else ctx.cache / ("world" if kind == "objects" else "world-order")
     path = world_stage.run(target, spec, ctx.quiet)
     click.echo(f"world: {len(spec.classes())} classes -> {path}")
 
@@ -681,7 +687,7 @@ def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretr
 @click.option("--frozen-backbone", is_flag=True, default=None,
               help="Train only the temporal module (and projection) on cached features.")
 @click.option("--frames", type=click.IntRange(1), help="Frames per clip, T [8].")
-@click.option("--shots", type=click.IntRange(1), help="K training videos per class (few-shot), seeded.")
+@click.option("--shots", type=click.IntRange(0), help="K training videos per class (few-shot), seeded; 0: all [0].")
 @click.option("--run", "--run-name", "run_name", help="Run name under CACHE/runs [derived from the settings]; "
               "under torchrun write --run-name (torchrun takes --run for its own --run-path).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs [30].")
@@ -704,7 +710,8 @@ def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretr
 @click.option("--grad-checkpointing", is_flag=True, default=None, help="Recompute activations to save memory.")
 @click.option("--workers", type=click.IntRange(0), help="Data-loader processes per GPU/process [4].")
 @click.option("--device", help="cpu, cuda or cuda:N [cuda if available]; under torchrun: LOCAL_RANK's GPU.")
-@click.option("--seed", type=int, help="Seed of the run [0].")
+@click.option("--seed", "seeds", type=int, multiple=True,
+              help="Seed of the run [0]; repeat for one run per seed in this process (RUN/s<seed>).")
 @click.option("--checkpoint-every", type=click.IntRange(0), help="Steps between checkpoints (0: epoch ends) [0].")
 @click.option("--replace-mismatched", is_flag=True, default=None, help="Replace a run made with other parameters.")
 @click.option("--objective", type=click.Choice(["ce", "contrastive"]),
@@ -721,7 +728,7 @@ def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretr
 def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder, temporal, frozen_backbone, frames,
              shots, run_name, epochs, batch_size, micro_batch, lr, backbone_lr_ratio, temporal_lr, weight_decay,
              warmup_epochs, min_lr, layers, t1d_init, crop_scale, flip, grayscale, randaugment, amp,
-             grad_checkpointing, workers, device, seed, checkpoint_every, replace_mismatched, objective,
+             grad_checkpointing, workers, device, seeds, checkpoint_every, replace_mismatched, objective,
              batch_gather, text_mode, text_lr, text_weight_decay, text_template) -> None:
     """Train a video classifier against a frozen head (the paper's recipe, Table A.3 defaults).
 
@@ -751,13 +758,13 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
         backbone_lr_ratio=float(p.get("backbone_lr_ratio", backbone_lr_ratio, 0.1)),
         temporal_lr=p.get("temporal_lr", temporal_lr), weight_decay=float(p.get("weight_decay", weight_decay, 0.2)),
         warmup_epochs=float(p.get("warmup_epochs", warmup_epochs, 5.0)), min_lr=float(p.get("min_lr", min_lr, 5e-6)),
-        seed=int(p.get("seed", seed, 0)), checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)),
+        checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)),
         amp=bool(p.get("amp", amp, True)), workers=int(p.get("workers", workers, 4)))
     if cfg.temporal_lr is not None:
         cfg.temporal_lr = float(cfg.temporal_lr)
     spec = model_spec(ctx, model, pretrained, quick_gelu)
     common = dict(encoder=p.get("encoder", encoder), run_name=p.get("run", run_name),
-                  frames=int(p.get("frames", frames, 8)), shots=p.get("shots", shots),
+                  frames=int(p.get("frames", frames, 8)), shots=int(p.get("shots", shots, 0)) or None,
                   layers=int(p.get("layers", layers, 6)), device=p.get("device", device),
                   replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)), quiet=ctx.quiet)
     head_kind = p.get("head", head, "clip-text")
@@ -767,29 +774,41 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
         text_weight_decay=float(p.get("text_weight_decay", text_weight_decay, 0.2)),
         template=str(p.get("text_template", text_template, "a video of a person {}.")))
     common["objective"] = goal
+    configured = p.get("seed", None, 0)  # params.yaml may list several seeds too
+    seed_list = list(seeds) if seeds else [int(v) for v in (configured if isinstance(configured, list) else
+                                                             [configured])]
+    name = common.pop("run_name")
+    if len(seed_list) > 1 and not name:
+        raise PipelineError("several --seed values need a --run name (runs go to RUN/s<seed>)")
+    results = []
     try:
-        if p.get("frozen_backbone", frozen_backbone, False):
-            cfg.workers = int(p.get("workers", workers, 0))
-            result = finetune_stage.run(ctx.cache, cache_dataset(ctx, dataset), spec.tag, head_kind, kind, cfg,
-                                        spec=spec, **common)
-        else:
-            ra = p.get("randaugment", randaugment, (2, 9))
-            augment = AugmentConfig(crop_scale=tuple(float(v) for v in p.get("crop_scale", crop_scale, (0.08, 1.0))),
-                                    flip=float(p.get("flip", flip, 0.5)),
-                                    grayscale=float(p.get("grayscale", grayscale, 0.2)),
-                                    randaugment_ops=int(ra[0]), randaugment_magnitude=int(ra[1]))
-            result = finetune_stage.run_full(
-                ctx.cache, cache_dataset(ctx, dataset), spec, head_kind, kind, cfg, augment=augment,
-                t1d_init=p.get("t1d_init", t1d_init, "identity"),
-                grad_checkpointing=bool(p.get("grad_checkpointing", grad_checkpointing, False)), **common)
+        for one_seed in seed_list:
+            cfg.seed = one_seed
+            run_name = f"{name}/s{one_seed}" if name and len(seed_list) > 1 else name
+            if p.get("frozen_backbone", frozen_backbone, False):
+                cfg.workers = int(p.get("workers", workers, 0))
+                result = finetune_stage.run(ctx.cache, cache_dataset(ctx, dataset), spec.tag, head_kind, kind, cfg,
+                                            spec=spec, run_name=run_name, **common)
+            else:
+                ra = p.get("randaugment", randaugment, (2, 9))
+                augment = AugmentConfig(
+                    crop_scale=tuple(float(v) for v in p.get("crop_scale", crop_scale, (0.08, 1.0))),
+                    flip=float(p.get("flip", flip, 0.5)), grayscale=float(p.get("grayscale", grayscale, 0.2)),
+                    randaugment_ops=int(ra[0]), randaugment_magnitude=int(ra[1]))
+                result = finetune_stage.run_full(
+                    ctx.cache, cache_dataset(ctx, dataset), spec, head_kind, kind, cfg, augment=augment,
+                    t1d_init=p.get("t1d_init", t1d_init, "identity"), run_name=run_name,
+                    grad_checkpointing=bool(p.get("grad_checkpointing", grad_checkpointing, False)), **common)
+            results.append(result)
     finally:
         main = distributed.is_main()
         distributed.teardown()
     if main:
-        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()
-                 if k.startswith(("val_", "best"))}
-        click.echo(f"run {result['run']}: {result['steps']} steps; "
-                   + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {result['path']}")
+        for result in results:
+            shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()
+                     if k.startswith(("val_", "best"))}
+            click.echo(f"run {result['run']}: {result['steps']} steps; "
+                       + ", ".join(f"{k} {v}" for k, v in shown.items()) + f" -> {result['path']}")
 
 
 @cli.command("import")
@@ -924,6 +943,30 @@ def predict(ctx: Context, videos, model, pretrained, quick_gelu, labels_text, la
             click.echo(f"  {prob:6.1%}  {name}")
     if any("error" in r for r in results):
         sys.exit(1)
+
+
+@cli.command()
+@common_options("report")
+@click.option("--dataset", "-d", help="The demo world's name in the cache [data.name].")
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder [CACHE/report].")
+def report(ctx: Context, dataset, out) -> None:
+    """Write the demo report (markdown + PNG): the paper's Tables 6-9, zero-shot, Fig. 1 and Fig. A.4.
+
+    Every number comes from the cache: run metrics, training histories, untuned evaluations.
+    Prints the report at the end.
+    """
+    from stages import report as report_stage
+
+    ft = Context.like(ctx, "finetune").params
+    keys = ["frames", "epochs", "batch_size", "lr", "backbone_lr_ratio", "warmup_epochs", "min_lr", "crop_scale",
+            "flip", "grayscale", "randaugment"]
+    settings = ", ".join(f"{k} {ft.get(k, None)}" for k in keys if ft.get(k, None) is not None)
+    note = (f"Full fine-tuning settings (params.yaml `finetune`): {settings}; AdamW betas (0.9, 0.98), weight decay "
+            "0.2 (the paper's Table A.3 values for the rest)." if settings else "")
+    path, text = report_stage.run(ctx.cache, Path(out) if out else ctx.cache / "report",
+                                  dataset=cache_dataset(ctx, dataset), settings_note=note)
+    click.echo(text)
+    click.echo(f"report -> {path}")
 
 
 def main() -> None:

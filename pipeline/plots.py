@@ -37,3 +37,29 @@ def plot_correlation(head: np.ndarray, class_names: list[str], out: str | os.Pat
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_curves(curves: dict[str, list[np.ndarray]], out: str | os.PathLike, title: str, ylabel: str = "training loss",
+                xlabel: str = "step") -> Path:
+    """One line per label: the mean over its runs (seeds), with a band from min to max (the paper's Fig. A.4)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, runs in curves.items():
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        stack = np.stack([np.asarray(r[:n], dtype=float) for r in runs])
+        steps = np.arange(1, n + 1)
+        ax.plot(steps, stack.mean(axis=0), label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        if len(runs) > 1:
+            ax.fill_between(steps, stack.min(axis=0), stack.max(axis=0), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

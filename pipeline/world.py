@@ -1,7 +1,10 @@
 """The demo world: a deterministic synthetic video dataset, written as real H.264 MP4 files.
 
 Each class is an object described in words ("a small red ring"); every clip shows that object
-drifting over a noisy background. The world is laid out for the generic ``csv`` adapter
+drifting over a noisy background. The ``order`` kind holds the classes where time matters: "a red
+object then a blue object" shows one colour in the first half of the clip and the other after it
+(random shape and size), so the reverse order has exactly the same frames in another order.
+The world is laid out for the generic ``csv`` adapter
 (``videos.csv`` + ``classes.txt``), so nothing downstream knows it is synthetic.
 """
 
@@ -36,11 +39,20 @@ class WorldSpec:
     size: int = 64
     fps: int = 8
     seed: int = 0
+    kind: str = "objects"  # objects: "a small red ring"; order: "a red object then a blue object"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("objects", "order"):
+            raise ValueError(f"unknown world kind {self.kind!r} (objects, order)")
 
     def class_names(self) -> list[str]:
-        return [f"a {s} {c} {sh}" for s, c, sh in itertools.product(self.sizes, self.colours, self.shapes)]
+        if self.kind == "order":
+            return [f"a {a} object then a {b} object" for a, b in self.classes()]
+        return [f"a {s} {c} {sh}" for s, c, sh in self.classes()]
 
-    def classes(self) -> list[tuple[str, str, str]]:
+    def classes(self) -> list[tuple[str, ...]]:
+        if self.kind == "order":
+            return list(itertools.permutations(self.colours, 2))
         return list(itertools.product(self.sizes, self.colours, self.shapes))
 
 
@@ -79,6 +91,16 @@ def render_clip(spec: WorldSpec, size_name: str, colour: str, shape: str, rng: n
     return frames
 
 
+def render_order_clip(spec: WorldSpec, first: str, then: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [T, S, S, 3]: an object of colour ``first`` for the first half of the clip, then ``then``."""
+    shape = spec.shapes[rng.integers(len(spec.shapes))]
+    size_name = spec.sizes[rng.integers(len(spec.sizes))]
+    half = spec.frames // 2
+    a = render_clip(WorldSpec(**{**asdict(spec), "frames": half}), size_name, first, shape, rng)
+    b = render_clip(WorldSpec(**{**asdict(spec), "frames": spec.frames - half}), size_name, then, shape, rng)
+    return np.concatenate([a, b])
+
+
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
     """H.264 in MP4, single-threaded x264 so the bytes depend on the pixels alone."""
     with av.open(str(path), "w") as out:
@@ -98,8 +120,7 @@ def generate_world(out: str | os.PathLike, spec: WorldSpec, progress=None) -> Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for ci, (size_name, colour, shape) in enumerate(spec.classes()):
-        name = f"a {size_name} {colour} {shape}"
+    for ci, (attributes, name) in enumerate(zip(spec.classes(), spec.class_names(), strict=True)):
         folder = name.replace(" ", "_")
         for split, count in (("train", spec.train_per_class), ("val", spec.val_per_class)):
             for k in range(count):
@@ -108,7 +129,9 @@ def generate_world(out: str | os.PathLike, spec: WorldSpec, progress=None) -> Pa
                 rng = np.random.default_rng([spec.seed, ci, 0 if split == "train" else 1, k])
                 rel = Path("videos") / split / folder / f"{k:03d}.mp4"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                write_mp4(out / rel, render_clip(spec, size_name, colour, shape, rng), spec.fps)
+                frames = (render_order_clip(spec, *attributes, rng) if spec.kind == "order"
+                          else render_clip(spec, *attributes, rng))
+                write_mp4(out / rel, frames, spec.fps)
                 rows.append((str(rel), name, split))
                 if progress is not None:
                     progress.update(1)

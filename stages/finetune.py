@@ -226,7 +226,7 @@ def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cf
         lock.__enter__()
     try:
         if main:
-            _prepare_run_dir(run_dir, fp, info, replace_mismatched)
+            _prepare_run_dir(run_dir, fp, {**info, "world_size": rank_and_world()[1]}, replace_mismatched)
         distributed.barrier()
         steps = cfg.epochs * math.ceil((epoch_length or len(train_set)) / cfg.batch_size)
         reporter = Reporter(run_dir, steps, f"finetune {run_dir.name}", quiet or not main)
@@ -235,7 +235,7 @@ def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cf
         result = train(model, train_set, val_set, cfg, run_dir, fp, lr_of=lr_of, callback=reporter,
                        epoch_length=epoch_length, device=device, **kwargs)
         final = result["history"][-1] if result["history"] else {}
-        metrics = {"run": run_dir.name, "steps": result["steps"], "best_val_top1": result["best_top1"],
+        metrics = {"run": info["run"], "steps": result["steps"], "best_val_top1": result["best_top1"],
                    **{k: v for k, v in final.items() if k.startswith("val_")}}
         if main:
             metrics["train_seconds_this_call"] = round(time.perf_counter() - started, 2)
@@ -287,7 +287,8 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     clip = load_clip(spec) if objective.text == "online" and objective.kind == "contrastive" and spec else None
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
     val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
-    info = {**record, "dataset": dataset, "model_tag": model_tag, "class_names": names, "encoder": encoder,
+    info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
+            "encoder": encoder,
             "model_spec": asdict(spec) if spec else None}
     return _train_run(Path(cache) / "runs" / run_name, fp, info, model, CachedFeatureSet(x_train, y_train, frames,
                       cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
@@ -363,8 +364,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         return backbone_lr if name.startswith("visual.") else cfg.lr
 
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-    info = {**record, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec), "class_names": names,
-            "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"])}
+    info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec),
+            "class_names": names, "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"])}
     return _train_run(Path(cache) / "runs" / run_name, fp, info, model, train_set, val_set, cfg, lr_of,
                       epoch_length, dev, replace_mismatched, quiet, objective_fn)
 

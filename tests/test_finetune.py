@@ -36,6 +36,8 @@ def ft_cache(extracted, tmp_path_factory) -> tuple[Path, list[str]]:
     for kind in ("clip-text", "random", "orthogonal", "prototype"):
         run_inproc("heads", "-d", "toy", *m, "--kind", kind, "--per-class", "3", "--replace-mismatched")
     run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--replace-mismatched")
+    run_inproc("labels", "-d", "toy", *m, "--encoder", "hf:all-MiniLM-L6-v2", "--replace-mismatched")
+    run_inproc("heads", "-d", "toy", *m, "--kind", "text", "--encoder", "hf:all-MiniLM-L6-v2", "--replace-mismatched")
     return cache, m
 
 
@@ -55,9 +57,11 @@ def test_every_head_and_temporal_module_trains(ft_cache, extracted):
     clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
     initial = clip.model.visual.state_dict()
     for head, temporal in [("clip-text", "tap"), ("random", "tap"), ("orthogonal", "tap"), ("lda", "tap"),
-                           ("prototype", "tap"), ("learnable", "ttrans"), ("clip-text", "tokent1d")]:
+                           ("prototype", "tap"), ("text", "tap"), ("learnable", "ttrans"), ("clip-text", "tokent1d")]:
         name = f"{head}-{temporal}"
         extra = ["--layers", "1"] if temporal == "ttrans" else []
+        if head == "text":  # 384-d MiniLM rows on 32-d video embeddings: a learned projection bridges them
+            extra += ["--encoder", "hf:all-MiniLM-L6-v2"]
         run_inproc(*common(m, name, "--head", head, "--temporal", temporal, *extra))
         metrics = json.loads((cache / "runs" / name / "metrics.json").read_text())
         assert metrics["steps"] == 4 and metrics["val_videos"] == 24, name
@@ -67,8 +71,11 @@ def test_every_head_and_temporal_module_trains(ft_cache, extracted):
         if head != "learnable":  # the head is frozen: exactly the cached rows
             import zarr
 
-            cached = zarr.open_group(str(cache / "heads" / "toy" / "tiny-clip" / head), mode="r")["head"][:]
+            folder = "text-hf-all-MiniLM-L6-v2" if head == "text" else head
+            cached = zarr.open_group(str(cache / "heads" / "toy" / "tiny-clip" / folder), mode="r")["head"][:]
             assert torch.equal(state["head.weight"], torch.from_numpy(cached).float()), name
+        if head == "text":
+            assert state["projection.weight"].shape == (384, 32)
         history = [json.loads(x) for x in (cache / "runs" / name / "history.jsonl").read_text().splitlines()]
         assert all(np.isfinite(h["loss"]) for h in history if h["kind"] == "step")
     live = json.loads((cache / "runs" / "clip-text-tap" / "dvclive" / "metrics.json").read_text())
@@ -236,7 +243,8 @@ def test_contrastive_objective_offline_online_and_gathered(ft_cache):
     assert out["videos"] == 24 and 0 <= out["top1"] <= 100
     # two processes: with gather each rank sees the other's clips as negatives, without it not
     for name, flag in (("c2-gather", "--batch-gather"), ("c2-local", "--no-batch-gather")):
-        proc = torchrun(*[name if a == "c-off" else "--run-name" if a == "--run" else a for a in base], flag)
+        proc = torchrun(*[name if a == "c-off" else "--run-name" if a == "--run" else a for a in base], flag,
+                        "--text", "online", "--text-lr", "1e-3")  # the trained tower under DDP too
         assert proc.returncode == 0, proc.stderr[-2000:]
     g, loc = load_state(cache, "c2-gather"), load_state(cache, "c2-local")
     key = "video.visual.transformer.resblocks.0.mlp.c_fc.weight"

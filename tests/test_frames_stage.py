@@ -281,3 +281,14 @@ def test_profile_pipelines_are_valid_dvc_stages():
     for profile in ("k400", "k600", "ucf101", "hmdb51", "anet"):
         for stage in ("frames", "features", "labels", "heads", "evaluate"):
             assert f"data/profiles/dvc.yaml:{stage}@{profile}" in out.stdout
+    for stage in ("finetune-k400", "evaluate-k400-run", "transfer@ucf101", "transfer@k600"):
+        assert f"data/profiles/dvc.yaml:{stage}" in out.stdout
+
+
+def test_k400_profile_holds_the_papers_finetuning_recipe():
+    from pipeline.params import Params, load_params
+
+    ft = Params(load_params(Path(__file__).parents[1] / "data" / "profiles" / "k400.yaml"), "finetune")
+    assert (ft.get("frames", None), ft.get("epochs", None), ft.get("batch_size", None)) == (8, 30, 256)
+    assert ft.get("lr", None) == 5e-5 and ft.get("backbone_lr_ratio", None) == 0.1
+    assert ft.get("randaugment", None) == [2, 9] and ft.get("grayscale", None) == 0.2

@@ -112,6 +112,9 @@ class TextTowerHead(nn.Module):
                  logit_scale: float) -> None:
         super().__init__()
         clip_model.visual = nn.Identity()  # the visual tower lives in the video model
+        for name, param in clip_model.named_parameters():
+            if name.startswith("logit_"):  # CLIP's own scale (and bias): this head has its own scale
+                param.requires_grad_(False)  # unused parameters would stall DDP's gradient reduction
         self.text = clip_model
         self.tokenizer, self.template = tokenizer, template
         self.register_buffer("tokens", tokenizer([template.format(n) for n in class_names]), persistent=False)
