@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,7 +180,12 @@ class Reporter:
             if self.use_live:
                 from dvclive import Live
 
-                self.live = Live(str(self.live_dir), resume=values["step"] > 0, save_dvc_exp=False, dvcyaml=None)
+                try:
+                    self.live = Live(str(self.live_dir), resume=values["step"] > 0, save_dvc_exp=False,
+                                     dvcyaml=None)
+                except Exception as e:  # noqa: BLE001 - tracking must never stop a training run
+                    print(f"warning: DVCLive is off for this run ({type(e).__name__}: {e}); "
+                          "history.jsonl still has every step", file=sys.stderr)
             return
         with open(self.history, "a") as log:
             log.write(json.dumps({"kind": kind, **values}) + "\n")
@@ -206,8 +212,11 @@ class Reporter:
             for key, value in final.items():
                 if isinstance(value, (int, float)) and key != "steps":
                     self.live.summary[key] = value
-            self.live.make_summary()
-            self.live.end()
+            try:
+                self.live.make_summary()
+                self.live.end()
+            except Exception as e:  # noqa: BLE001 - the run's own files are already written
+                print(f"warning: DVCLive could not finish ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def _tsv_step(header: list[str], row: str) -> float:

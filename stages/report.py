@@ -122,7 +122,8 @@ def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = 
         runs = _seeds(cache, f"t6-{kind}")
         t6[kind] = _top1(runs)
         u = f"{untuned['full']['top1']:.1f}" if untuned else "— (needs a projection)"
-        lines.append(f"| {label} | {u} | {_cell(t6[kind], len(runs))} |")
+        tuned = "— (untuned row only)" if kind == "prototype" and not runs else _cell(t6[kind], len(runs))
+        lines.append(f"| {label} | {u} | {tuned} |")
     randoms = [t6[k] for k in ("random", "orthogonal") if t6[k]]
     holds6 = None if not (t6["clip-text"] and randoms) else all(t6["clip-text"][0] > r[0] for r in randoms)
     lines += ["", _verdict(holds6, "the CLIP-text head beats the random and orthogonal heads after fine-tuning "
@@ -195,14 +196,21 @@ def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = 
     ours, contrast = _top1(found9["t9-ours"]), [_top1(found9[k]) for _, k in rows9[:4]]
     ours_time = _stat([r["train_seconds"] for r in found9["t9-ours"]])
     times = [_stat([r["train_seconds"] for r in found9[k]]) for _, k in rows9[:4]]
-    holds9 = None
+    holds9 = faster9 = None
     if ours is not None and None not in contrast and ours_time and None not in times:
         best = max(c[0] for c in contrast)
         # one validation video is 100/192 ~ 0.5 points: within 1 point is "comparable" at one seed
-        holds9 = ours[0] >= best - 1.0 and ours_time[0] < min(t[0] for t in times)
-    lines += ["", _verdict(holds9, "the frozen-head cross-entropy is within 1 point of (or above) the best "
-                                   "contrastive variant and trains faster than every one of them (paper: comparable "
-                                   "accuracy at a lower cost, with no batch gather and no text tower to run)."), ""]
+        holds9 = ours[0] >= best - 1.0
+        faster9 = ours_time[0] < min(t[0] for t in times)
+        lines += ["", _verdict(holds9, f"accuracy: ours is {ours[0] - best:+.1f} points from the best contrastive "
+                                       "variant (paper: comparable accuracy; here 'comparable' means within 1 point, "
+                                       "two validation videos).")]
+        lines += ["", _verdict(faster9, f"cost: ours trains {min(t[0] for t in times) / max(ours_time[0], 1e-9):.1f}x "
+                                        "faster than the fastest contrastive variant and needs neither batch gather "
+                                        "nor a text tower at training time (paper: the frozen head is cheaper).")]
+    else:
+        lines += ["", _verdict(None, "accuracy and cost against the contrastive variants.")]
+    lines.append("")
 
     # ---- zero-shot -------------------------------------------------------------------------------------
     lines += ["## Zero-shot (untuned CLIP-text head)", "", "| protocol | top-1 |", "|---|---|"]
@@ -241,7 +249,8 @@ def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = 
     summary = {"table6": {k: v for k, v in t6.items()}, "table7_gaps": gaps,
                "table8": {f"{a}-{b}": v for (a, b), v in t8.items()},
                "table9": {k: _top1(v) for k, v in found9.items()},
-               "findings": {"table6": holds6, "table7": holds7, "table8": holds8, "table9": holds9,
+               "findings": {"table6": holds6, "table7": holds7, "table8": holds8, "table9_accuracy": holds9,
+                            "table9_cost": faster9,
                             "zero_shot": holds_zs}}
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2))
     return out_dir / "report.md", text
