@@ -201,13 +201,17 @@ def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = 
         best = max(c[0] for c in contrast)
         # one validation video is 100/192 ~ 0.5 points: within 1 point is "comparable" at one seed
         holds9 = ours[0] >= best - 1.0
-        faster9 = ours_time[0] < min(t[0] for t in times)
+        # the paper's cost claim is against gathering and a trained text tower: rows 2-4 here
+        costly = [t[0] for t in times[1:]]
+        faster9 = ours_time[0] < min(costly)
         lines += ["", _verdict(holds9, f"accuracy: ours is {ours[0] - best:+.1f} points from the best contrastive "
                                        "variant (paper: comparable accuracy; here 'comparable' means within 1 point, "
                                        "two validation videos).")]
-        lines += ["", _verdict(faster9, f"cost: ours trains {min(t[0] for t in times) / max(ours_time[0], 1e-9):.1f}x "
-                                        "faster than the fastest contrastive variant and needs neither batch gather "
-                                        "nor a text tower at training time (paper: the frozen head is cheaper).")]
+        lines += ["", _verdict(faster9, f"cost: ours trains in {ours_time[0]:.1f} s, against {min(costly):.1f}-"
+                                        f"{max(costly):.1f} s for the variants with batch gather or an online text "
+                                        f"tower ({times[0][0]:.1f} s for offline text without gather, which does the "
+                                        "same work as ours) (paper: no gather and no text tower make the frozen head "
+                                        "cheaper).")]
     else:
         lines += ["", _verdict(None, "accuracy and cost against the contrastive variants.")]
     lines.append("")
