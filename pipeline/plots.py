@@ -31,12 +31,7 @@ def plot_correlation(head: np.ndarray, class_names: list[str], out: str | os.Pat
     ax.set_title(f"{title}\noff-diagonal cosine: mean {off.mean():.2f}, max {off.max():.2f}" if n > 1 else title,
                  fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_curves(curves: dict[str, list[np.ndarray]], out: str | os.PathLike, title: str, ylabel: str = "training loss",
@@ -57,6 +52,10 @@ def plot_curves(curves: dict[str, list[np.ndarray]], out: str | os.PathLike, tit
     ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,11 @@ class Progress:
             while self._next_log <= self.done / self.total:
                 self._next_log += 0.1
 
+    def set_postfix(self, **values: str) -> None:
+        """Extra fields after the bar (e.g. loss, clips/s); nothing in --quiet mode."""
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

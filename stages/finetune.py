@@ -193,8 +193,7 @@ class Reporter:
             self.clips += values["clips"]
             self.seconds += values["seconds"]
             self.bar.update(1)
-            if self.bar._bar is not None:
-                self.bar._bar.set_postfix(loss=f"{values['loss']:.3f}", clips_s=f"{self.clips / self.seconds:.1f}")
+            self.bar.set_postfix(loss=f"{values['loss']:.3f}", clips_s=f"{self.clips / self.seconds:.1f}")
             if self.live is not None:
                 self.live.step = values["step"]
                 self.live.log_metric("train/loss", values["loss"])
