@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from . import store
-from .framestore import FAILED, OK, PENDING, read_frames
+from .framestore import FAILED, OK, read_frames
 from .models.clip import LoadedClip, ModelSpec, load_clip
 
 # torch is imported inside the functions that encode: reading features (heads, evaluation) must
@@ -76,12 +76,17 @@ def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: Loaded
     # Uncompressed: float16 embeddings barely compress, and decompression was a third of the read time.
     store.create_per_video(group, "features", n, block, (t, clip.embed_dim), "float16", chunk_per_video=False,
                            compress=False)
-    store.create_per_video(group, "status", n, block, (), "int8", fill_value=PENDING)
-    group.create_array("reason", shape=(n,), dtype=str, chunks=(block,), fill_value="")
+    # A video that failed in the frame stage fails here too, recorded at creation (whole columns).
+    frame_status = frames_group["status"][:]
+    failed = frame_status == FAILED
+    reasons = None
+    if failed.any():
+        reasons = np.full(n, "", dtype=object)
+        reasons[failed] = ["frames: " + r for r in store.as_text(frames_group["reason"][:])[failed]]
+    store.create_bookkeeping(group, n, block, failed=failed, reasons=reasons)
     for name in ("video_id", "path", "label", "targets"):
         if name in frames_group:
             store.create_column(group, name, frames_group[name][:])
-    store.create_block_markers(group, (n + block - 1) // block)
     group.attrs.update({
         "stage": "features", "dataset": frames_group.attrs["dataset"], "split": frames_group.attrs["split"],
         "class_names": list(frames_group.attrs["class_names"]), "model": clip.identity, "model_tag": spec.tag,
@@ -111,13 +116,20 @@ def _model(spec: ModelSpec, device: str) -> LoadedClip:
 
 @dataclass
 class FeatureBlockResult:
+    """A written block: its rows' status and failure reasons, for the coordinator to record."""
+
     block: int
-    n: int
+    status: np.ndarray
+    reasons: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.status.size)
 
 
 def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSpec, device: str,
                           batch_size: int, threads: int = 0) -> FeatureBlockResult:
-    """Encode one block of stored videos and write it, then mark the block done."""
+    """Encode one block of stored videos and write its data (the coordinator records it done)."""
     if threads:
         import torch
 
@@ -132,18 +144,15 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
     m = rows.stop - rows.start
     feats = np.zeros((m, t, d), np.float16)
     status = np.where(status_in == OK, OK, FAILED).astype(np.int8)
-    reasons = np.array([f"frames: {r}" if s != OK else "" for s, r in zip(status_in, reasons_in, strict=True)],
-                       dtype=object)
+    reasons = np.array(["" if s == OK else f"frames: {r}" for s, r in zip(status_in, store.as_text(reasons_in),
+                                                                          strict=True)], dtype=object)
     ok = np.flatnonzero(status_in == OK)
     if ok.size:
         frames = read_frames(frames_group, rows)[ok]  # [k, T, H, W, 3]
         emb = encode_frames(frames.reshape(-1, *frames.shape[2:]), clip, device, batch_size)
         feats[ok] = emb.reshape(ok.size, t, d).astype(np.float16)
     group["features"][rows] = feats
-    group["reason"][rows] = reasons.astype(str)
-    group["status"][rows] = status
-    store.mark_done(group, block)
-    return FeatureBlockResult(block, m)
+    return FeatureBlockResult(block, status, reasons)
 
 
 def video_features(group: zarr.Group, ok_only: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

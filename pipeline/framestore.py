@@ -4,7 +4,9 @@ Arrays (row i = manifest row i):
 - ``frames``: JPEG bytes [N, T] (codec ``jpeg``, the default) or uint8 [N, T, H, W, 3] with zstd
   (codec ``raw``); read them with :func:`read_frames`, which returns uint8 either way;
 - ``frame_index`` int32 [N, T], ``timestamp`` float64 [N, T], ``source_frames`` int32 [N];
-- ``status`` int8 [N] (0 pending, 1 ok, 2 failed) and ``reason`` str [N];
+- ``status`` int8 [N] (0 pending, 1 ok, 2 failed) and ``reason`` str [N], whole-column bookkeeping
+  written by the coordinating process (:class:`pipeline.store.Ledger`); rows whose file is missing
+  from the dataset are recorded failed when the store is created, and never visited;
 - the manifest columns ``video_id``, ``path``, ``label``, ``start``, ``end`` (plus ``targets`` uint8
   [N, C] for multi-label splits); ``block_done`` (see :mod:`pipeline.store`).
 Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``spec``, ``codec``, ``n``, ``block_size``.
@@ -29,7 +31,8 @@ from . import store
 from .datasets import Manifest
 from .video import DecodeError, FrameSpec, decode_clip
 
-PENDING, OK, FAILED = 0, 1, 2
+PENDING, OK, FAILED = store.PENDING, store.OK, store.FAILED
+MISSING_REASON = "missing file: not found under the dataset root"
 CODECS = ("jpeg", "raw")
 
 
@@ -85,16 +88,18 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
     """Create the arrays of an empty frame store for ``manifest`` (one split)."""
     records = manifest.records
     n, t = len(records), spec.num_frames
+    block_size = store.bounded_block(n, block_size, t * spec.height * spec.width * 3)
     if codec.name == "jpeg":
         group.create_array("frames", shape=(n, t), dtype=VariableLengthBytes(), chunks=(1, t),
-                           shards=(block_size, t), compressors=None)
+                           shards=(block_size, t), compressors=store.checksummed(compress=False))
     else:
         store.create_per_video(group, "frames", n, block_size, (t, spec.height, spec.width, 3), "uint8")
     store.create_per_video(group, "frame_index", n, block_size, (t,), "int32")
     store.create_per_video(group, "timestamp", n, block_size, (t,), "float64")
     store.create_per_video(group, "source_frames", n, block_size, (), "int32")
-    store.create_per_video(group, "status", n, block_size, (), "int8", fill_value=PENDING)
-    group.create_array("reason", shape=(n,), dtype=str, chunks=(block_size,), fill_value="")
+    missing = np.array([not r.path for r in records], bool)
+    store.create_bookkeeping(group, n, block_size, failed=missing,
+                             reasons=np.full(n, MISSING_REASON, dtype=object))
     store.create_column(group, "video_id", np.array([r.video_id for r in records], dtype=object))
     store.create_column(group, "path", np.array([r.path for r in records], dtype=object))
     store.create_column(group, "label", np.array([r.label for r in records], np.int32))
@@ -105,7 +110,6 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
         for i, r in enumerate(records):
             targets[i, list(r.labels or ((r.label,) if r.label >= 0 else ()))] = 1
         store.create_column(group, "targets", targets)
-    store.create_block_markers(group, (n + block_size - 1) // block_size)
     group.attrs.update({
         "stage": "frames", "dataset": manifest.dataset, "split": split, "class_names": manifest.class_names,
         "spec": spec.as_dict(), "codec": asdict(codec), "n": n, "block_size": block_size,
@@ -114,23 +118,28 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
 
 @dataclass
 class BlockResult:
+    """A written block: its rows' status and failure reasons, for the coordinator to record."""
+
     block: int
-    n: int
-    failures: list[tuple[str, str, str]]  # (video_id, path, reason)
+    status: np.ndarray  # int8 [m]
+    reasons: np.ndarray  # str [m], "" for ok rows
+
+    @property
+    def n(self) -> int:
+        return int(self.status.size)
 
 
 def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
-    """Decode one block of videos and write it, then mark the block done. Runs in any worker.
+    """Decode one block of videos and write its data. Runs in any worker.
 
-    The block's rows are written as whole shards (no read-modify-write), and only then is the
-    marker set: a block killed half-way is simply redone on the next run.
+    The block's rows are written as whole shards (no read-modify-write); the coordinator then
+    records the block done (:class:`pipeline.store.Ledger`): a block killed half-way is redone.
     """
     group = zarr.open_group(path, mode="r+")
     spec = FrameSpec(**group.attrs["spec"])
     codec = FrameCodec(**group.attrs["codec"])
     rows = store.block_slice(group, block)
     paths = group["path"][rows]
-    ids = group["video_id"][rows]
     starts, ends = group["start"][rows], group["end"][rows]
     m = len(paths)
     if codec.name == "jpeg":
@@ -142,13 +151,11 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
     counts = np.zeros(m, np.int32)
     status = np.full(m, OK, np.int8)
     reasons = np.array([""] * m, dtype=object)
-    failures = []
     for j in range(m):
         try:
             clip = decode_clip(str(paths[j]), spec, float(starts[j]), float(ends[j]), threads=threads)
         except DecodeError as e:
             status[j], reasons[j] = FAILED, str(e)
-            failures.append((str(ids[j]), str(paths[j]), str(e)))
             continue
         if codec.name == "jpeg":
             frames[j] = [encode_jpeg(img, codec.quality) for img in clip.frames]
@@ -159,10 +166,7 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
     group["frame_index"][rows] = index
     group["timestamp"][rows] = stamps
     group["source_frames"][rows] = counts
-    group["reason"][rows] = reasons.astype(str)
-    group["status"][rows] = status
-    store.mark_done(group, block)
-    return BlockResult(block, m, failures)
+    return BlockResult(block, status, reasons)
 
 
 def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray | None = None) -> np.ndarray:

@@ -3,20 +3,25 @@
 Contract (see DESIGN.md):
 - the group's ``fingerprint`` attribute hashes everything that determines its content; opening
   an existing output with a different fingerprint is an error unless the caller asks to replace it;
-- work is split in blocks aligned with the shards of the per-video arrays; a block's data is
-  written first, then its entry in the small ``block_done`` array (one chunk per block, so each
-  block has exactly one writer and the marker never depends on whether zarr skipped a fill chunk);
-- one writer process per store, enforced with ``fcntl.flock`` on ``<store>/.lock``: the lock dies
-  with its process, so a killed run never blocks its own resume.
+- work is split in blocks aligned with the shards of the per-video arrays; a worker writes a
+  block's data (its own shards, one writer each), then the coordinating process records the
+  block's statuses and, last, its entry in ``block_done`` (whole-column bookkeeping that only the
+  coordinator writes; the marker never depends on whether zarr skipped a fill chunk);
+- one writer process per store, enforced with ``fcntl.flock`` on ``.<store>.lock`` beside the
+  store (readers hold it shared): the lock dies with its process, so a killed run never blocks its
+  own resume, and it exists before the store does.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import UnstableSpecificationWarning
 
 from .errors import FingerprintMismatch, PipelineError, StoreLocked
@@ -34,9 +39,12 @@ from .errors import FingerprintMismatch, PipelineError, StoreLocked
 # and writes them fine and we pin zarr's minor version, so the warning is noise for our users.
 warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
 
-FORMAT_VERSION = 1
-LOCK_NAME = ".lock"
+FORMAT_VERSION = 2  # 2: bookkeeping columns in whole-column chunks, locks beside the stores
 DONE_ARRAY = "block_done"
+# Bookkeeping columns (status, reason, block_done) are written by the one coordinating process in
+# chunks of this many rows, so that a summary of 246,000 videos reads a handful of chunks.
+COLUMN_CHUNK = 65536
+PENDING, OK, FAILED = 0, 1, 2
 
 
 def fingerprint(record: dict[str, Any]) -> str:
@@ -45,24 +53,88 @@ def fingerprint(record: dict[str, Any]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock of the output at ``path``: a file beside it, never inside it.
+
+    Outside, because creating a store empties its folder (the lock must exist before the store
+    and survive its creation), and because a DVC output's hash must depend on its content only.
+    """
+    path = Path(path)
+    return path.parent / f".{path.name}.lock"
+
+
+def _open_lock(path: Path, exclusive: bool) -> int | None:
+    """A descriptor of the lock file at ``path``, never following a symlink planted there.
+
+    ``None`` for a reader of a read-only cache (nobody can write there either).
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PipelineError(f"{path} is a symbolic link; remove it (a lock file is never followed)") from None
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            if not exclusive:
+                return None
+            raise PipelineError(f"cannot write under {path.parent}: {os.strerror(e.errno)} "
+                                "(a read-only cache can be read, not written)") from None
+        if e.errno == errno.ENOSPC:
+            raise PipelineError(f"no space left on the device holding {path.parent}") from None
+        raise PipelineError(f"cannot create the lock {path}: {os.strerror(e.errno or 0)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PipelineError(f"{path} is not a regular file; remove it")
+    return fd
+
+
 @contextmanager
 def writer_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold the one-writer lock of the store at ``path`` (created if needed)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold the one-writer lock of the output at ``path`` (exclusive; readers hold it shared)."""
+    lp = lock_path(path)
+    fd = _open_lock(lp, exclusive=True)
+    assert fd is not None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise StoreLocked(f"{path} is being written by another process (pid {holder}); "
-                              "wait for it to finish or stop it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            doing = f"written by another process (pid {holder})" if holder else "read by another process"
+            raise StoreLocked(f"{path} is being {doing}; wait for it to finish or stop it") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            try:
+                os.ftruncate(fd, 0)  # a reader that finds the lock taken knows it is not a writer
+            except OSError:
+                pass
     finally:
         os.close(fd)  # closing releases the flock
+
+
+@contextmanager
+def reader_lock(*paths: str | os.PathLike) -> Iterator[None]:
+    """Hold a shared lock on each input output: no writer can rebuild it while we read it."""
+    fds = []
+    try:
+        for path in paths:
+            fd = _open_lock(lock_path(path), exclusive=False)
+            if fd is None:
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise StoreLocked(f"{path} is being written by another process (pid {holder}); "
+                                  "wait for it to finish, then re-run") from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, replace_mismatched: bool,
@@ -105,14 +177,11 @@ def open_existing(path: str | os.PathLike, what: str) -> zarr.Group:
 
 
 def _clear(path: Path) -> None:
-    """Delete a store's content but keep the lock file (held by us)."""
-    for entry in path.iterdir():
-        if entry.name == LOCK_NAME:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    """Delete a store (its lock lives beside it and is untouched)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -128,16 +197,36 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 # ---- arrays ---------------------------------------------------------------------------------
 
+MAX_BLOCK_BYTES = 2 << 30  # a worker holds one block in memory
+
+
+def checksummed(compress: bool = True) -> list[Any]:
+    """Every array's codecs end with a CRC-32C of the chunk: damaged bytes fail loudly on read."""
+    return [ZstdCodec(level=3), Crc32cCodec()] if compress else [Crc32cCodec()]
+
+
+def create_small(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
+    """A small array written whole at creation, in one checksummed chunk (heads, label embeddings)."""
+    return group.create_array(name, data=data, chunks=data.shape, compressors=checksummed())
+
+
+def bounded_block(n: int, block: int, row_bytes: int = 0) -> int:
+    """A block size no larger than the rows that exist, nor than 2 GiB of rows in memory."""
+    cap = max(1, MAX_BLOCK_BYTES // row_bytes) if row_bytes > 0 else block
+    return max(1, min(int(block), max(1, n), cap))
+
+
 def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tuple[int, ...], dtype: Any,
                      fill_value: Any = 0, compress: bool = True, chunk_per_video: bool = True) -> zarr.Array:
-    """A per-video array [n, *inner], sharded by blocks of ``block`` videos, one chunk per video.
+    """A per-video data array [n, *inner], sharded by blocks of ``block`` videos, one chunk per video.
 
-    Shards are the unit of work and of writing; a chunk per video keeps random reads (training
-    loaders) cheap. Small metadata arrays, and arrays read whole (``chunk_per_video=False``:
+    Shards are the unit of work and of writing (one writer each); a chunk per video keeps random
+    reads (training loaders) cheap. Small arrays, and arrays read whole (``chunk_per_video=False``:
     features), use plain chunks of one block.
     """
+    block = bounded_block(n, block)
     shape = (n, *inner)
-    kwargs: dict[str, Any] = {"compressors": [ZstdCodec(level=3)] if compress else None}
+    kwargs: dict[str, Any] = {"compressors": checksummed(compress)}
     if chunk_per_video and inner and int(np.prod(inner)) * np.dtype(dtype).itemsize >= 4096:
         kwargs.update(chunks=(1, *inner), shards=(block, *inner))
     else:
@@ -146,31 +235,88 @@ def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tu
 
 
 def create_column(group: zarr.Group, name: str, values: np.ndarray) -> zarr.Array:
-    """A per-video column written once at creation (ids, paths, labels)."""
+    """A per-video column written once, whole (ids, paths, labels)."""
     values = np.asarray(values)
     dtype = str if values.dtype.kind in "UTO" else values.dtype
-    chunk = max(1, min(len(values), 65536))
+    chunk = max(1, min(len(values), COLUMN_CHUNK))
     arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=(chunk, *values.shape[1:]),
-                             fill_value="" if dtype is str else 0)
+                             fill_value="" if dtype is str else 0, compressors=checksummed())
     if len(values):
         # via a list: numpy's StringDType (zarr's string reads) does not cast to fixed-width str
         arr[...] = np.array(values.tolist(), dtype=np.str_) if dtype is str else values
     return arr
 
 
-def create_block_markers(group: zarr.Group, n_blocks: int) -> zarr.Array:
-    return group.create_array(DONE_ARRAY, shape=(max(1, n_blocks),), dtype="uint8", chunks=(1,),
-                              fill_value=0, compressors=None)
+def create_bookkeeping(group: zarr.Group, n: int, block: int, failed: np.ndarray | None = None,
+                       reasons: np.ndarray | None = None) -> None:
+    """``status`` int8 [n], ``reason`` str [n] and ``block_done`` uint8 [blocks], as whole columns.
+
+    Rows known to fail before any work (``failed``: a bool mask, e.g. files missing from the
+    dataset) are recorded here in one write each, and blocks made only of them are done at once.
+    Only the coordinating process writes these columns afterwards (:class:`Ledger`), so large
+    chunks never see two writers.
+    """
+    block = bounded_block(n, block)
+    n_blocks = max(1, (n + block - 1) // block)
+    status = np.full(n, PENDING, np.int8)
+    reason = np.full(n, "", dtype=object)
+    if failed is not None and failed.any():
+        status[failed] = FAILED
+        reason[failed] = reasons[failed] if reasons is not None else "failed"
+    create_column(group, "status", status)
+    create_column(group, "reason", reason.astype(str) if n else np.array([], dtype=str))
+    done = np.zeros(n_blocks, np.uint8)
+    if n and failed is not None:
+        padded = np.ones(n_blocks * block, bool)
+        padded[:n] = failed
+        done[:] = padded.reshape(n_blocks, block).all(axis=1)
+    create_column(group, DONE_ARRAY, done)
+
+
+class Ledger:
+    """Records finished blocks: their rows' status and reason, then their done markers.
+
+    Workers write a block's data; the coordinating process (the lock holder) records the block
+    here. The first result is written at once, the next ones buffered and written in whole-chunk
+    updates every ``every_s`` seconds and on close: markers strictly after statuses, so a killed run
+    at worst redoes the blocks of the last seconds.
+    """
+
+    def __init__(self, group: zarr.Group, every_s: float = 2.0) -> None:
+        self.group, self.every_s = group, every_s
+        self._buffer: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._last = -float("inf")  # the first finished block is recorded at once
+
+    def record(self, block: int, status: np.ndarray, reasons: np.ndarray) -> None:
+        self._buffer.append((block, np.asarray(status, np.int8), np.asarray(reasons, dtype=object)))
+        if time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self._buffer:
+            return
+        self._buffer.sort(key=lambda item: item[0])
+        blocks = np.array([b for b, _, _ in self._buffer])
+        rows = np.concatenate([np.arange(block_slice(self.group, b).start, block_slice(self.group, b).stop)
+                               for b in blocks])
+        status = np.concatenate([s for _, s, _ in self._buffer])
+        reasons = np.concatenate([r for _, _, r in self._buffer]).astype(str)
+        self.group["reason"].oindex[rows] = reasons
+        self.group["status"].oindex[rows] = status
+        self.group[DONE_ARRAY].oindex[blocks] = 1
+        self._buffer.clear()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()  # finished blocks are kept even when the run is interrupted
 
 
 def pending_blocks(group: zarr.Group) -> list[int]:
     done = group[DONE_ARRAY][:]
-    n_blocks = n_blocks_of(group)
-    return [b for b in range(n_blocks) if not done[b]]
-
-
-def mark_done(group: zarr.Group, block: int) -> None:
-    group[DONE_ARRAY][block] = 1
+    return np.flatnonzero(done[:n_blocks_of(group)] == 0).tolist()
 
 
 def n_blocks_of(group: zarr.Group) -> int:
@@ -180,12 +326,29 @@ def n_blocks_of(group: zarr.Group) -> int:
 
 def rows_in(group: zarr.Group, blocks: list[int]) -> int:
     """How many videos the given blocks hold (the last block may be short)."""
-    return sum(block_slice(group, b).stop - block_slice(group, b).start for b in blocks)
+    n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
+    b = np.asarray(blocks, np.int64)
+    return int((np.minimum(n, (b + 1) * size) - b * size).sum()) if b.size else 0
 
 
 def block_slice(group: zarr.Group, block: int) -> slice:
     n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
     return slice(block * size, min(n, (block + 1) * size))
+
+
+def as_text(values: np.ndarray) -> np.ndarray:
+    """A string column as read from zarr (numpy's StringDType) as an object array of ``str``."""
+    return np.array(values.tolist(), dtype=object)
+
+
+def failure_table(group: zarr.Group, rows: np.ndarray) -> list[dict[str, str]]:
+    """``video_id``, ``path`` and ``reason`` of the given rows, read as whole column ranges."""
+    if not rows.size:
+        return []
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    cols = {name: group[name][lo:hi] for name in ("video_id", "path", "reason")}
+    return [{"video_id": str(cols["video_id"][i - lo]), "path": str(cols["path"][i - lo]),
+             "reason": str(cols["reason"][i - lo])} for i in rows.tolist()]
 
 
 def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | None = None) -> dict[str, Any]:
@@ -200,17 +363,14 @@ def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | No
                 "path": str(path), "total": rows, "ok": rows, "failed": 0, "pending": 0, "complete": True,
                 "fingerprint": attrs.get("fingerprint"), "failures": []}
     status = group["status"][:]
-    failed_rows = np.flatnonzero(status == 2)
+    failed_rows = np.flatnonzero(status == FAILED)
     shown = failed_rows if max_failures is None else failed_rows[:max_failures]
-    ids, paths, reasons = group["video_id"], group["path"], group["reason"]
-    failures = [{"video_id": str(ids[i]), "path": str(paths[i]), "reason": str(reasons[i])}
-                for i in shown.tolist()]
     return {
         "stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split"),
-        "path": str(path), "total": int(status.size), "ok": int((status == 1).sum()),
-        "failed": int(failed_rows.size), "pending": int((status == 0).sum()),
+        "path": str(path), "total": int(status.size), "ok": int((status == OK).sum()),
+        "failed": int(failed_rows.size), "pending": int((status == PENDING).sum()),
         "complete": not pending_blocks(group), "fingerprint": attrs.get("fingerprint"),
-        "failures": failures,
+        "failures": failure_table(group, shown),
     }
 
 

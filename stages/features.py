@@ -36,26 +36,37 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
     summaries = []
     for split in chosen:
         fpath = frames_path(cache, dataset, split)
-        frames_group = store.open_existing(fpath, f"frame store {dataset}/{split}")
-        if store.pending_blocks(frames_group):
-            raise PipelineError(f"frame store {dataset}/{split} is unfinished: re-run `pipeline frames` first")
-        path = features_path(cache, dataset, spec.tag, split)
-        record = features_fingerprint_record(frames_group, clip.identity, precision, batch_size)
-        params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision, "batch_size": batch_size,
-                  "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
-        with store.writer_lock(path):
-            group = store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
-                                      init=lambda g, fg=frames_group, fp=fpath: init_feature_store(
-                                          g, fg, clip, spec, precision, str(fp)))
-            pending = store.pending_blocks(group)
-            todo = store.rows_in(group, pending)
-            threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
-            with Progress(todo, f"features {dataset}/{split}", quiet) as bar:
-                errors = run_blocks(
-                    extract_feature_block,
-                    [(str(path), str(fpath), b, spec, device, batch_size, threads) for b in pending],
-                    workers=workers, scheduler_address=scheduler_address, on_result=lambda r: bar.update(r.n))
-            summary = store.summarize(group, path, max_failures=None)
-            summary["errors"] = errors
-            summaries.append(summary)
+        # Shared lock on the frame store for the whole run: it cannot be rebuilt under us.
+        with store.reader_lock(fpath):
+            summaries.append(_features_of_split(cache, dataset, spec, split, fpath, clip, precision, device,
+                                                batch_size, workers, scheduler_address, replace_mismatched, quiet))
     return summaries
+
+
+def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, fpath: Path, clip, precision: str,
+                       device: str, batch_size: int, workers: int, scheduler_address: str | None,
+                       replace_mismatched: bool, quiet: bool) -> dict:
+    frames_group = store.open_existing(fpath, f"frame store {dataset}/{split}")
+    if store.pending_blocks(frames_group):
+        raise PipelineError(f"frame store {dataset}/{split} is unfinished: re-run `pipeline frames` first")
+    path = features_path(cache, dataset, spec.tag, split)
+    record = features_fingerprint_record(frames_group, clip.identity, precision, batch_size)
+    params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision, "batch_size": batch_size,
+              "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
+    with store.writer_lock(path):
+        group = store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
+                                  init=lambda g: init_feature_store(g, frames_group, clip, spec, precision, str(fpath)))
+        pending = store.pending_blocks(group)
+        threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
+        with Progress(store.rows_in(group, pending), f"features {dataset}/{split}", quiet) as bar, \
+                store.Ledger(group) as ledger:
+            def done(r) -> None:
+                ledger.record(r.block, r.status, r.reasons)
+                bar.update(r.n)
+            errors = run_blocks(
+                extract_feature_block,
+                [(str(path), str(fpath), b, spec, device, batch_size, threads) for b in pending],
+                workers=workers, scheduler_address=scheduler_address, on_result=done)
+        summary = store.summarize(group, path, max_failures=None)
+    summary["errors"] = errors
+    return summary

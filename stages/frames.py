@@ -48,25 +48,30 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
     unknown = [s for s in chosen if s not in available]
     if unknown:
         raise PipelineError(f"split {unknown[0]!r} not in {data.cache_name}; it has: {', '.join(available)}")
+    for split in chosen:  # every name checked before anything is written
+        frames_path(cache, data.cache_name, split)
     summaries = []
     for split in chosen:
         part = manifest.split(split)
         path = frames_path(cache, data.cache_name, split)
-        record = frames_fingerprint_record(part, spec, codec, block_size)
+        block = store.bounded_block(len(part.records), block_size, spec.num_frames * spec.height * spec.width * 3)
+        record = frames_fingerprint_record(part, spec, codec, block)
         fp = store.fingerprint(record)
         params = {"dataset": data.dataset, "root": str(data.root), "split_id": data.split_id,
-                  "untrimmed": data.untrimmed, "block_size": block_size, **spec.as_dict(),
+                  "untrimmed": data.untrimmed, "block_size": block, **spec.as_dict(),
                   "codec": codec.name, "jpeg_quality": codec.quality,
                   "manifest": record["manifest"], "input_sizes": record["input_sizes"]}
         with store.writer_lock(path):
             group = store.open_output(
                 path, fp, params, replace_mismatched=replace_mismatched,
-                init=lambda g, part=part, split=split: init_frame_store(g, part, split, spec, codec, block_size))
+                init=lambda g, part=part, split=split, block=block: init_frame_store(
+                    g, part, split, spec, codec, block))
             pending = store.pending_blocks(group)
             todo = store.rows_in(group, pending)
             threads = threads_per_worker(workers)
-            with Progress(todo, f"frames {data.cache_name}/{split}", quiet) as bar:
+            with Progress(todo, f"frames {data.cache_name}/{split}", quiet) as bar, store.Ledger(group) as ledger:
                 def done(result: BlockResult) -> None:
+                    ledger.record(result.block, result.status, result.reasons)
                     bar.update(result.n)
                 errors = run_blocks(extract_block, [(str(path), b, threads) for b in pending],
                                     workers=workers, scheduler_address=scheduler_address, on_result=done)

@@ -46,18 +46,17 @@ def read_feature_file(folder: Path, video_id: str) -> np.ndarray:
 def _init_imported(g, *, part, split: str, feats: np.ndarray, status: np.ndarray, reasons: list[str],
                    model_tag: str, source: Path, block_size: int) -> None:
     n, num_frames, width = feats.shape
+    block_size = store.bounded_block(n, block_size)
     store.create_per_video(g, "features", n, block_size, (num_frames, width), "float16",
                            chunk_per_video=False, compress=False)
     g["features"][:] = feats
-    store.create_per_video(g, "status", n, block_size, (), "int8")
+    store.create_bookkeeping(g, n, block_size)
     g["status"][:] = status
-    g.create_array("reason", shape=(n,), dtype=str, chunks=(block_size,), fill_value="")
     g["reason"][:] = np.array(reasons, dtype=np.str_)
     store.create_column(g, "video_id", np.array([r.video_id for r in part.records], dtype=object))
     store.create_column(g, "path", np.array([r.path for r in part.records], dtype=object))
     store.create_column(g, "label", np.array([r.label for r in part.records], np.int32))
-    store.create_block_markers(g, -(-n // block_size))
-    g["block_done"][:] = 1
+    g[store.DONE_ARRAY][:] = 1
     g.attrs.update({"stage": "features", "dataset": part.dataset, "split": split, "class_names": part.class_names,
                     "model": {"imported_from": source.name}, "model_tag": model_tag, "precision": "imported",
                     "embed_dim": int(width), "num_frames": int(num_frames), "n": n, "block_size": block_size})

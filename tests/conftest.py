@@ -33,8 +33,11 @@ def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
     return save_local_dir(open_clip.model.CLIP(**TINY_CLIP), TINY_CLIP, folder)
 
 
-def sigkill_mid_run(args: list[str], store_path: Path, cwd: Path, after_blocks: int, timeout: float = 120) -> None:
-    """Run ``python -m pipeline *args`` and SIGKILL it once ``after_blocks`` blocks of ``store_path`` are done."""
+def sigkill_mid_run(args: list[str], store_path: Path, cwd: Path, timeout: float = 120) -> None:
+    """Run ``python -m pipeline *args`` and SIGKILL it once ``store_path`` has recorded its first finished blocks.
+
+    The coordinator records the first finished block at once, then batches its records (every 2 s).
+    """
     import signal
     import subprocess
     import time
@@ -44,7 +47,7 @@ def sigkill_mid_run(args: list[str], store_path: Path, cwd: Path, after_blocks: 
                             stderr=subprocess.DEVNULL, cwd=cwd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if markers.is_dir() and len(os.listdir(markers)) >= after_blocks:
+        if markers.is_dir() and os.listdir(markers):
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
