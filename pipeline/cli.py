@@ -3,6 +3,7 @@ and calls one stage. User mistakes end with a one-line ``error:`` message, never
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -970,11 +971,37 @@ def report(ctx: Context, dataset, out) -> None:
 
 
 def main() -> None:
+    """Run the CLI; every mistake a user or the environment can cause ends in one ``error:`` line."""
     try:
-        cli(standalone_mode=True)
+        code = cli.main(standalone_mode=False)
+    except click.UsageError as e:  # a wrong flag or value: one line, and where to look
+        where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        _fail(f"{e.format_message()}{where}", 2)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
     except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        _fail(str(e), 2)
+    except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        from .files import describe_os_error
+
+        _fail(f"{describe_os_error(e)}" + (f": {e.filename}" if e.filename else ""), 2)
+    except (ValueError, RuntimeError) as e:
+        if "checksum" not in str(e).lower():
+            raise
+        _fail(f"damaged data in the cache ({' '.join(str(e).split())[:160]}): run `pipeline verify --repair` "
+              "and re-run the stage", 2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# Errors of the machine, not of the program: a full disk, a read-only or forbidden folder.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)

@@ -53,12 +53,32 @@ class Params:
         if flag is not None and flag != ():
             return flag
         if key in self._own:
-            return self._own[key]
+            return self._typed(f"{self.section}.{key}", self._own[key], default)
         if key in DATA_KEYS and key in self._data:
-            return self._data[key]
+            return self._typed(f"data.{key}", self._data[key], default)
         if key in MODEL_KEYS and MODEL_KEYS[key] in self._model:
             return self._model[MODEL_KEYS[key]]
         return default
+
+    @staticmethod
+    def _typed(name: str, value: Any, default: Any) -> Any:
+        """A params-file value of the default's type (flags are typed by click), or a one-line error."""
+        if value is None or default is None or isinstance(default, str):
+            return value
+        kind = type(default)
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        else:
+            return value
+        names = {bool: "true or false", int: "an integer", float: "a number"}
+        raise PipelineError(f"{name} in the params file must be {names[kind]}, not {value!r}")
 
     def for_dataset(self, dataset: str) -> Params:
         """These settings with the ``data`` keys dropped when they describe another dataset.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,10 +30,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FingerprintMismatch
+from .errors import FingerprintMismatch, PipelineError
 from .evaluation import metrics, multilabel_metrics
+from .files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A run's checkpoint (tensors only: ``weights_only``), or a one-line error when it is damaged."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...: all mean "damaged"
+        raise PipelineError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it or use "
+                            "--replace-mismatched to start the run again") from None
+    if not isinstance(ck, dict) or "fingerprint" not in ck:
+        raise PipelineError(f"{path} is not a checkpoint of this pipeline")
+    return ck
 
 
 @dataclass
@@ -222,7 +234,7 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
 
     path = run_dir / CHECKPOINT
     if path.exists():
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_checkpoint(path)
         if ck["fingerprint"] != fingerprint:
             raise FingerprintMismatch(f"{run_dir} holds a run made with other parameters or inputs; "
                                       "use another --run name or --replace-mismatched")
@@ -242,11 +254,10 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
 
     def save() -> None:
         if rank == 0:
-            tmp = path.with_suffix(".partial")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_states(),
-                        "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
-                        "fingerprint": fingerprint, "config": cfg.as_dict()}, tmp)
-            os.replace(tmp, path)
+            checkpoint = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_states(),
+                          "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                          "fingerprint": fingerprint, "config": cfg.as_dict()}
+            write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
         if ddp:
             dist.barrier()
 

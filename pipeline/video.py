@@ -18,6 +18,7 @@ import numpy as np
 # Largest frame (width x height) we agree to decode: 8K UHD. Larger streams are refused as
 # failed instead of allocating decoder buffers of unbounded size.
 MAX_PIXELS = 7680 * 4320
+MAX_SECONDS = 365 * 24 * 3600.0  # a segment time past this is an annotation error
 INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "LANCZOS")
 SEEK_MODES = ("exact", "keyframes")
 
@@ -56,7 +57,6 @@ class Clip:
     frame_index: np.ndarray  # int32 [T]: index of each kept frame in the video (or segment)
     timestamp: np.ndarray  # float64 [T]: its presentation time in seconds
     source_frames: int  # frames the video (or segment) holds, as decoded or estimated
-
 
 def segment_centres(n: int, t: int) -> np.ndarray:
     """Indices of the centre frames of ``t`` equal segments of ``n`` frames (TSN test sampling).
@@ -99,7 +99,7 @@ def decode_clip(path: str, spec: FrameSpec, start: float = math.nan, end: float 
         raise
     except av.error.FFmpegError as e:
         raise DecodeError(f"not a decodable video: {_ffmpeg_reason(e)}") from None
-    except (OSError, ValueError, MemoryError) as e:
+    except (OSError, ValueError, OverflowError, MemoryError) as e:
         raise DecodeError(f"{type(e).__name__}: {e}") from None
 
 
@@ -132,6 +132,10 @@ def _segment(start: float, end: float) -> tuple[float, float]:
     """[start, end) in seconds; the whole stream when start/end are NaN."""
     s = 0.0 if math.isnan(start) else max(0.0, start)
     e = math.inf if math.isnan(end) else end
+    # A start must be a real time a seek can reach (1e300 s overflows the seek's int64 timestamp);
+    # a video longer than a year is not one we decode.
+    if not math.isfinite(s) or s > MAX_SECONDS:
+        raise DecodeError(f"segment start {start} is not a usable time")
     if e <= s:
         raise DecodeError(f"empty segment [{start}, {end}]")
     return s, e

@@ -13,6 +13,7 @@ from pipeline.featurestore import video_features
 from pipeline.models.text import encoder_tag
 
 from .heads import open_features
+from .inputs import open_fresh, require_fresh
 from .paths import heads_path
 
 
@@ -37,7 +38,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
     enc_tag = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
     source = head_dataset or dataset
     hpath = heads_path(cache, source, model_tag, kind, enc_tag)
-    hgroup = store.open_existing(hpath, f"{kind} head of {source}")
+    hgroup = open_fresh(cache, hpath, f"{kind} head of {source}")
     head = hgroup["head"][:]
     head_names = list(hgroup.attrs["class_names"])
     dropped = 0
@@ -100,6 +101,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
             enc = encoder_tag(info["encoder"], info["model_tag"]) if info["head"] == "text" else None
             hgroup = store.open_existing(heads_path(cache, dataset, info["model_tag"], info["head"], enc),
                                          f"{info['head']} head of {dataset} (run `pipeline heads -d {dataset}` first)")
+            require_fresh(cache, hgroup, f"{info['head']} head of {dataset}")
             model.head.weight = torch.from_numpy(hgroup["head"][:]).float()
     if info["backbone"] == "frozen":
         if spatial != 1:

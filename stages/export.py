@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import store
 from pipeline.errors import PipelineError
 from pipeline.export import export_arrays
 from pipeline.framestore import DecodedFrames
 from pipeline.models.text import encoder_tag
 
+from .inputs import open_fresh
 from .paths import features_path, frames_path, heads_path, labels_path
 
 FRAME_ARRAYS = ("frames", "frame_index", "timestamp", "video_id", "label", "status", "reason")
@@ -23,21 +23,21 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
     if what in ("features", "head") and not model_tag:
         raise PipelineError(f"--what {what} needs --model")
     if what == "frames":
-        group = store.open_existing(frames_path(cache, dataset, split), f"frame store for {dataset}/{split}")
+        group = open_fresh(cache, frames_path(cache, dataset, split), f"frame store for {dataset}/{split}")
         arrays = {name: group[name] for name in FRAME_ARRAYS}
         arrays["frames"] = DecodedFrames(group)  # uint8, whatever the store's codec
     elif what == "features":
-        group = store.open_existing(features_path(cache, dataset, model_tag, split), f"features of {dataset}/{split}")
+        group = open_fresh(cache, features_path(cache, dataset, model_tag, split), f"features of {dataset}/{split}")
         arrays = {name: group[name] for name in FEATURE_ARRAYS}
     elif what == "labels":
         tag = encoder_tag(encoder or "clip", model_tag or "")
-        group = store.open_existing(labels_path(cache, dataset, tag), f"label embeddings {tag} of {dataset}")
+        group = open_fresh(cache, labels_path(cache, dataset, tag), f"label embeddings {tag} of {dataset}")
         arrays = {"embeddings": group["embeddings"]}
     elif what == "head":
         if not kind:
             raise PipelineError("--what head needs --kind")
         enc = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
-        group = store.open_existing(heads_path(cache, dataset, model_tag, kind, enc), f"{kind} head of {dataset}")
+        group = open_fresh(cache, heads_path(cache, dataset, model_tag, kind, enc), f"{kind} head of {dataset}")
         arrays = {"head": group["head"]}
     else:
         raise PipelineError(f"cannot export {what!r}")

@@ -24,6 +24,7 @@ import torch
 from pipeline import distributed, store
 from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
 from pipeline.errors import PipelineError
+from pipeline.files import write_atomic
 from pipeline.heads import sample_per_class
 from pipeline.losses import VideoTextContrastiveLoss
 from pipeline.models.classifier import (
@@ -38,10 +39,11 @@ from pipeline.models.temporal import build_temporal
 from pipeline.models.text import encoder_tag
 from pipeline.progress import Progress
 from pipeline.sampling import sample_rng, segment_indices, view_positions
-from pipeline.training import TrainConfig, rank_and_world, train
+from pipeline.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
 
 from .heads import open_features
-from .paths import frames_path, heads_path, splits_of
+from .inputs import require_fresh
+from .paths import frames_path, heads_path, run_path, splits_of
 
 HEAD_SEED_STREAM = 0x1EAD
 
@@ -131,20 +133,30 @@ def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: 
         raise PipelineError("--head text needs --encoder hf:NAME (the text encoder of the labels stage)")
     hgroup = store.open_existing(heads_path(cache, dataset, model_tag, head, enc),
                                  f"{head} head of {dataset} (run `pipeline heads --kind {head}` first)")
+    require_fresh(cache, hgroup, f"{head} head of {dataset}")
     return torch.from_numpy(hgroup["head"][:]), hgroup.attrs["fingerprint"]
 
 
 def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: bool) -> None:
     config_file = run_dir / "run.json"
-    if config_file.exists() and json.loads(config_file.read_text())["fingerprint"] != fp:
+    recorded = _recorded_fingerprint(config_file)
+    holds_work = run_dir.is_dir() and any(run_dir.iterdir())
+    if holds_work and recorded != fp:
+        why = ("exists with other parameters or inputs" if recorded
+               else "holds files but no readable run.json (another run's, or damaged)")
         if not replace_mismatched:
-            raise PipelineError(f"run {run_dir.name!r} exists with other parameters or inputs; use another --run "
-                                "or --replace-mismatched")
-        for entry in run_dir.iterdir():
-            if entry.name != store.LOCK_NAME:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            raise PipelineError(f"run {run_dir.name!r} {why}; use another --run-name, or --replace-mismatched "
+                                "to delete it and start again")
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps({"fingerprint": fp, **info}, indent=2, default=str))
+    write_atomic(config_file, json.dumps({"fingerprint": fp, **info}, indent=2, default=str))
+
+
+def _recorded_fingerprint(config_file: Path) -> str | None:
+    try:
+        return str(json.loads(config_file.read_text())["fingerprint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class Reporter:
@@ -164,9 +176,15 @@ class Reporter:
 
     def _truncate(self, step: int) -> None:
         if self.history.exists():
-            kept = [line for line in self.history.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= step]
-            self.history.write_text("".join(line + "\n" for line in kept))
+            kept = []
+            for line in self.history.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a kill: the replayed steps write it again
+                if record.get("step", 0) <= step:
+                    kept.append(line)
+            write_atomic(self.history, "".join(line + "\n" for line in kept))
         for tsv in self.live_dir.rglob("*.tsv") if self.live_dir.exists() else []:
             lines = tsv.read_text().splitlines()
             header = lines[:1]
@@ -248,7 +266,7 @@ def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cf
         if main:
             metrics["train_seconds_this_call"] = round(time.perf_counter() - started, 2)
             reporter.close(metrics)
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics | {"path": str(run_dir)}
     finally:
         if lock is not None:
@@ -298,7 +316,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
             "encoder": encoder,
             "model_spec": asdict(spec) if spec else None}
-    return _train_run(Path(cache) / "runs" / run_name, fp, info, model, CachedFeatureSet(x_train, y_train, frames,
+    return _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
                       cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
 
 
@@ -374,13 +392,15 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec),
             "class_names": names, "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"])}
-    return _train_run(Path(cache) / "runs" / run_name, fp, info, model, train_set, val_set, cfg, lr_of,
-                      epoch_length, dev, replace_mismatched, quiet, objective_fn)
+    # Shared locks on the frame stores for the whole run: neither can be rebuilt while we train on it.
+    with store.reader_lock(*(p for p in (train_path, val_path) if p is not None)):
+        return _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
+                          epoch_length, dev, replace_mismatched, quiet, objective_fn)
 
 
 def load_run(cache: Path, run_name: str):
     """(model with the run's latest weights, run.json, loaded clip or None for frozen-backbone runs)."""
-    run_dir = Path(cache) / "runs" / run_name
+    run_dir = run_path(cache, run_name)
     if not (run_dir / "run.json").is_file():
         known = sorted(p.name for p in (Path(cache) / "runs").glob("*") if (p / "run.json").is_file())
         raise PipelineError(f"no run {run_name!r} in {Path(cache) / 'runs'}" + (f"; runs: {', '.join(known)}"
@@ -388,7 +408,7 @@ def load_run(cache: Path, run_name: str):
     if not (run_dir / "checkpoint.pt").is_file():
         raise PipelineError(f"run {run_name!r} has no checkpoint yet (it has not finished an epoch)")
     info = json.loads((run_dir / "run.json").read_text())
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    state = load_checkpoint(run_dir / CHECKPOINT)["model"]
     objective = Objective(**info["objective"]) if info.get("objective") else Objective()
     contrastive = objective.kind == "contrastive"
     video_state = {k.removeprefix("video."): v for k, v in state.items()} if contrastive else state

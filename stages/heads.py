@@ -13,6 +13,7 @@ from pipeline.featurestore import video_features
 from pipeline.heads import lda_head, orthogonal_head, prototype_head, random_head, sample_per_class
 from pipeline.models.text import encoder_tag
 
+from .inputs import open_fresh
 from .labels import class_names_of
 from .paths import features_path, heads_path, labels_path, splits_of
 
@@ -24,7 +25,8 @@ def open_features(cache: Path, dataset: str, model_tag: str, split: str | None =
     split = split or ("train" if "train" in splits else splits[0])
     if split not in splits:
         raise PipelineError(f"no features for {dataset}/{split} with model {model_tag}; stored: {', '.join(splits)}")
-    group = store.open_existing(features_path(cache, dataset, model_tag, split), f"features {dataset}/{split}")
+    what = f"features {dataset}/{split}"
+    group = open_fresh(cache, features_path(cache, dataset, model_tag, split), what)
     if store.pending_blocks(group):
         raise PipelineError(f"features {dataset}/{split} are unfinished: re-run `pipeline features` first")
     return group
@@ -45,7 +47,8 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
             if not encoder or not encoder.startswith("hf:"):
                 raise PipelineError("--kind text needs --encoder hf:NAME_OR_PATH (the labels stage's text encoder)")
             enc_tag = encoder_tag(encoder, model_tag)
-        labels = store.open_existing(labels_path(cache, dataset, enc_tag), f"label embeddings ({enc_tag})")
+        what = f"label embeddings ({enc_tag})"
+        labels = open_fresh(cache, labels_path(cache, dataset, enc_tag), what)
         head = labels["embeddings"][:]
         record["labels"] = labels.attrs["fingerprint"]
     elif kind in ("random", "orthogonal"):
@@ -74,7 +77,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
     path = heads_path(cache, dataset, model_tag, kind, enc_tag if kind == "text" else None)
 
     def init(g):
-        g.create_array("head", data=head.astype(np.float32), chunks=head.shape)
+        store.create_small(g, "head", head.astype(np.float32))
         for name, values in extra.items():
             store.create_column(g, name, np.asarray(values, dtype=object))
         g.attrs.update({"stage": "heads", "dataset": dataset, "split": "-", "kind": kind, "class_names": class_names,

@@ -50,7 +50,7 @@ def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec,
     params = {"encoder": encoder, "templates": templates, **identity}
 
     def init(group):
-        group.create_array("embeddings", data=embeddings, chunks=embeddings.shape)
+        store.create_small(group, "embeddings", embeddings)
         group.attrs.update({"stage": "labels", "dataset": dataset, "split": "-", "class_names": class_names,
                             "templates": templates, "encoder": identity, "encoder_tag": tag,
                             "model_tag": spec.tag, "width": int(embeddings.shape[1])})

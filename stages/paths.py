@@ -4,22 +4,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
+WHAT = {"dataset": "dataset name", "split": "split name", "model_tag": "model tag", "encoder_tag": "encoder tag",
+        "kind": "head kind", "run": "run name"}
+
+
+def safe_name(value: str, what: str) -> str:
+    """``value`` as one path component of the cache, or a one-line error.
+
+    Dataset, split, model and run names come from users and annotation files (a CSV ``split``
+    column, an ActivityNet ``subset``): a separator or ``..`` would put a store, and its deletion
+    by ``--replace-mismatched``, outside the cache.
+    """
+    value = str(value)
+    bad = (not value or value in (".", "..") or value.startswith(".") or any(c in value for c in "/\\\0")
+           or any(ord(c) < 32 for c in value))
+    if bad:
+        raise PipelineError(f"{WHAT.get(what, what)} {value!r} cannot name a folder of the cache: "
+                            "use a plain name (no '/', '\\', leading '.' or control characters)")
+    return value
+
+
+def _under(cache: Path, stage: str, **parts: str) -> Path:
+    return Path(cache).joinpath(stage, *(safe_name(v, k) for k, v in parts.items()))
+
 
 def frames_path(cache: Path, dataset: str, split: str) -> Path:
-    return Path(cache) / "frames" / dataset / split
+    return _under(cache, "frames", dataset=dataset, split=split)
 
 
 def features_path(cache: Path, dataset: str, model_tag: str, split: str) -> Path:
-    return Path(cache) / "features" / dataset / model_tag / split
+    return _under(cache, "features", dataset=dataset, model_tag=model_tag, split=split)
 
 
 def labels_path(cache: Path, dataset: str, encoder_tag: str) -> Path:
-    return Path(cache) / "labels" / dataset / encoder_tag
+    return _under(cache, "labels", dataset=dataset, encoder_tag=encoder_tag)
 
 
 def heads_path(cache: Path, dataset: str, model_tag: str, kind: str, encoder_tag: str | None = None) -> Path:
     name = f"{kind}-{encoder_tag}" if kind == "text" and encoder_tag else kind
-    return Path(cache) / "heads" / dataset / model_tag / name
+    return _under(cache, "heads", dataset=dataset, model_tag=model_tag, kind=name)
+
+
+def run_path(cache: Path, run_name: str) -> Path:
+    return _under(cache, "runs", run=run_name)
 
 
 def splits_of(cache: Path, stage: str, *parts: str) -> list[str]:

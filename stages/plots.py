@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import store
 from pipeline.errors import PipelineError
 from pipeline.plots import plot_correlation
+
+from .inputs import open_fresh
 
 
 def choose_classes(class_names: list[str], classes: str) -> list[int]:
@@ -36,7 +37,7 @@ def run(cache: Path, dataset: str, model_tag: str, kinds: list[str], classes: st
         if not match:
             raise PipelineError(f"no {name} head cached for {dataset} with model {model_tag} "
                                 f"(have: {', '.join(found)})")
-        group = store.open_existing(base / match[0], f"{name} head")
+        group = open_fresh(cache, base / match[0], f"{name} head")
         names = list(group.attrs["class_names"])
         rows = choose_classes(names, classes)
         written.append(plot_correlation(group["head"][:][rows], [names[i] for i in rows],

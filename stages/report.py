@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import evaluation, store
+from pipeline import evaluation
 from pipeline.featurestore import video_features
 from pipeline.plots import plot_curves
 
 from .heads import open_features
-from .paths import heads_path
+from .inputs import open_fresh
+from .paths import heads_path, run_path
 
 HEAD_ROWS = [("random", "random (normal init)"), ("orthogonal", "orthogonal"), ("lda", "LDA (class means, sample)"),
              ("text-minilm", "MiniLM text (DistilBERT stand-in)"), ("clip-text", "CLIP text (ours)"),
@@ -30,7 +31,7 @@ UNTUNED_FILE = {"random": "random", "orthogonal": "orthogonal", "lda": "lda", "c
 
 def _seeds(cache: Path, name: str) -> list[dict]:
     """metrics.json (+ history, run settings) of every seed of a run group; one-seed runs sit at the top."""
-    base = Path(cache) / "runs" / name
+    base = run_path(cache, name)
     dirs = sorted(p for p in base.glob("s*") if (p / "metrics.json").is_file()) if base.is_dir() else []
     if (base / "metrics.json").is_file():
         dirs = [base]
@@ -81,7 +82,7 @@ def zero_shot_seen_vs_heldout(cache: Path, dataset: str, model_tag: str, heldout
     feats, labels, _ = video_features(group)
     keep = labels >= 0
     feats, labels = feats[keep], labels[keep]
-    head_group = store.open_existing(hpath, "clip-text head")
+    head_group = open_fresh(cache, hpath, "clip-text head")
     head, names = head_group["head"][:], list(head_group.attrs["class_names"])
     logits = evaluation.cosine_logits(feats, head)
     held = np.isin(labels, [names.index(h) for h in heldout if h in names])

@@ -165,7 +165,14 @@ def test_two_process_ddp_matches_one_process(ft_cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = load_state(cache, "one"), load_state(cache, "two-procs")
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=2e-5, rtol=1e-4), key
+        x, y = a[key], b[key]
+        if key.endswith("attn.in_proj_bias"):
+            # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by a
+            # query's scores); AdamW divides its rounding noise by that noise's own size, so it moves
+            # by about the learning rate either way. Compare the query and value biases only.
+            d = x.numel() // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        assert torch.allclose(x, y, atol=2e-5, rtol=1e-4), key
     # evaluation of the same weights: exactly the metrics of one process (24 videos, 2 ranks, no padding)
     single = json.loads(run_inproc("evaluate", "--run", "one", "--views", "2x3", "--batch-size", "5", "--json",
                                    "--cache", str(cache)))

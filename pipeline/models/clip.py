@@ -76,7 +76,31 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _hub_file(repo: str, names: tuple[str, ...]) -> str | None:
+    """The locally cached copy of the first of ``names`` in Hugging Face Hub repository ``repo``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for name in names:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _config_file(spec: ModelSpec) -> str | None:
+    if spec.name.startswith("local-dir:"):
+        path = Path(spec.name[len("local-dir:"):]) / "open_clip_config.json"
+        return str(path) if path.is_file() else None
+    if spec.name.startswith("hf-hub:"):
+        return _hub_file(spec.name[len("hf-hub:"):], ("open_clip_config.json",))
+    return None
+
+
 def _weights_file(spec: ModelSpec) -> str | None:
+    if spec.name.startswith("hf-hub:"):
+        return _hub_file(spec.name[len("hf-hub:"):], WEIGHT_NAMES)
     if spec.name.startswith("local-dir:"):
         folder = Path(spec.name[len("local-dir:"):])
         for name in WEIGHT_NAMES:
@@ -141,20 +165,26 @@ def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    weights = _weights_file(spec)
+    weights, config = _weights_file(spec), _config_file(spec)
+    mean = tuple(float(v) for v in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    interpolation = str(cfg.get("interpolation", "bicubic"))
+    # Everything that makes a row of features: the weights (sha256 of the file; for hub models, of
+    # the cached file), the architecture config, the activation and the preprocessing.
     identity = {
         "name": spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}",
         "pretrained": spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None,
         "weights_sha256": file_sha256(weights) if weights else None,
+        "config_sha256": file_sha256(config) if config else None,
         "quick_gelu": force_quick_gelu or _uses_quick_gelu(model),
         "image_size": int(size),
         "embed_dim": int(model.visual.output_dim),
+        "preprocess": {"mean": list(mean), "std": list(std), "interpolation": interpolation,
+                       "resize_mode": str(cfg.get("resize_mode", "shortest"))},
     }
     return LoadedClip(
         model=model, tokenizer=open_clip.get_tokenizer(spec.name),
-        image_size=int(size), mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
-        interpolation=str(cfg.get("interpolation", "bicubic")), identity=identity,
+        image_size=int(size), mean=mean, std=std, interpolation=interpolation, identity=identity,
     )
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import PipelineError
+from .clip import file_sha256
 
 if TYPE_CHECKING:
     from .clip import LoadedClip
@@ -50,6 +51,16 @@ def encoder_tag(encoder: str, model_tag: str) -> str:
         return f"clip-{model_tag}"
     name = encoder[3:] if encoder.startswith("hf:") else encoder
     return "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name or name)
+
+
+def folder_sha256(folder: str | os.PathLike) -> str:
+    """One sha256 over the files of a model folder (names and contents, sorted; subfolders skipped)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+    return h.hexdigest()
 
 
 def resolve_hf(name: str) -> str:
@@ -107,5 +118,8 @@ def encode_with_hf(name: str, class_names: list[str], templates: list[str], devi
         total = emb if total is None else total + emb
     total = total / total.norm(dim=-1, keepdim=True)
     identity = {"encoder": "hf", "name": Path(path).name if os.path.isdir(path) else path,
-                "hidden_size": int(total.shape[1])}
+                "hidden_size": int(total.shape[1]),
+                # the weights, config and tokenizer files of a local folder; a hub model's revision
+                "files_sha256": folder_sha256(path) if os.path.isdir(path) else None,
+                "revision": getattr(model.config, "_commit_hash", None)}
     return total.cpu().numpy().astype(np.float32), identity

@@ -1,0 +1,103 @@
+"""Inputs checked at every use: an output made from inputs that have since been rebuilt is stale.
+
+Each output records the fingerprints of the outputs it was made from (a feature store its frame
+store's; an LDA or prototype head its feature store's; a text head its label embeddings'). A
+consumer compares them with the inputs as they are now and refuses a stale combination with a
+one-line error naming the stage to re-run; ``pipeline status`` marks such outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zarr
+
+from pipeline import store
+from pipeline.errors import PipelineError
+
+from .paths import features_path, frames_path, labels_path
+
+
+def _fingerprint_at(path: Path) -> str | None:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("fingerprint")
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return None
+
+
+def _model_identity_of_features(cache: Path, dataset: str, model_tag: str) -> dict | None:
+    base = Path(cache) / "features" / dataset / model_tag
+    for split_dir in sorted(base.iterdir()) if base.is_dir() else []:
+        if (split_dir / "zarr.json").is_file():
+            try:
+                return dict(zarr.open_group(str(split_dir), mode="r").attrs.get("model") or {})
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def stale_reason(cache: Path, group: zarr.Group) -> str | None:
+    """Why ``group`` no longer matches the inputs it was made from (``None`` when it does)."""
+    attrs = group.attrs
+    stage, dataset = attrs.get("stage"), attrs.get("dataset")
+    if stage == "features" and attrs.get("frames_fingerprint"):
+        split = attrs.get("split")
+        current = _fingerprint_at(frames_path(cache, dataset, split))
+        if current != attrs["frames_fingerprint"]:
+            what = "was rebuilt" if current else "is gone"
+            return (f"its frame store {dataset}/{split} {what} since: re-run `pipeline features --dataset {dataset}` "
+                    "(with --replace-mismatched)")
+    if stage == "heads":
+        params = dict(attrs.get("params") or {})
+        kind, model_tag = attrs.get("kind"), attrs.get("model_tag")
+        if params.get("labels") and attrs.get("encoder_tag"):
+            current = _fingerprint_at(labels_path(cache, dataset, attrs["encoder_tag"]))
+            if current != params["labels"]:
+                return (f"the label embeddings {attrs['encoder_tag']} of {dataset} changed since: re-run "
+                        f"`pipeline heads --kind {kind}` (with --replace-mismatched)")
+        if params.get("features"):
+            split = params.get("split", "train")
+            current = _fingerprint_at(features_path(cache, dataset, model_tag, split))
+            if current != params["features"]:
+                return (f"the features {dataset}/{split} of {model_tag} changed since: re-run "
+                        f"`pipeline heads --kind {kind}` (with --replace-mismatched)")
+    if stage in ("labels", "heads") and attrs.get("model_tag"):
+        reason = _labels_model_mismatch(cache, group)
+        if reason:
+            return reason
+    return None
+
+
+def _labels_model_mismatch(cache: Path, group: zarr.Group) -> str | None:
+    """A CLIP-text head or embedding whose text tower is not the image tower of the cached features."""
+    attrs = group.attrs
+    encoder = attrs.get("encoder")
+    if attrs.get("stage") == "heads":
+        if attrs.get("kind") != "clip-text" or not attrs.get("encoder_tag"):
+            return None
+        try:
+            encoder = zarr.open_group(str(labels_path(cache, attrs["dataset"], attrs["encoder_tag"])),
+                                      mode="r").attrs.get("encoder")
+        except (FileNotFoundError, OSError, ValueError):
+            return None
+    if not isinstance(encoder, dict) or encoder.get("encoder") != "clip":
+        return None
+    features_model = _model_identity_of_features(cache, attrs["dataset"], attrs["model_tag"])
+    text_model = {k: v for k, v in encoder.items() if k != "encoder"}
+    if features_model and "imported_from" not in features_model and features_model != text_model:
+        return (f"its CLIP text tower is not the model of the cached features {attrs['dataset']}/{attrs['model_tag']}: "
+                "re-run `pipeline labels` (then `pipeline heads`) with --replace-mismatched")
+    return None
+
+
+def require_fresh(cache: Path, group: zarr.Group, what: str) -> zarr.Group:
+    """``group``, or a one-line error when it is stale (see :func:`stale_reason`)."""
+    reason = stale_reason(cache, group)
+    if reason:
+        raise PipelineError(f"{what} is stale: {reason}")
+    return group
+
+
+def open_fresh(cache: Path, path: Path, what: str) -> zarr.Group:
+    """Open an existing output for reading, refusing it when it is stale."""
+    return require_fresh(cache, store.open_existing(path, what), what)
