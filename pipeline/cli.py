@@ -3,11 +3,13 @@ and calls one stage. User mistakes end with a one-line ``error:`` message, never
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,10 +216,56 @@ def status(ctx: Context, as_json: bool) -> None:
     if not entries:
         click.echo(f"nothing cached under {ctx.cache}")
     for e in entries:
-        state = "complete" if e["complete"] else f"{e['pending']} pending"
+        if e.get("damaged"):
+            state = "DAMAGED"
+        elif not e["fingerprint"]:
+            state = "unfinished"
+        elif e.get("stale"):
+            state = "STALE"
+        else:
+            state = "complete" if e["complete"] else f"{e['pending']} pending"
         unit = "videos" if e["stage"] in ("frames", "features") else "rows"
         click.echo(f"{e['stage']:<8} {e['dataset']}/{e['split']:<8} {e['total']:>7} {unit:<6} {e['ok']:>7} ok "
-                   f"{e['failed']:>5} failed  {state:<12} {e['fingerprint'][:12]}  {e['path']}")
+                   f"{e['failed']:>5} failed  {state:<12} {(e['fingerprint'] or '-')[:12]}  {e['path']}")
+        why = e.get("damaged") or e.get("stale")
+        if why:
+            click.echo(f"  {'damaged' if e.get('damaged') else 'stale'}: {why}")
+    if any(e.get("damaged") for e in entries):
+        click.echo("damaged outputs: `pipeline verify --repair` marks what must be recomputed", err=True)
+
+
+@cli.command()
+@common_options("verify")
+@click.option("--repair", is_flag=True, help="Mark damaged blocks pending (delete outputs that cannot be "
+                                             "recomputed block by block), so that re-running the stage redoes them.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of entries) on stdout.")
+def verify(ctx: Context, repair: bool, as_json: bool) -> None:
+    """Read every finished block of every output in the cache and report damage.
+
+    Checks each chunk's CRC-32C, the recorded digests of columns, heads and label embeddings, and
+    that every finished video has data and a status. Exit status 1 when something is damaged
+    (0 after --repair: re-run the stages that own the repaired outputs).
+
+    \b
+    Examples:
+      pipeline verify
+      pipeline verify --repair && pipeline frames ... && pipeline features ...
+    """
+    from stages import verify as verify_stage
+
+    results = verify_stage.run(ctx.cache, repair=repair, quiet=ctx.quiet)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            click.echo(f"{'ok' if r['ok'] else 'DAMAGED':<8} {r['path']}")
+            for problem in r["problems"][:5]:
+                click.echo(f"  {problem}")
+            if r.get("repair"):
+                click.echo(f"  repaired: {r['repair']}")
+        click.echo(f"{sum(not r['ok'] for r in results)} of {len(results)} outputs damaged")
+    if any(not r["ok"] for r in results) and not repair:
+        sys.exit(1)
 
 
 @cli.command()
@@ -395,6 +443,8 @@ def _heads(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder, 
             shrink = float(shrink)
         except ValueError:
             raise PipelineError(f"--shrinkage must be 'auto' or a number in [0, 1], not {shrink!r}") from None
+        if not 0.0 <= shrink <= 1.0:
+            raise PipelineError(f"LDA shrinkage must be 'auto' or a number in [0, 1], not {shrink}")
     path, head, _ = heads_stage.run(
         ctx.cache, ds, kind, spec.tag, encoder=p.get("encoder", encoder), seed=int(p.get("seed", seed, 0)),
         per_class=int(p.get("per_class", per_class, 60)), solver=p.get("solver", solver, "svd"), shrinkage=shrink,
@@ -753,14 +803,17 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
 
     p = ctx.params
     kind = p.get("temporal", temporal, "tap")
-    cfg = TrainConfig(
-        epochs=int(p.get("epochs", epochs, 30)), batch_size=int(p.get("batch_size", batch_size, 256)),
-        micro_batch=int(p.get("micro_batch", micro_batch, 0)), lr=float(p.get("lr", lr, 5e-5)),
-        backbone_lr_ratio=float(p.get("backbone_lr_ratio", backbone_lr_ratio, 0.1)),
-        temporal_lr=p.get("temporal_lr", temporal_lr), weight_decay=float(p.get("weight_decay", weight_decay, 0.2)),
-        warmup_epochs=float(p.get("warmup_epochs", warmup_epochs, 5.0)), min_lr=float(p.get("min_lr", min_lr, 5e-6)),
-        checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)),
-        amp=bool(p.get("amp", amp, True)), workers=int(p.get("workers", workers, 4)))
+    with settings_errors():
+        cfg = TrainConfig(
+            epochs=int(p.get("epochs", epochs, 30)), batch_size=int(p.get("batch_size", batch_size, 256)),
+            micro_batch=int(p.get("micro_batch", micro_batch, 0)), lr=float(p.get("lr", lr, 5e-5)),
+            backbone_lr_ratio=float(p.get("backbone_lr_ratio", backbone_lr_ratio, 0.1)),
+            temporal_lr=p.get("temporal_lr", temporal_lr),
+            weight_decay=float(p.get("weight_decay", weight_decay, 0.2)),
+            warmup_epochs=float(p.get("warmup_epochs", warmup_epochs, 5.0)),
+            min_lr=float(p.get("min_lr", min_lr, 5e-6)),
+            checkpoint_every=int(p.get("checkpoint_every", checkpoint_every, 0)),
+            amp=bool(p.get("amp", amp, True)), workers=int(p.get("workers", workers, 4)))
     if cfg.temporal_lr is not None:
         cfg.temporal_lr = float(cfg.temporal_lr)
     spec = model_spec(ctx, model, pretrained, quick_gelu)
@@ -792,10 +845,11 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
                                             spec=spec, run_name=run_name, **common)
             else:
                 ra = p.get("randaugment", randaugment, (2, 9))
-                augment = AugmentConfig(
-                    crop_scale=tuple(float(v) for v in p.get("crop_scale", crop_scale, (0.08, 1.0))),
-                    flip=float(p.get("flip", flip, 0.5)), grayscale=float(p.get("grayscale", grayscale, 0.2)),
-                    randaugment_ops=int(ra[0]), randaugment_magnitude=int(ra[1]))
+                with settings_errors():
+                    augment = AugmentConfig(
+                        crop_scale=tuple(float(v) for v in p.get("crop_scale", crop_scale, (0.08, 1.0))),
+                        flip=float(p.get("flip", flip, 0.5)), grayscale=float(p.get("grayscale", grayscale, 0.2)),
+                        randaugment_ops=int(ra[0]), randaugment_magnitude=int(ra[1]))
                 result = finetune_stage.run_full(
                     ctx.cache, cache_dataset(ctx, dataset), spec, head_kind, kind, cfg, augment=augment,
                     t1d_init=p.get("t1d_init", t1d_init, "identity"), run_name=run_name,
@@ -972,11 +1026,12 @@ def report(ctx: Context, dataset, out) -> None:
 
 def main() -> None:
     """Run the CLI; every mistake a user or the environment can cause ends in one ``error:`` line."""
+    warnings.showwarning = _show_warning
     try:
         code = cli.main(standalone_mode=False)
     except click.UsageError as e:  # a wrong flag or value: one line, and where to look
         where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        _fail(f"{e.format_message()}{where}", 2)
+        _fail(" ".join(f"{e.format_message()}{where}".split()), 2)
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code)
     except PipelineError as e:
@@ -999,7 +1054,23 @@ def main() -> None:
 
 
 # Errors of the machine, not of the program: a full disk, a read-only or forbidden folder.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+# Also paths that cannot be made (a file where a folder should be): the user's to fix.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                      errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one ``warning:`` line on stderr, without the source line that raised them."""
+    click.echo(f"warning: {message}", err=True)
+
+
+@contextlib.contextmanager
+def settings_errors():
+    """Invalid values found by a settings dataclass (ValueError) as a one-line error."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"bad settings: {e}") from None
 
 
 def _fail(message: str, code: int) -> None:

@@ -11,3 +11,7 @@ class FingerprintMismatch(PipelineError):
 
 class StoreLocked(PipelineError):
     """Another process is writing the same output."""
+
+
+class DamagedStore(PipelineError):
+    """An output's bytes are missing or altered (a deleted chunk, a failed checksum)."""

@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 
 from . import store
+from .errors import DamagedStore
 from .framestore import FAILED, OK, read_frames
 from .models.clip import LoadedClip, ModelSpec, load_clip
 
@@ -155,6 +156,21 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
     return FeatureBlockResult(block, status, reasons)
 
 
+def require_data(group: zarr.Group, feats: np.ndarray, rows: np.ndarray) -> None:
+    """Features of finished videos are never all zero: zeros there mean a lost chunk."""
+    empty = ~np.any(feats.reshape(len(feats), -1), axis=1)
+    if empty.any():
+        raise DamagedStore(f"feature store {group.store_path} is damaged: features of row {int(rows[empty][0])} "
+                                 "are missing; run `pipeline verify --repair`, then `pipeline features`")
+
+
+def read_rows(group: zarr.Group, rows: np.ndarray) -> np.ndarray:
+    """float16 features [len(rows), T, D] of ok rows, checked for lost chunks."""
+    feats = store.read_array(group, "features")[rows]
+    require_data(group, feats, rows)
+    return feats
+
+
 def video_features(group: zarr.Group, ok_only: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(temporal-average features float32 [n, D], labels [n], row indices) of the usable rows."""
     status = group["status"][:]
@@ -168,6 +184,7 @@ def video_features(group: zarr.Group, ok_only: bool = True) -> tuple[np.ndarray,
         sel = rows[(rows >= lo) & (rows < hi)]
         if sel.size:
             chunk = arr[lo:hi]
+            require_data(group, chunk[sel - lo], sel)
             # accumulate the temporal mean in float64 (the cache contract for statistics)
             feats[np.searchsorted(rows, sel)] = chunk[sel - lo].mean(axis=1, dtype=np.float64)
     return feats, group["label"][:][rows], rows

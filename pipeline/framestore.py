@@ -29,6 +29,7 @@ from zarr.core.dtype import VariableLengthBytes
 
 from . import store
 from .datasets import Manifest
+from .errors import DamagedStore
 from .video import DecodeError, FrameSpec, decode_clip
 
 PENDING, OK, FAILED = store.PENDING, store.OK, store.FAILED
@@ -174,17 +175,34 @@ def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray 
 
     ``frame_indices`` (one row only) picks frames before decoding: training decodes T of T_cache JPEGs.
     """
-    stored = group["frames"][rows]
+    stored = store.read_array(group, "frames", rows)
     if frame_indices is not None:
         stored = stored[np.asarray(frame_indices)]
     if group.attrs["codec"]["name"] == "raw":
         return stored
+    empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
+    if empty.any():
+        _refuse_missing_frames(group, rows, empty)
     spec = group.attrs["spec"]
     shape = (spec["height"], spec["width"])
     flat = [decode_jpeg(b, shape) for b in stored.reshape(-1)]
     if not flat:
         return np.zeros((*stored.shape, *shape, 3), np.uint8)
     return np.stack(flat).reshape(*stored.shape, *shape, 3)
+
+
+def _refuse_missing_frames(group: zarr.Group, rows: slice | int, empty: np.ndarray) -> None:
+    """Empty bytes are right for a failed video; for a decoded one they mean a lost shard."""
+    if isinstance(rows, slice):
+        ids = np.arange(*rows.indices(group["frames"].shape[0]))
+        hit = ids[empty.reshape(len(ids), -1).any(axis=1)]
+    else:
+        hit = np.array([rows])
+    status = group["status"][:][hit]
+    if (status == OK).any():
+        first = int(hit[status == OK][0])
+        raise DamagedStore(f"frame store {group.store_path} is damaged: stored frames of decoded videos are "
+                                 f"missing (row {first}); run `pipeline verify --repair`, then `pipeline frames`")
 
 
 class DecodedFrames:

@@ -33,7 +33,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import UnstableSpecificationWarning
 
-from .errors import FingerprintMismatch, PipelineError, StoreLocked
+from .errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocked
 
 # Variable-length strings and bytes are not yet frozen in the Zarr v3 spec; zarr-python reads
 # and writes them fine and we pin zarr's minor version, so the warning is noise for our users.
@@ -147,9 +147,15 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
     """
     path = Path(path)
     if (path / "zarr.json").exists():
-        group = zarr.open_group(str(path), mode="r+")
-        old = group.attrs.get("fingerprint")
+        try:
+            group = open_group(path, mode="r+")
+        except DamagedStore as e:
+            if not replace_mismatched:
+                raise DamagedStore(f"{e}; re-run with --replace-mismatched to rebuild it") from None
+            group = None
+        old = group.attrs.get("fingerprint") if group is not None else None
         if old == fp:
+            check_bookkeeping(group, path)
             return group
         if old is not None and not replace_mismatched:
             changed = _changed_keys(group.attrs.get("params", {}), params)
@@ -170,10 +176,25 @@ def open_existing(path: str | os.PathLike, what: str) -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise PipelineError(f"no {what} at {path}: run the stage that makes it first")
-    group = zarr.open_group(str(path), mode="r")
+    group = open_group(path, mode="r")
     if "fingerprint" not in group.attrs:
         raise PipelineError(f"{what} at {path} was never fully created: re-run its stage")
+    check_bookkeeping(group, path)
+    for name in ("head", "embeddings"):  # small outputs: check their recorded digest at every open
+        if name in group and group[name].attrs.get("sha256") != values_sha256(read_array(group, name)):
+            raise DamagedStore(f"{what} at {path} is damaged (a chunk is missing or altered): run "
+                               "`pipeline verify --repair`, then re-run its stage")
     return group
+
+
+def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
+    """``zarr.open_group``, with unreadable metadata (a truncated or edited zarr.json) as :class:`DamagedStore`."""
+    try:
+        return zarr.open_group(str(path), mode=mode)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (None, errno.EINVAL):
+            raise
+        raise DamagedStore(f"{path} has unreadable metadata ({type(e).__name__})") from None
 
 
 def _clear(path: Path) -> None:
@@ -206,8 +227,25 @@ def checksummed(compress: bool = True) -> list[Any]:
 
 
 def create_small(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
-    """A small array written whole at creation, in one checksummed chunk (heads, label embeddings)."""
-    return group.create_array(name, data=data, chunks=data.shape, compressors=checksummed())
+    """A small array written whole at creation, in one checksummed chunk (heads, label embeddings).
+
+    The sha256 of its values is kept in its attributes: a deleted chunk (read back as zeros) is
+    caught when the output is opened.
+    """
+    arr = group.create_array(name, data=data, chunks=data.shape, compressors=checksummed())
+    arr.attrs["sha256"] = values_sha256(np.asarray(data))
+    return arr
+
+
+def values_sha256(values: np.ndarray) -> str:
+    """sha256 of an array's values (strings as UTF-8 text, numbers as little-endian bytes)."""
+    h = hashlib.sha256()
+    if values.dtype.kind in "OUT":
+        for v in values.reshape(-1).tolist():
+            h.update(str(v).encode() + b"\0")
+    else:
+        h.update(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
 
 
 def bounded_block(n: int, block: int, row_bytes: int = 0) -> int:
@@ -234,8 +272,11 @@ def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tu
     return group.create_array(name, shape=shape, dtype=dtype, fill_value=fill_value, **kwargs)
 
 
-def create_column(group: zarr.Group, name: str, values: np.ndarray) -> zarr.Array:
-    """A per-video column written once, whole (ids, paths, labels)."""
+def create_column(group: zarr.Group, name: str, values: np.ndarray, digest: bool = True) -> zarr.Array:
+    """A per-video column written once, whole (ids, paths, labels), with the sha256 of its values.
+
+    ``digest=False`` for bookkeeping columns, which the ledger rewrites.
+    """
     values = np.asarray(values)
     dtype = str if values.dtype.kind in "UTO" else values.dtype
     chunk = max(1, min(len(values), COLUMN_CHUNK))
@@ -244,6 +285,8 @@ def create_column(group: zarr.Group, name: str, values: np.ndarray) -> zarr.Arra
     if len(values):
         # via a list: numpy's StringDType (zarr's string reads) does not cast to fixed-width str
         arr[...] = np.array(values.tolist(), dtype=np.str_) if dtype is str else values
+    if digest:
+        arr.attrs["sha256"] = values_sha256(values)
     return arr
 
 
@@ -263,14 +306,14 @@ def create_bookkeeping(group: zarr.Group, n: int, block: int, failed: np.ndarray
     if failed is not None and failed.any():
         status[failed] = FAILED
         reason[failed] = reasons[failed] if reasons is not None else "failed"
-    create_column(group, "status", status)
-    create_column(group, "reason", reason.astype(str) if n else np.array([], dtype=str))
+    create_column(group, "status", status, digest=False)
+    create_column(group, "reason", reason.astype(str) if n else np.array([], dtype=str), digest=False)
     done = np.zeros(n_blocks, np.uint8)
     if n and failed is not None:
         padded = np.ones(n_blocks * block, bool)
         padded[:n] = failed
         done[:] = padded.reshape(n_blocks, block).all(axis=1)
-    create_column(group, DONE_ARRAY, done)
+    create_column(group, DONE_ARRAY, done, digest=False)
 
 
 class Ledger:
@@ -374,20 +417,67 @@ def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | No
     }
 
 
-def find_stores(root: str | os.PathLike) -> list[tuple[Path, zarr.Group]]:
-    """Every stage output (a Zarr group with a ``stage`` attribute) under ``root``, sorted by path."""
-    found = []
+def read_array(group: zarr.Group, name: str, sel: Any = slice(None)) -> np.ndarray:
+    """``group[name][sel]``, with damaged bytes (a failed checksum, a truncated chunk) as :class:`DamagedStore`."""
+    try:
+        return group[name][sel]
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise DamagedStore(f"array {name!r} of {group.store_path} cannot be read "
+                           f"({' '.join(str(e).split())[:120]})") from None
+
+
+def check_bookkeeping(group: zarr.Group, path: str | Path) -> None:
+    """Refuse a per-video store whose statuses contradict its done markers (cheap: whole columns)."""
+    if "status" not in group or DONE_ARRAY not in group:
+        return
+    bad = inconsistent_blocks(group)
+    if bad:
+        raise DamagedStore(f"{path} is damaged ({len(bad)} finished blocks have no status): run "
+                           "`pipeline verify --repair`, then re-run its stage")
+
+
+def inconsistent_blocks(group: zarr.Group) -> list[int]:
+    status = read_array(group, "status")
+    reason = read_array(group, "reason")
+    done = read_array(group, DONE_ARRAY)
+    n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
+    n_blocks = (n + size - 1) // size
+    block_of = np.arange(n) // size
+    row_done = done[:n_blocks][block_of].astype(bool)
+    empty_reason = np.array([not r for r in as_text(reason[status == FAILED])], bool)
+    failed_rows = np.flatnonzero(status == FAILED)
+    bad_rows = np.concatenate([np.flatnonzero(row_done & (status == PENDING)), failed_rows[empty_reason]])
+    return np.unique(block_of[bad_rows]).tolist()
+
+
+def find_stores(root: str | os.PathLike) -> list[tuple[Path, zarr.Group | None]]:
+    """Every stage output (a Zarr group with a ``stage`` attribute) under ``root``, sorted by path.
+
+    An output whose metadata cannot be read comes with ``None`` instead of its group: it is
+    reported as damaged, never dropped (arrays live only inside outputs, so a ``zarr.json`` that
+    no output above holds is an output's).
+    """
+    found: list[tuple[Path, zarr.Group | None]] = []
     root = Path(root)
     if not root.is_dir():
         return found
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         if "zarr.json" in filenames:
+            dirnames[:] = []  # do not descend into its arrays
             try:
                 group = zarr.open_group(dirpath, mode="r")
-            except Exception:  # not a group (an array's metadata): keep walking
+            except Exception:  # noqa: BLE001 - any unreadable metadata means a damaged output
+                found.append((Path(dirpath), None))
                 continue
             if "stage" in group.attrs:
                 found.append((Path(dirpath), group))
-                dirnames[:] = []  # do not descend into its arrays
     return found
+
+
+def damaged_entry(path: Path, root: Path, why: str) -> dict[str, Any]:
+    """A status entry for an output that cannot be summarised."""
+    parts = path.relative_to(root).parts if path.is_relative_to(root) else path.parts
+    return {"stage": parts[0] if parts else None, "dataset": parts[1] if len(parts) > 1 else None,
+            "split": parts[-1] if len(parts) > 2 else "-", "path": str(path), "total": 0, "ok": 0, "failed": 0,
+            "pending": 0, "complete": False, "fingerprint": None, "failures": [], "damaged": why}

@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline import evaluation, store
 from pipeline.errors import PipelineError
-from pipeline.featurestore import video_features
+from pipeline.featurestore import read_rows, video_features
 from pipeline.models.text import encoder_tag
 
 from .heads import open_features
@@ -109,7 +109,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
                                 "store and a fully fine-tuned run (use --views Cx1)")
         group = open_features(cache, dataset, info["model_tag"], split)
         rows, labels = usable_rows(group)
-        data = CachedFeatureSet(group["features"][:][rows], labels, info["frames"], 0, views=temporal)
+        data = CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal)
     else:
         group, path = open_frames(cache, dataset, split)
         rows, labels = usable_rows(group, multilabel="targets" in group)

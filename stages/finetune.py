@@ -24,6 +24,7 @@ import torch
 from pipeline import distributed, store
 from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
 from pipeline.errors import PipelineError
+from pipeline.featurestore import read_rows
 from pipeline.files import write_atomic
 from pipeline.heads import sample_per_class
 from pipeline.losses import VideoTextContrastiveLoss
@@ -118,7 +119,7 @@ class CachedFeatureSet(torch.utils.data.Dataset):
 
 def load_split(group) -> tuple[np.ndarray, np.ndarray]:
     rows, labels = usable_rows(group)
-    return group["features"][:][rows], labels
+    return read_rows(group, rows), labels
 
 
 def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: str | None, n_classes: int,
@@ -148,6 +149,11 @@ def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: boo
             raise PipelineError(f"run {run_dir.name!r} {why}; use another --run-name, or --replace-mismatched "
                                 "to delete it and start again")
         shutil.rmtree(run_dir)
+    elif replace_mismatched and (run_dir / CHECKPOINT).exists():
+        try:
+            load_checkpoint(run_dir / CHECKPOINT)
+        except PipelineError:  # a damaged checkpoint of these settings: start the run again
+            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(config_file, json.dumps({"fingerprint": fp, **info}, indent=2, default=str))
 
@@ -293,7 +299,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     x_train, y_train = load_split(train_group)
     epoch_length = None
     if shots:
-        rows = sample_per_class(y_train, c, shots, cfg.seed)
+        rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
         epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
         x_train, y_train = x_train[rows], y_train[rows]
     run_name = run_name or f"{dataset}-{model_tag}-{head}-{temporal}-frozen" + (f"-{shots}shot" if shots else "")
@@ -314,10 +320,16 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
     val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
-            "encoder": encoder,
+            "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
             "model_spec": asdict(spec) if spec else None}
     return _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
                       cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
+
+
+def _shots_used(labels: np.ndarray, n_classes: int) -> dict:
+    """The videos per class a K-shot run really has (fewer than K where a class is short)."""
+    counts = np.bincount(labels, minlength=n_classes)
+    return {"min": int(counts.min()), "max": int(counts.max())}
 
 
 def _fingerprinted(cfg: TrainConfig) -> dict:
@@ -365,7 +377,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     rows, labels = usable_rows(train_group)
     epoch_length = None
     if shots:
-        picked = sample_per_class(labels, len(names), shots, cfg.seed)
+        picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
         epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
         rows, labels = rows[picked], labels[picked]
     train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment)
@@ -391,7 +403,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
 
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec),
-            "class_names": names, "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"])}
+            "class_names": names, "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"]),
+            "shots_per_class": _shots_used(labels, len(names)) if shots else None}
     # Shared locks on the frame stores for the whole run: neither can be rebuilt while we train on it.
     with store.reader_lock(*(p for p in (train_path, val_path) if p is not None)):
         return _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
