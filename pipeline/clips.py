@@ -29,6 +29,17 @@ class AugmentConfig:
     randaugment_ops: int = 2  # RandAugment N (0: off)
     randaugment_magnitude: int = 9  # RandAugment M
 
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, not {lo} {hi}")
+        for name in ("flip", "grayscale"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], not {getattr(self, name)}")
+        if not 0 <= self.randaugment_ops <= 14 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ValueError("RandAugment N must be in 0..14 (operations) and M in 0..30 (magnitude), not "
+                             f"{self.randaugment_ops} {self.randaugment_magnitude}")
+
 
 @dataclass(frozen=True)
 class Normalization:

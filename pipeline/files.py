@@ -44,4 +44,6 @@ def describe_os_error(e: OSError) -> str:
         return "no space left on the device (free some, then re-run: finished work is kept)"
     if e.errno == errno.EROFS:
         return "read-only file system"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "a file is in the way of a folder"
     return e.strerror or str(e)

@@ -31,21 +31,23 @@ def orthogonal_head(c: int, d: int, seed: int) -> np.ndarray:
 
 
 def sample_per_class(labels: np.ndarray, n_classes: int, per_class: int, seed: int,
-                     min_per_class: int = 1) -> np.ndarray:
+                     min_per_class: int = 1, class_names: list[str] | None = None) -> np.ndarray:
     """Sorted row indices: ``per_class`` rows of each class drawn without replacement (all of a smaller class)."""
+    name = (lambda c: repr(class_names[c])) if class_names else (lambda c: f"class {c}")
     rng = np.random.default_rng(seed)
     chosen = []
     short = []
     for c in range(n_classes):
         rows = np.flatnonzero(labels == c)
         if rows.size < min_per_class:
-            raise PipelineError(f"class {c} has {rows.size} usable training videos; at least {min_per_class} needed")
+            raise PipelineError(f"{name(c)} has {rows.size} usable training videos; at least {min_per_class} needed")
         if rows.size < per_class:
             short.append(c)
         chosen.append(rng.choice(rows, size=min(per_class, rows.size), replace=False))
     if short:
+        shown = ", ".join(name(c) for c in short[:3]) + (", ..." if len(short) > 3 else "")
         warnings.warn(f"{len(short)} classes have fewer than {per_class} videos; all of theirs were used "
-                      f"(first: class {short[0]})", stacklevel=2)
+                      f"({shown})", stacklevel=2)
     return np.sort(np.concatenate(chosen))
 
 
@@ -56,6 +58,11 @@ def lda_head(x: np.ndarray, y: np.ndarray, n_classes: int, solver: str = "svd",
 
     if shrinkage is not None and solver == "svd":
         raise PipelineError("LDA shrinkage needs solver 'lsqr' or 'eigen'")
+    if isinstance(shrinkage, float) and not 0.0 <= shrinkage <= 1.0:
+        raise PipelineError(f"LDA shrinkage must be 'auto' or a number in [0, 1], not {shrinkage}")
+    if len(x) <= n_classes:
+        raise PipelineError(f"LDA needs more videos than classes: {len(x)} videos for {n_classes} classes "
+                            "(use --per-class 2 or more)")
     lda = LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage)
     lda.fit(x.astype(np.float64), y)
     coef = lda.coef_

@@ -66,6 +66,16 @@ class TrainConfig:
     amp: bool = True  # autocast on GPU (bf16 where supported, else fp16 with a scaler); fp32 on CPU
     workers: int = 0  # data-loader processes per rank
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "backbone_lr_ratio", "weight_decay", "warmup_epochs", "min_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, not {value}")
+        if self.temporal_lr is not None and (not math.isfinite(float(self.temporal_lr)) or self.temporal_lr < 0):
+            raise ValueError(f"temporal_lr must be a finite number >= 0, not {self.temporal_lr}")
+        if self.lr == 0 or self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("lr must be > 0, and epochs and batch size at least 1")
+
     def as_dict(self) -> dict:
         return asdict(self)
 

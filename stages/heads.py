@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -62,9 +63,10 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
         feats, labels, rows = feats[usable], labels[usable], rows[usable]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            picked = sample_per_class(labels, c, per_class, seed, min_per_class=2 if kind == "lda" else 1)
+            picked = sample_per_class(labels, c, per_class, seed, min_per_class=2 if kind == "lda" else 1,
+                                      class_names=class_names)
         for w in caught:
-            print(f"warning: {w.message}")
+            print(f"warning: {w.message}", file=sys.stderr)
         if kind == "lda":
             head = lda_head(feats[picked], labels[picked], c, solver=solver, shrinkage=shrinkage)
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import evaluation
+from pipeline.errors import PipelineError
 from pipeline.featurestore import video_features
 from pipeline.plots import plot_curves
 
@@ -96,6 +97,9 @@ def zero_shot_seen_vs_heldout(cache: Path, dataset: str, model_tag: str, heldout
 def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = "demo-order",
         model_tag: str = "tiny-clip", settings_note: str = "") -> tuple[Path, str]:
     cache, out_dir = Path(cache), Path(out_dir)
+    if not any((cache / stage / dataset).is_dir() for stage in ("frames", "features")):
+        raise PipelineError(f"nothing cached for dataset {dataset!r} under {cache}: run the demo pipeline first "
+                            "(`make demo`), or pass the dataset's cache name with -d")
     out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[str] = ["# Text4Vis on the demo world", ""]
     pretrain_info = json.loads((cache / model_tag / "pretrain.json").read_text()) if (

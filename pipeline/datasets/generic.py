@@ -32,6 +32,14 @@ def load_csv(name: str, root: str) -> Manifest:
         raise PipelineError(f"unreadable CSV list {path}: needs columns path,label[,split][,start,end], "
                             f"found {reader.fieldnames}")
     rows = list(reader)
+    if not rows:
+        raise PipelineError(f"CSV list {path} has a header but no rows")
+    for n, row in enumerate(rows, start=2):
+        if None in row or any(row.get(k) is None for k in ("path", "label")):
+            raise PipelineError(f"{path} line {n}: {len([v for v in row.values() if v is not None])} fields, "
+                                f"the header has {len(reader.fieldnames or [])}")
+        if not row["path"].strip():
+            raise PipelineError(f"{path} line {n}: empty path")
     classes_file = path.parent / "classes.txt"
     if classes_file.is_file():
         class_names = [c.strip() for c in read_text(classes_file, "class list").splitlines() if c.strip()]

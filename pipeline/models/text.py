@@ -36,13 +36,27 @@ def resolve_templates(template: str) -> list[str]:
         return list(TEMPLATE_SETS[template])
     if os.path.isfile(template):
         lines = [t.strip() for t in Path(template).read_text().splitlines() if t.strip()]
-        bad = [t for t in lines if "{}" not in t]
+        bad = [t for t in lines if not is_template(t)]
         if not lines or bad:
-            raise PipelineError(f"template file {template}: every line needs a '{{}}' for the class name")
+            first = repr(bad[0]) if bad else "none, the file is empty"
+            raise PipelineError(f"template file {template}: every line needs exactly one '{{}}' for the class name "
+                                f"and no other braces (first bad line: {first})")
         return lines
-    if "{}" in template:
+    if is_template(template):
         return [template]
-    raise PipelineError(f"template {template!r} is not paper, bare, kinetics28, a file, nor a text with '{{}}'")
+    raise PipelineError(f"template {template!r} is not paper, bare, kinetics28, a file, nor a text with exactly one "
+                        "'{}' and no other braces")
+
+
+def is_template(text: str) -> bool:
+    """Exactly one bare ``{}`` replacement field (literal braces doubled): nothing else is formatted."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError:  # an unmatched brace
+        return False
+    return [(field, spec, conv) for _, field, spec, conv in parsed if field is not None] == [("", "", None)]
 
 
 def encoder_tag(encoder: str, model_tag: str) -> str:
