@@ -828,7 +828,8 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
         text_weight_decay=float(p.get("text_weight_decay", text_weight_decay, 0.2)),
         template=str(p.get("text_template", text_template, "a video of a person {}.")))
     common["objective"] = goal
-    configured = p.get("seed", None, 0)  # params.yaml may list several seeds too
+    configured = p.get("seed", None)  # params.yaml may list several seeds too
+    configured = 0 if configured is None else configured
     seed_list = list(seeds) if seeds else [int(v) for v in (configured if isinstance(configured, list) else
                                                              [configured])]
     name = common.pop("run_name")

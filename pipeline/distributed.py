@@ -41,4 +41,5 @@ def barrier() -> None:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the rendezvous store down while another still uses it
         dist.destroy_process_group()

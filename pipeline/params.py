@@ -62,21 +62,24 @@ class Params:
 
     @staticmethod
     def _typed(name: str, value: Any, default: Any) -> Any:
-        """A params-file value of the default's type (flags are typed by click), or a one-line error."""
+        """A params-file value of the default's type (flags are typed by click), or a one-line error.
+
+        Numbers written as text convert (PyYAML reads ``5e-5``, without a dot, as a string).
+        """
         if value is None or default is None or isinstance(default, str):
             return value
         kind = type(default)
-        if kind is bool:
-            if isinstance(value, bool):
+        try:
+            if kind is bool and isinstance(value, bool):
                 return value
-        elif kind is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif kind is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if kind is int and not isinstance(value, (bool, float)):
+                return int(value)
+            if kind is float and not isinstance(value, bool):
                 return float(value)
-        else:
-            return value
+            if kind not in (bool, int, float):
+                return value
+        except (TypeError, ValueError):
+            pass
         names = {bool: "true or false", int: "an integer", float: "a number"}
         raise PipelineError(f"{name} in the params file must be {names[kind]}, not {value!r}")
 

@@ -30,6 +30,7 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
     missing = [s for s in chosen if s not in available]
     if missing:
         raise PipelineError(f"no frame store for {dataset}/{missing[0]}; stored splits: {', '.join(available)}")
+    spec = spec.absolute()  # workers may run in other directories
     clip = load_clip(spec, device)  # fail fast on a bad model, and learn its identity
     remember_model(spec, device, clip)  # in-process blocks reuse it (dask workers load their own)
     precision = precision_for(device)
@@ -65,7 +66,8 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 bar.update(r.n)
             errors = run_blocks(
                 extract_feature_block,
-                [(str(path), str(fpath), b, spec, device, batch_size, threads) for b in pending],
+                [(str(path.absolute()), str(fpath.absolute()), b, spec, device, batch_size, threads)
+                 for b in pending],
                 workers=workers, scheduler_address=scheduler_address, on_result=done)
         summary = store.summarize(group, path, max_failures=None)
     summary["errors"] = errors

@@ -321,7 +321,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
             "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
-            "model_spec": asdict(spec) if spec else None}
+            "model_spec": asdict(spec.absolute()) if spec else None}
     return _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
                       cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
 
@@ -402,7 +402,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         return backbone_lr if name.startswith("visual.") else cfg.lr
 
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-    info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec),
+    info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec.absolute()),
             "class_names": names, "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"]),
             "shots_per_class": _shots_used(labels, len(names)) if shots else None}
     # Shared locks on the frame stores for the whole run: neither can be rebuilt while we train on it.

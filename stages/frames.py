@@ -73,7 +73,7 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
                 def done(result: BlockResult) -> None:
                     ledger.record(result.block, result.status, result.reasons)
                     bar.update(result.n)
-                errors = run_blocks(extract_block, [(str(path), b, threads) for b in pending],
+                errors = run_blocks(extract_block, [(str(path.absolute()), b, threads) for b in pending],
                                     workers=workers, scheduler_address=scheduler_address, on_result=done)
             summary = store.summarize(group, path, max_failures=None)
             summary["errors"] = errors

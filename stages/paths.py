@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -48,6 +49,10 @@ def heads_path(cache: Path, dataset: str, model_tag: str, kind: str, encoder_tag
 
 
 def run_path(cache: Path, run_name: str) -> Path:
+    """``runs/<run>``, or ``runs/<run>/s<seed>`` for one seed of a multi-seed run."""
+    name, _, seed = str(run_name).partition("/")
+    if seed and re.fullmatch(r"s\d+", seed):
+        return _under(cache, "runs", run=name, seed=seed)
     return _under(cache, "runs", run=run_name)
 
 

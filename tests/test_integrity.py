@@ -93,8 +93,8 @@ def test_a_planted_symlink_lock_is_refused_and_its_target_untouched(tmp_path):
 
 def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "prototype", "--per-class", "3", "--cache", str(c))
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "prototype", "--per-class", "3", "--replace-mismatched", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     run_inproc("evaluate", "-d", "toy", *m(tiny), "--head", "prototype", "--cache", str(c))
     frames = c / "frames" / "toy" / "val"
     world = Path(zarr.open_group(str(frames), mode="r").attrs["params"]["root"])
@@ -189,7 +189,7 @@ def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "verify --repair" in proc.stderr
@@ -204,7 +204,7 @@ def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
 
 def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     head = c / "heads" / "toy" / "tiny-clip" / "clip-text"
     (head / "head" / "c" / "0" / "0").unlink()
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c), check=False)
@@ -225,7 +225,7 @@ def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
     # verify --repair: the head is deleted (recomputed by `heads`), the blocks marked pending
     run_cli("verify", "--repair", "--cache", str(c))
     assert not head.exists()
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     pending = {(e["stage"], e["split"]): e["pending"] for e in json.loads(run_cli("status", "--json", "--cache",
                                                                                   str(c)).stdout)}
     assert pending[("features", "train")] == 4 and pending[("frames", "val")] == 24
@@ -364,7 +364,7 @@ def test_a_read_only_cache_is_one_line_for_a_writer(tmp_path, monkeypatch):
 ])
 def test_bad_input_is_one_error_line(cache, tmp_path, args, expected):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     (tmp_path / "file").write_text("a file where a folder would go")
     args = [a.replace("MODEL", str(tiny)).replace("FILE", str(tmp_path / "file")) for a in args]
     proc = run_cli(*args, "--cache", str(c), check=False)
@@ -396,7 +396,7 @@ def frozen(tiny: Path, c: Path, run: str, *extra: str) -> list[str]:
 
 def test_damaged_run_files_are_one_line_and_replace_mismatched_recovers(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     run_inproc(*frozen(tiny, c, "r"))
     run_dir = c / "runs" / "r"
     assert not list(run_dir.glob("*.partial"))
@@ -422,7 +422,7 @@ def test_damaged_run_files_are_one_line_and_replace_mismatched_recovers(cache):
 
 def test_a_run_without_run_json_beside_another_settings_checkpoint_is_not_stuck(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     run_inproc(*frozen(tiny, c, "s", "--lr", "1e-3"))
     (c / "runs" / "s" / "run.json").unlink()
     proc = run_cli(*frozen(tiny, c, "s"), check=False)

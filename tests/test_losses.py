@@ -58,6 +58,7 @@ per_video, per_text, targets = loss_fn.logits(v, t, data["labels"][rows], data["
 loss = loss_fn(v, t, data["labels"][rows], data["scale"])
 loss.backward()
 torch.save({"per_video": per_video.detach(), "loss": loss.detach(), "vgrad": v.grad}, f"{out}/rank{rank}.pt")
+dist.barrier()  # no rank tears the store down while another still uses it
 dist.destroy_process_group()
 """
 

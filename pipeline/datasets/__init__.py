@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..errors import PipelineError
 from .activitynet import load_activitynet
 from .generic import load_csv, load_folder
@@ -25,6 +27,8 @@ def load_manifest(dataset: str, root: str | None, *, split_id: int = 1, untrimme
         raise PipelineError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if not root:
         raise PipelineError(f"no root given for dataset {dataset!r}: pass --root DIR or set data.root in params.yaml")
+    # Absolute, so that the stores' path columns work from any directory and on remote workers.
+    root = os.path.abspath(os.path.expanduser(root))
     if dataset in ("k400", "k600", "k700"):
         return load_kinetics(dataset, root, untrimmed=untrimmed)
     if dataset == "ucf101":

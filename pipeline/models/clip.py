@@ -38,6 +38,15 @@ class ModelSpec:
     pretrained: str | None = None  # tag or checkpoint file (built-in names only)
     quick_gelu: bool | None = None  # None: what the pretrained tag was trained with (OpenAI: QuickGELU)
 
+    def absolute(self) -> ModelSpec:
+        """This spec with its local paths absolute: recorded in runs, usable from any directory."""
+        name, pretrained = self.name, self.pretrained
+        if name.startswith("local-dir:"):
+            name = "local-dir:" + os.path.abspath(os.path.expanduser(name[len("local-dir:"):]))
+        if pretrained and os.path.isfile(pretrained):
+            pretrained = os.path.abspath(pretrained)
+        return ModelSpec(name=name, pretrained=pretrained, quick_gelu=self.quick_gelu)
+
     @property
     def tag(self) -> str:
         """A short, path-safe name for cache keys: ``ViT-B-16-openai``, ``tiny-clip``, ``org--name``."""
