@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from .cachefs import cache_root
 from .errors import PipelineError
 from .params import Params, load_params
 
@@ -24,7 +25,7 @@ CACHE_ENV = "PIPELINE_CACHE"
 
 class Context:
     def __init__(self, cache: str | None, params_file: str | None, quiet: bool, section: str) -> None:
-        self.cache = Path(cache or os.environ.get(CACHE_ENV) or "cache")
+        self.cache = cache_root(cache or os.environ.get(CACHE_ENV) or "cache")
         self.params_file = params_file
         self.params = Params(load_params(params_file), section)
         self.quiet = quiet
@@ -39,8 +40,9 @@ def common_options(section: str) -> Callable:
     """--cache, --params and --quiet on every command; builds a :class:`Context` from them."""
 
     def decorate(fn: Callable) -> Callable:
-        @click.option("--cache", "cache", type=click.Path(file_okay=False),
-                      help=f"Cache directory [default: ./cache, or ${CACHE_ENV}].")
+        @click.option("--cache", "cache",
+                      help=f"Cache folder, or an fsspec URL (s3://bucket/prefix, gs://...) [default: ./cache, or "
+                           f"${CACHE_ENV}].")
         @click.option("--params", "params_file", type=click.Path(dir_okay=False),
                       help="Parameters file [default: ./params.yaml if present].")
         @click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of progress bars.")

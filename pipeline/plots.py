@@ -11,6 +11,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .cachefs import as_path  # noqa: E402
+from .files import write_atomic  # noqa: E402
+
 
 def correlation(head: np.ndarray) -> np.ndarray:
     """Cosine similarity between the rows of a head [C, D] -> [C, C]."""
@@ -57,8 +60,8 @@ def plot_curves(curves: dict[str, list[np.ndarray]], out: str | os.PathLike, tit
 
 def _save(fig, out: str | os.PathLike) -> Path:
     fig.tight_layout()
-    out = Path(out)
+    out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    write_atomic(out, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return out

@@ -19,13 +19,14 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
+import socket
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import UnstableSpecificationWarning
 
+from .cachefs import as_path, is_remote, remove_tree, walk
 from .errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocked
 
 # Variable-length strings and bytes are not yet frozen in the Zarr v3 spec; zarr-python reads
@@ -59,8 +61,8 @@ def lock_path(path: str | os.PathLike) -> Path:
     Outside, because creating a store empties its folder (the lock must exist before the store
     and survive its creation), and because a DVC output's hash must depend on its content only.
     """
-    path = Path(path)
-    return path.parent / f".{path.name}.lock"
+    path = as_path(path)
+    return path.parent / f".{path.name}.{'lease' if is_remote(path) else 'lock'}"
 
 
 def _open_lock(path: Path, exclusive: bool) -> int | None:
@@ -91,7 +93,14 @@ def _open_lock(path: Path, exclusive: bool) -> int | None:
 
 @contextmanager
 def writer_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold the one-writer lock of the output at ``path`` (exclusive; readers hold it shared)."""
+    """Hold the one-writer lock of the output at ``path`` (exclusive; readers hold it shared).
+
+    On object storage (a URL): a lease object, see :func:`remote_lease`.
+    """
+    if is_remote(path):
+        with remote_lease(as_path(path)):
+            yield
+        return
     lp = lock_path(path)
     fd = _open_lock(lp, exclusive=True)
     assert fd is not None
@@ -115,12 +124,87 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
+# A remote writer's lease lasts this long unless renewed (every third of it while the writer
+# runs): a killed writer's store can be taken over after at most this many seconds.
+LEASE_SECONDS = float(os.environ.get("PIPELINE_LEASE_SECONDS", "120"))
+
+
+@contextmanager
+def remote_lease(path: Path) -> Iterator[None]:
+    """The one-writer rule on object storage: a lease object beside the store, created only if absent.
+
+    Creation uses the storage's conditional create (S3 ``If-None-Match: *``, GCS generation 0, fsspec
+    ``mode="xb"``). A lease past its expiry (its writer was killed) is taken over. A storage that
+    cannot create conditionally is refused: one writer could not be guaranteed there.
+    """
+    lease = lock_path(path)
+    fs, key = lease.fs, lease.path
+    owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+    def body() -> bytes:
+        return json.dumps({"owner": owner, "expires": time.time() + LEASE_SECONDS}).encode()
+
+    def create() -> None:
+        with fs.open(key, "xb") as f:
+            f.write(body())
+
+    def holder() -> dict:
+        try:
+            return json.loads(fs.cat_file(key))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    try:
+        try:
+            create()
+        except FileExistsError:
+            held = holder()
+            if held.get("expires", 0) > time.time():
+                raise StoreLocked(
+                    f"{path} is being written by another process ({held.get('owner', '?')}); its lease expires "
+                    f"{max(0, held['expires'] - time.time()):.0f} s after its last renewal (PIPELINE_LEASE_SECONDS)"
+                ) from None
+            fs.rm_file(key)  # expired: its writer was killed
+            try:
+                create()
+            except FileExistsError:
+                raise StoreLocked(f"{path} was just taken over by another process") from None
+    except (NotImplementedError, ValueError) as e:
+        raise PipelineError(f"{path}: this storage cannot create an object only if it is absent ({e}), so one "
+                            "writer per store cannot be guaranteed there; use S3, GCS or a local or shared disk"
+                            ) from None
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
+            try:
+                if holder().get("owner") == owner:
+                    fs.pipe_file(key, body())
+            except Exception:  # noqa: BLE001 - a missed renewal only shortens the lease
+                pass
+
+    renewer = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join(timeout=10)
+        try:
+            if holder().get("owner") == owner:
+                fs.rm_file(key)
+        except FileNotFoundError:
+            pass
+
+
 @contextmanager
 def reader_lock(*paths: str | os.PathLike) -> Iterator[None]:
     """Hold a shared lock on each input output: no writer can rebuild it while we read it."""
     fds = []
     try:
         for path in paths:
+            if is_remote(path):
+                continue  # object storage has no shared locks; consumers re-check fingerprints at every use
             fd = _open_lock(lock_path(path), exclusive=False)
             if fd is None:
                 continue
@@ -145,7 +229,7 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
     or is deleted and rebuilt with ``replace_mismatched``. A store whose creation was interrupted
     (no fingerprint yet) holds no finished work and is rebuilt. Call under :func:`writer_lock`.
     """
-    path = Path(path)
+    path = as_path(path)
     if (path / "zarr.json").exists():
         try:
             group = open_group(path, mode="r+")
@@ -173,7 +257,7 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
 
 def open_existing(path: str | os.PathLike, what: str) -> zarr.Group:
     """Open a finished-or-resumable output for reading, with a one-line error when absent."""
-    path = Path(path)
+    path = as_path(path)
     if not (path / "zarr.json").exists():
         raise PipelineError(f"no {what} at {path}: run the stage that makes it first")
     group = open_group(path, mode="r")
@@ -199,10 +283,7 @@ def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
 
 def _clear(path: Path) -> None:
     """Delete a store (its lock lives beside it and is untouched)."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
+    remove_tree(path)
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -458,26 +539,29 @@ def find_stores(root: str | os.PathLike) -> list[tuple[Path, zarr.Group | None]]
     no output above holds is an output's).
     """
     found: list[tuple[Path, zarr.Group | None]] = []
-    root = Path(root)
+    root = as_path(root)
     if not root.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in walk(root):
         dirnames.sort()
         if "zarr.json" in filenames:
             dirnames[:] = []  # do not descend into its arrays
             try:
-                group = zarr.open_group(dirpath, mode="r")
+                group = zarr.open_group(str(dirpath), mode="r")
             except Exception:  # noqa: BLE001 - any unreadable metadata means a damaged output
-                found.append((Path(dirpath), None))
+                found.append((dirpath, None))
                 continue
             if "stage" in group.attrs:
-                found.append((Path(dirpath), group))
+                found.append((dirpath, group))
     return found
 
 
 def damaged_entry(path: Path, root: Path, why: str) -> dict[str, Any]:
     """A status entry for an output that cannot be summarised."""
-    parts = path.relative_to(root).parts if path.is_relative_to(root) else path.parts
+    try:
+        parts = PurePosixPath(str(path)[len(str(root)):].strip("/")).parts
+    except ValueError:
+        parts = ()
     return {"stage": parts[0] if parts else None, "dataset": parts[1] if len(parts) > 1 else None,
             "split": parts[-1] if len(parts) > 2 else "-", "path": str(path), "total": 0, "ok": 0, "failed": 0,
             "pending": 0, "complete": False, "fingerprint": None, "failures": [], "damaged": why}

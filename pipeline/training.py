@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .cachefs import as_path
 from .errors import FingerprintMismatch, PipelineError
 from .evaluation import metrics, multilabel_metrics
 from .files import write_atomic
@@ -40,7 +41,8 @@ CHECKPOINT = "checkpoint.pt"
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A run's checkpoint (tensors only: ``weights_only``), or a one-line error when it is damaged."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with as_path(path).open("rb") as f:
+            ck = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...: all mean "damaged"
         raise PipelineError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it or use "
                             "--replace-mismatched to start the run again") from None
@@ -267,7 +269,7 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
             checkpoint = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": _rng_states(),
                           "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
                           "fingerprint": fingerprint, "config": cfg.as_dict()}
-            write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+            write_atomic(path, lambda f: torch.save(checkpoint, f))
         if ddp:
             dist.barrier()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import store
+from pipeline.cachefs import location
 from pipeline.errors import PipelineError
 from pipeline.featurestore import (
     extract_feature_block,
@@ -55,8 +56,9 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
     params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision, "batch_size": batch_size,
               "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
     with store.writer_lock(path):
-        group = store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
-                                  init=lambda g: init_feature_store(g, frames_group, clip, spec, precision, str(fpath)))
+        group = store.open_output(
+            path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
+            init=lambda g: init_feature_store(g, frames_group, clip, spec, precision, location(fpath)))
         pending = store.pending_blocks(group)
         threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
         with Progress(store.rows_in(group, pending), f"features {dataset}/{split}", quiet) as bar, \
@@ -66,7 +68,7 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 bar.update(r.n)
             errors = run_blocks(
                 extract_feature_block,
-                [(str(path.absolute()), str(fpath.absolute()), b, spec, device, batch_size, threads)
+                [(location(path), location(fpath), b, spec, device, batch_size, threads)
                  for b in pending],
                 workers=workers, scheduler_address=scheduler_address, on_result=done)
         summary = store.summarize(group, path, max_failures=None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +21,11 @@ import numpy as np
 import torch
 
 from pipeline import distributed, store
+from pipeline.cachefs import as_path, is_remote, remove_tree
 from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
 from pipeline.errors import PipelineError
 from pipeline.featurestore import read_rows
-from pipeline.files import write_atomic
+from pipeline.files import append_line, write_atomic
 from pipeline.heads import sample_per_class
 from pipeline.losses import VideoTextContrastiveLoss
 from pipeline.models.classifier import (
@@ -148,12 +148,12 @@ def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: boo
         if not replace_mismatched:
             raise PipelineError(f"run {run_dir.name!r} {why}; use another --run-name, or --replace-mismatched "
                                 "to delete it and start again")
-        shutil.rmtree(run_dir)
+        remove_tree(run_dir)
     elif replace_mismatched and (run_dir / CHECKPOINT).exists():
         try:
             load_checkpoint(run_dir / CHECKPOINT)
         except PipelineError:  # a damaged checkpoint of these settings: start the run again
-            shutil.rmtree(run_dir)
+            remove_tree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(config_file, json.dumps({"fingerprint": fp, **info}, indent=2, default=str))
 
@@ -177,7 +177,7 @@ class Reporter:
         self.bar = Progress(steps, desc, quiet, unit="step")
         self.live = None
         self.live_dir = run_dir / "dvclive"
-        self.use_live = live
+        self.use_live = live and not is_remote(run_dir)  # DVCLive writes local folders only
         self.clips, self.seconds = 0, 0.0
 
     def _truncate(self, step: int) -> None:
@@ -211,8 +211,7 @@ class Reporter:
                     print(f"warning: DVCLive is off for this run ({type(e).__name__}: {e}); "
                           "history.jsonl still has every step", file=sys.stderr)
             return
-        with open(self.history, "a") as log:
-            log.write(json.dumps({"kind": kind, **values}) + "\n")
+        append_line(self.history, json.dumps({"kind": kind, **values}))
         if kind == "step":
             self.clips += values["clips"]
             self.seconds += values["seconds"]
@@ -415,8 +414,8 @@ def load_run(cache: Path, run_name: str):
     """(model with the run's latest weights, run.json, loaded clip or None for frozen-backbone runs)."""
     run_dir = run_path(cache, run_name)
     if not (run_dir / "run.json").is_file():
-        known = sorted(p.name for p in (Path(cache) / "runs").glob("*") if (p / "run.json").is_file())
-        raise PipelineError(f"no run {run_name!r} in {Path(cache) / 'runs'}" + (f"; runs: {', '.join(known)}"
+        known = sorted(p.name for p in (as_path(cache) / "runs").glob("*") if (p / "run.json").is_file())
+        raise PipelineError(f"no run {run_name!r} in {as_path(cache) / 'runs'}" + (f"; runs: {', '.join(known)}"
                                                                                     if known else ""))
     if not (run_dir / "checkpoint.pt").is_file():
         raise PipelineError(f"run {run_name!r} has no checkpoint yet (it has not finished an epoch)")

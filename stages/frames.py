@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import store
+from pipeline.cachefs import location
 from pipeline.datasets import load_manifest
 from pipeline.errors import PipelineError
 from pipeline.framestore import (
@@ -73,7 +74,7 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
                 def done(result: BlockResult) -> None:
                     ledger.record(result.block, result.status, result.reasons)
                     bar.update(result.n)
-                errors = run_blocks(extract_block, [(str(path.absolute()), b, threads) for b in pending],
+                errors = run_blocks(extract_block, [(location(path), b, threads) for b in pending],
                                     workers=workers, scheduler_address=scheduler_address, on_result=done)
             summary = store.summarize(group, path, max_failures=None)
             summary["errors"] = errors

@@ -13,6 +13,7 @@ from pathlib import Path
 import zarr
 
 from pipeline import store
+from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 
 from .paths import features_path, frames_path, labels_path
@@ -26,7 +27,7 @@ def _fingerprint_at(path: Path) -> str | None:
 
 
 def _model_identity_of_features(cache: Path, dataset: str, model_tag: str) -> dict | None:
-    base = Path(cache) / "features" / dataset / model_tag
+    base = as_path(cache) / "features" / dataset / model_tag
     for split_dir in sorted(base.iterdir()) if base.is_dir() else []:
         if (split_dir / "zarr.json").is_file():
             try:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
+from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.text import encode_with_clip, encode_with_hf, encoder_tag, resolve_templates
@@ -23,7 +24,7 @@ def class_names_of(cache: Path, dataset: str) -> tuple[list[str], str]:
     if splits:
         group = store.open_existing(frames_path(cache, dataset, splits[0]), f"frame store {dataset}/{splits[0]}")
     else:
-        found = sorted((Path(cache) / "features" / dataset).glob("*/*/zarr.json"))
+        found = sorted((as_path(cache) / "features" / dataset).glob("*/*/zarr.json"))
         if not found:
             raise PipelineError(f"no frame or feature store for {dataset!r} under {cache}: "
                                 "run `pipeline frames` (or `pipeline import`) first")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 
 WHAT = {"dataset": "dataset name", "split": "split name", "model_tag": "model tag", "encoder_tag": "encoder tag",
@@ -28,7 +29,7 @@ def safe_name(value: str, what: str) -> str:
 
 
 def _under(cache: Path, stage: str, **parts: str) -> Path:
-    return Path(cache).joinpath(stage, *(safe_name(v, k) for k, v in parts.items()))
+    return as_path(cache).joinpath(stage, *(safe_name(v, k) for k, v in parts.items()))
 
 
 def frames_path(cache: Path, dataset: str, split: str) -> Path:
@@ -58,5 +59,5 @@ def run_path(cache: Path, run_name: str) -> Path:
 
 def splits_of(cache: Path, stage: str, *parts: str) -> list[str]:
     """Splits that have an output of ``stage`` under cache/<stage>/<parts...>/<split>."""
-    base = Path(cache).joinpath(stage, *parts)
+    base = as_path(cache).joinpath(stage, *parts)
     return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists()) if base.is_dir() else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 from pipeline.plots import plot_correlation
 
@@ -25,12 +26,12 @@ def choose_classes(class_names: list[str], classes: str) -> list[int]:
 
 
 def run(cache: Path, dataset: str, model_tag: str, kinds: list[str], classes: str, out: Path | None) -> list[Path]:
-    base = Path(cache) / "heads" / dataset / model_tag
+    base = as_path(cache) / "heads" / dataset / model_tag
     found = sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists()) if base.is_dir() else []
     chosen = kinds or found
     if not chosen:
         raise PipelineError(f"no heads cached for {dataset} with model {model_tag}: run `pipeline heads` first")
-    out = out or Path(cache) / "plots" / dataset
+    out = out or as_path(cache) / "plots" / dataset
     written = []
     for name in chosen:
         match = [f for f in found if f == name or f.startswith(f"{name}-")]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import evaluation
+from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 from pipeline.featurestore import video_features
 from pipeline.plots import plot_curves
@@ -64,7 +65,7 @@ def _top1(runs: list[dict], key: str = "val_top1") -> tuple[float, float] | None
 
 
 def _untuned(cache: Path, kind: str) -> dict | None:
-    path = Path(cache) / "metrics" / f"untuned-{kind}.json"
+    path = as_path(cache) / "metrics" / f"untuned-{kind}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -96,7 +97,7 @@ def zero_shot_seen_vs_heldout(cache: Path, dataset: str, model_tag: str, heldout
 
 def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = "demo-order",
         model_tag: str = "tiny-clip", settings_note: str = "") -> tuple[Path, str]:
-    cache, out_dir = Path(cache), Path(out_dir)
+    cache, out_dir = as_path(cache), as_path(out_dir)
     if not any((cache / stage / dataset).is_dir() for stage in ("frames", "features")):
         raise PipelineError(f"nothing cached for dataset {dataset!r} under {cache}: run the demo pipeline first "
                             "(`make demo`), or pass the dataset's cache name with -d")
@@ -242,7 +243,7 @@ def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = 
 
     # ---- figures ---------------------------------------------------------------------------------------
     lines += ["## Figures", ""]
-    plots = Path(cache) / "plots" / dataset
+    plots = as_path(cache) / "plots" / dataset
     for kind in ("clip-text", "text-hf-all-MiniLM-L6-v2", "lda", "random"):
         src = plots / f"head-correlation-{kind}.png"
         if src.is_file():

@@ -93,7 +93,8 @@ def test_a_planted_symlink_lock_is_refused_and_its_target_untouched(tmp_path):
 
 def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "prototype", "--per-class", "3", "--replace-mismatched", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "prototype", "--per-class", "3", "--replace-mismatched",
+               "--cache", str(c))
     run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
     run_inproc("evaluate", "-d", "toy", *m(tiny), "--head", "prototype", "--cache", str(c))
     frames = c / "frames" / "toy" / "val"
@@ -364,7 +365,7 @@ def test_a_read_only_cache_is_one_line_for_a_writer(tmp_path, monkeypatch):
 ])
 def test_bad_input_is_one_error_line(cache, tmp_path, args, expected):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    clip_text_head(c, tiny)
     (tmp_path / "file").write_text("a file where a folder would go")
     args = [a.replace("MODEL", str(tiny)).replace("FILE", str(tmp_path / "file")) for a in args]
     proc = run_cli(*args, "--cache", str(c), check=False)
@@ -389,6 +390,11 @@ def test_bad_csv_rows_and_params_values_are_one_error_line(tmp_path):
     assert proc.returncode == 2 and "frames.block_size in the params file must be an integer, not 'abc'" in proc.stderr
 
 
+def clip_text_head(c: Path, tiny: Path) -> None:
+    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched",
+               "--cache", str(c))
+
+
 def frozen(tiny: Path, c: Path, run: str, *extra: str) -> list[str]:
     return ["finetune", "--frozen-backbone", "-d", "toy", "--model", f"local-dir:{tiny}", "--head", "clip-text",
             "--frames", "2", "--epochs", "1", "--batch-size", "16", "--run-name", run, "--cache", str(c), "-q", *extra]
@@ -396,7 +402,7 @@ def frozen(tiny: Path, c: Path, run: str, *extra: str) -> list[str]:
 
 def test_damaged_run_files_are_one_line_and_replace_mismatched_recovers(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    clip_text_head(c, tiny)
     run_inproc(*frozen(tiny, c, "r"))
     run_dir = c / "runs" / "r"
     assert not list(run_dir.glob("*.partial"))
@@ -422,7 +428,7 @@ def test_damaged_run_files_are_one_line_and_replace_mismatched_recovers(cache):
 
 def test_a_run_without_run_json_beside_another_settings_checkpoint_is_not_stuck(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    clip_text_head(c, tiny)
     run_inproc(*frozen(tiny, c, "s", "--lr", "1e-3"))
     (c / "runs" / "s" / "run.json").unlink()
     proc = run_cli(*frozen(tiny, c, "s"), check=False)
