@@ -504,7 +504,7 @@ def read_array(group: zarr.Group, name: str, sel: Any = slice(None)) -> np.ndarr
         return group[name][sel]
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise DamagedStore(f"array {name!r} of {group.store_path} cannot be read "
-                           f"({' '.join(str(e).split())[:120]})") from None
+                           f"({' '.join(str(e).split())[:120]}): run `pipeline verify --repair`") from None
 
 
 def check_bookkeeping(group: zarr.Group, path: str | Path) -> None:

@@ -435,3 +435,34 @@ def test_a_run_without_run_json_beside_another_settings_checkpoint_is_not_stuck(
     assert proc.returncode == 2 and "--replace-mismatched" in proc.stderr
     run_inproc(*frozen(tiny, c, "s", "--replace-mismatched"))
     assert json.loads((c / "runs" / "s" / "run.json").read_text())["config"]["lr"] != 1e-3
+
+
+def test_a_truncated_shard_and_a_store_without_fingerprint_are_reported(cache):
+    c, tiny = cache
+    shard = c / "frames" / "toy" / "val" / "frames" / "c" / "2" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = run_cli("verify", "--json", "--cache", str(c), check=False)
+    damaged = [r for r in json.loads(proc.stdout) if not r["ok"]]
+    assert proc.returncode == 1 and [r["damaged_blocks"] for r in damaged] == [[2]]
+    proc = run_cli("features", "-d", "toy", *m(tiny), "--split", "val", "--batch-size", "3", "--replace-mismatched",
+                   "--cache", str(c), "--quiet", check=False)
+    last = proc.stderr.splitlines()[-1]  # after the progress log lines of the blocks before it
+    assert proc.returncode == 2 and last.startswith("error: ") and "verify --repair" in last
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    # a creation interrupted before its fingerprint was written: listed as unfinished, no crash
+    meta = c / "labels" / "toy" / "clip-tiny-clip" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"].pop("fingerprint")
+    meta.write_text(json.dumps(doc))
+    text = run_cli("status", "--cache", str(c)).stdout
+    assert any(line.startswith("labels") and "unfinished" in line for line in text.splitlines())
+
+
+def test_few_shot_warnings_name_classes_on_stderr_and_the_run_records_what_it_had(cache):
+    c, tiny = cache
+    clip_text_head(c, tiny)
+    proc = run_cli(*frozen(tiny, c, "k", "--shots", "100"))
+    assert "warning: 12 classes have fewer than 100 videos" in proc.stderr and "'a small red disc'" in proc.stderr
+    assert "warning:" not in proc.stdout
+    info = json.loads((c / "runs" / "k" / "run.json").read_text())
+    assert info["shots"] == 100 and info["shots_per_class"] == {"min": 5, "max": 5}
