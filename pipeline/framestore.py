@@ -92,7 +92,8 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
     block_size = store.bounded_block(n, block_size, t * spec.height * spec.width * 3)
     if codec.name == "jpeg":
         group.create_array("frames", shape=(n, t), dtype=VariableLengthBytes(), chunks=(1, t),
-                           shards=(block_size, t), compressors=store.checksummed(compress=False))
+                           shards=(block_size, t), compressors=store.checksummed(compress=False),
+                           dimension_names=("video", "frame"))
     else:
         store.create_per_video(group, "frames", n, block_size, (t, spec.height, spec.width, 3), "uint8")
     store.create_per_video(group, "frame_index", n, block_size, (t,), "int32")

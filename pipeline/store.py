@@ -302,6 +302,21 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 MAX_BLOCK_BYTES = 2 << 30  # a worker holds one block in memory
 
 
+# Named dimensions (zarr v3 ``dimension_names``), so that ``xarray.open_zarr(store)`` opens every output.
+DIMENSIONS = {
+    "frames": ("video", "frame", "y", "x", "rgb"), "frame_index": ("video", "frame"),
+    "timestamp": ("video", "frame"), "features": ("video", "frame", "feature"), "targets": ("video", "class"),
+    "head": ("class", "feature"), "embeddings": ("class", "feature"), DONE_ARRAY: ("block",),
+    "sample_video_id": ("sample",),
+}
+
+
+def dims_of(name: str, ndim: int) -> tuple[str, ...]:
+    """The dimension names of array ``name`` with ``ndim`` dimensions (per-video columns: ``video``)."""
+    known = DIMENSIONS.get(name, ("video",))
+    return known[:ndim] if len(known) >= ndim else (*known, *(f"{name}_{i}" for i in range(len(known), ndim)))
+
+
 def checksummed(compress: bool = True) -> list[Any]:
     """Every array's codecs end with a CRC-32C of the chunk: damaged bytes fail loudly on read."""
     return [ZstdCodec(level=3), Crc32cCodec()] if compress else [Crc32cCodec()]
@@ -313,7 +328,8 @@ def create_small(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
     The sha256 of its values is kept in its attributes: a deleted chunk (read back as zeros) is
     caught when the output is opened.
     """
-    arr = group.create_array(name, data=data, chunks=data.shape, compressors=checksummed())
+    arr = group.create_array(name, data=data, chunks=data.shape, compressors=checksummed(),
+                             dimension_names=dims_of(name, data.ndim))
     arr.attrs["sha256"] = values_sha256(np.asarray(data))
     return arr
 
@@ -350,7 +366,8 @@ def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tu
         kwargs.update(chunks=(1, *inner), shards=(block, *inner))
     else:
         kwargs.update(chunks=(block, *inner))
-    return group.create_array(name, shape=shape, dtype=dtype, fill_value=fill_value, **kwargs)
+    return group.create_array(name, shape=shape, dtype=dtype, fill_value=fill_value,
+                              dimension_names=dims_of(name, len(shape)), **kwargs)
 
 
 def create_column(group: zarr.Group, name: str, values: np.ndarray, digest: bool = True) -> zarr.Array:
@@ -362,7 +379,8 @@ def create_column(group: zarr.Group, name: str, values: np.ndarray, digest: bool
     dtype = str if values.dtype.kind in "UTO" else values.dtype
     chunk = max(1, min(len(values), COLUMN_CHUNK))
     arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=(chunk, *values.shape[1:]),
-                             fill_value="" if dtype is str else 0, compressors=checksummed())
+                             fill_value="" if dtype is str else 0, compressors=checksummed(),
+                             dimension_names=dims_of(name, values.ndim))
     if len(values):
         # via a list: numpy's StringDType (zarr's string reads) does not cast to fixed-width str
         arr[...] = np.array(values.tolist(), dtype=np.str_) if dtype is str else values

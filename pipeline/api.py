@@ -1,0 +1,159 @@
+"""Reading the cache from Python: open an output by its path and get arrays and a table of its videos.
+
+    >>> from pipeline import open_frames, open_features, open_head, open_run
+    >>> val = open_features("cache/features/ucf101/ViT-B-16-openai/test")
+    >>> val.table().query("status == 'failed'")          # pandas: video_id, path, label, class_name, ...
+    >>> x, y, rows = val.video_features()                  # temporal means of the ok videos, float32
+    >>> head = open_head("cache/heads/ucf101/ViT-B-16-openai/clip-text").weights   # [C, D] float32
+
+Every output is also a Zarr v3 group with named dimensions: ``xarray.open_zarr(path)`` opens it.
+Opening checks what the stages check (the output exists, is finished being created, and its
+bookkeeping and small arrays are intact); whether it is stale against rebuilt inputs is checked by
+the commands, which know the cache's layout (``pipeline status``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import store
+from .cachefs import as_path
+from .errors import PipelineError
+
+STATUS_NAMES = {store.PENDING: "pending", store.OK: "ok", store.FAILED: "failed"}
+
+
+@dataclass
+class Output:
+    """One stage output: its Zarr group, attributes and (for per-video stores) a table of its videos."""
+
+    path: str
+    group: zarr.Group
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.group.attrs["fingerprint"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.group.attrs.get("class_names", []))
+
+    def table(self):
+        """A pandas DataFrame, one row per video: video_id, path, label, class_name, status, reason."""
+        import pandas as pd
+
+        g = self.group
+        if "status" not in g:
+            raise PipelineError(f"{self.path} is not a per-video output (it has no videos)")
+        label = g["label"][:]
+        names = np.array(self.class_names + [""], dtype=object)  # label -1 (unlabelled) -> ""
+        status = g["status"][:]
+        return pd.DataFrame({
+            "video_id": store.as_text(g["video_id"][:]), "path": store.as_text(g["path"][:]), "label": label,
+            "class_name": names[np.where(label >= 0, label, len(names) - 1)],
+            "status": [STATUS_NAMES.get(int(s), str(s)) for s in status],
+            "reason": store.as_text(g["reason"][:]),
+        })
+
+
+@dataclass
+class Frames(Output):
+    def frames(self, rows: slice | int) -> np.ndarray:
+        """Decoded uint8 frames [n, T, H, W, 3] (or [T, H, W, 3] for one row)."""
+        from .framestore import read_frames
+
+        return read_frames(self.group, rows)
+
+
+@dataclass
+class Features(Output):
+    @property
+    def features(self) -> zarr.Array:
+        """float16 [N, T, D], read lazily (index it)."""
+        return self.group["features"]
+
+    def video_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(temporal means float32 [n, D], labels [n], row indices) of the videos that are ok."""
+        from .featurestore import video_features
+
+        return video_features(self.group)
+
+
+@dataclass
+class Head(Output):
+    @property
+    def weights(self) -> np.ndarray:
+        """The classifier [C, D] float32 (label embeddings: the same, from ``embeddings``)."""
+        name = "head" if "head" in self.group else "embeddings"
+        return store.read_array(self.group, name)
+
+
+@dataclass
+class Run:
+    """A fine-tuning run's folder: settings, metrics, history and weights."""
+
+    path: str
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return json.loads((as_path(self.path) / "run.json").read_text())
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        path = as_path(self.path) / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        path = as_path(self.path) / "history.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The model's weights at the last checkpoint (tensors only)."""
+        from .training import CHECKPOINT, load_checkpoint
+
+        return load_checkpoint(as_path(self.path) / CHECKPOINT)["model"]
+
+
+def _open(path: str | os.PathLike, stage: str, what: str, cls: type[Output]) -> Output:
+    group = store.open_existing(path, what)
+    if group.attrs.get("stage") != stage:
+        raise PipelineError(f"{path} holds {group.attrs.get('stage')!r} output, not {stage!r}")
+    return cls(str(path), group)
+
+
+def open_frames(path: str | os.PathLike) -> Frames:
+    """A frame store, e.g. ``cache/frames/<dataset>/<split>``."""
+    return _open(path, "frames", "frame store", Frames)  # type: ignore[return-value]
+
+
+def open_features(path: str | os.PathLike) -> Features:
+    """A feature store, e.g. ``cache/features/<dataset>/<model>/<split>``."""
+    return _open(path, "features", "feature store", Features)  # type: ignore[return-value]
+
+
+def open_head(path: str | os.PathLike) -> Head:
+    """A head (``cache/heads/<dataset>/<model>/<kind>``) or label embeddings (``cache/labels/...``)."""
+    group = store.open_existing(path, "head")
+    if group.attrs.get("stage") not in ("heads", "labels"):
+        raise PipelineError(f"{path} holds {group.attrs.get('stage')!r} output, not a head or label embeddings")
+    return Head(str(path), group)
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """A run folder, e.g. ``cache/runs/<run>``."""
+    if not (as_path(path) / "run.json").exists():
+        raise PipelineError(f"no run at {path} (no run.json)")
+    return Run(str(path))

@@ -1,0 +1,70 @@
+"""The public Python API and xarray: what a user reads from the cache without the command line."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from conftest import run_inproc
+
+import pipeline
+from pipeline.errors import DamagedStore, PipelineError
+
+
+@pytest.fixture(scope="module")
+def api_cache(extracted, tmp_path_factory):
+    src, tiny = extracted
+    cache = tmp_path_factory.mktemp("api") / "cache"
+    shutil.copytree(src, cache)
+    m = ["--model", f"local-dir:{tiny}", "--cache", str(cache)]
+    run_inproc("heads", "-d", "toy", *m, "--kind", "prototype", "--per-class", "3", "--replace-mismatched")
+    run_inproc("finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "prototype", "--frames", "2",
+               "--epochs", "1", "--batch-size", "16", "--run-name", "r", "-q")
+    return cache
+
+
+def test_open_functions_return_arrays_and_a_table_of_videos(api_cache):
+    frames = pipeline.open_frames(api_cache / "frames" / "toy" / "val")
+    table = frames.table()
+    assert list(table.columns) == ["video_id", "path", "label", "class_name", "status", "reason"]
+    assert len(table) == 24 and set(table["status"]) == {"ok"}
+    assert table["class_name"].tolist() == [frames.class_names[y] for y in table["label"]]
+    assert frames.frames(3).shape == (4, 32, 32, 3) and frames.frames(3).dtype == np.uint8
+    feats = pipeline.open_features(api_cache / "features" / "toy" / "tiny-clip" / "val")
+    x, y, rows = feats.video_features()
+    assert x.shape == (24, 32) and np.allclose(x[5], feats.features[5].astype(np.float64).mean(0), atol=1e-3)
+    head = pipeline.open_head(api_cache / "heads" / "toy" / "tiny-clip" / "prototype")
+    assert head.weights.shape == (12, 32) and head.fingerprint == head.attrs["fingerprint"]
+    run = pipeline.open_run(api_cache / "runs" / "r")
+    assert run.info["head"] == "prototype" and run.metrics["steps"] == len(
+        [h for h in run.history if h["kind"] == "step"])
+    assert set(run.state_dict()) and all(hasattr(v, "shape") for v in run.state_dict().values())
+    with pytest.raises(PipelineError, match="not 'frames'"):
+        pipeline.open_frames(api_cache / "features" / "toy" / "tiny-clip" / "val")
+    with pytest.raises(AttributeError):
+        pipeline.open_nothing  # noqa: B018
+
+
+def test_opening_checks_integrity(api_cache, tmp_path):
+    copy = tmp_path / "prototype"
+    shutil.copytree(api_cache / "heads" / "toy" / "tiny-clip" / "prototype", copy)
+    (copy / "head" / "c" / "0" / "0").unlink()
+    with pytest.raises(DamagedStore):
+        pipeline.open_head(copy)
+
+
+def test_xarray_opens_every_output_with_named_dimensions(api_cache):
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(api_cache / "features" / "toy" / "tiny-clip" / "train", consolidated=False)
+    assert ds["features"].dims == ("video", "frame", "feature") and ds.sizes["video"] == 60
+    assert ds["status"].dims == ("video",) and ds["block_done"].dims == ("block",)
+    group = zarr.open_group(str(api_cache / "features" / "toy" / "tiny-clip" / "train"), mode="r")
+    assert np.array_equal(ds["features"].values, group["features"][:])
+    frames = xr.open_zarr(api_cache / "frames" / "toy" / "val", consolidated=False)
+    assert frames["frames"].dims == ("video", "frame") and frames["frame_index"].dims == ("video", "frame")
+    head = xr.open_zarr(api_cache / "heads" / "toy" / "tiny-clip" / "prototype", consolidated=False)
+    assert head["head"].dims == ("class", "feature")
+    labels = xr.open_zarr(api_cache / "labels" / "toy" / "clip-tiny-clip", consolidated=False)
+    assert labels["embeddings"].dims == ("class", "feature")
