@@ -202,7 +202,7 @@ def frames(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> No
 @common_options("status")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of entries) on stdout.")
 def status(ctx: Context, as_json: bool) -> None:
-    """List what the cache holds: every stage output with counts and failures.
+    """List what the cache holds: every store with counts and failures, runs, reports and metrics.
 
     \b
     Examples:
@@ -218,6 +218,10 @@ def status(ctx: Context, as_json: bool) -> None:
     if not entries:
         click.echo(f"nothing cached under {ctx.cache}")
     for e in entries:
+        if e["stage"] in ("run", "report", "metrics"):
+            detail = _describe(e)
+            click.echo(f"{e['stage']:<8} {e['name']:<36} {detail}  {e['path']}")
+            continue
         if e.get("damaged"):
             state = "DAMAGED"
         elif not e["fingerprint"]:
@@ -227,13 +231,25 @@ def status(ctx: Context, as_json: bool) -> None:
         else:
             state = "complete" if e["complete"] else f"{e['pending']} pending"
         unit = "videos" if e["stage"] in ("frames", "features") else "rows"
-        click.echo(f"{e['stage']:<8} {e['dataset']}/{e['split']:<8} {e['total']:>7} {unit:<6} {e['ok']:>7} ok "
+        click.echo(f"{e['stage']:<8} {e.get('name') or e['dataset']:<36} {e['total']:>7} {unit:<6} {e['ok']:>7} ok "
                    f"{e['failed']:>5} failed  {state:<12} {(e['fingerprint'] or '-')[:12]}  {e['path']}")
         why = e.get("damaged") or e.get("stale")
         if why:
             click.echo(f"  {'damaged' if e.get('damaged') else 'stale'}: {why}")
     if any(e.get("damaged") for e in entries):
         click.echo("damaged outputs: `pipeline verify --repair` marks what must be recomputed", err=True)
+
+
+def _describe(e: dict) -> str:
+    """One line for a run, report or metrics entry of ``status``."""
+    if e["stage"] == "run":
+        best = e.get("best_val_top1")
+        return (f"{e.get('state')}, step {e.get('step')}"
+                + (f", best val top-1 {best:.2f}" if best is not None and best >= 0 else "")
+                + f"  ({e.get('kind')} head, {e.get('temporal')}, {e.get('model')})")
+    if e["stage"] == "metrics":
+        return f"top-1 {e['top1']:.2f}" if e.get("top1") is not None else e.get("state", "-")
+    return "written"
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -42,5 +43,14 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
     else:
         raise PipelineError(f"cannot export {what!r}")
     attrs = {"class_names": list(group.attrs["class_names"]), "fingerprint": group.attrs["fingerprint"],
-             "dataset": dataset, "split": split or "-", "stage": group.attrs["stage"]}
+             "dataset": dataset, "split": split or "-", "stage": group.attrs["stage"],
+             # Provenance: every attribute of the output (model identity, pretrained tag, precision, frame
+             # spec, codec, the input fingerprints and parameters) as one JSON text, plus the main ones flat.
+             "provenance": json.dumps(dict(group.attrs), sort_keys=True, default=str)}
+    for key in ("model_tag", "precision", "encoder_tag", "kind", "frames_fingerprint"):
+        if group.attrs.get(key) is not None:
+            attrs[key] = str(group.attrs[key])
+    for key in ("model", "spec", "codec", "encoder"):
+        if group.attrs.get(key) is not None:
+            attrs[key] = json.dumps(group.attrs[key], sort_keys=True, default=str)
     return export_arrays(out, fmt, arrays, attrs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -68,3 +69,32 @@ def test_xarray_opens_every_output_with_named_dimensions(api_cache):
     assert head["head"].dims == ("class", "feature")
     labels = xr.open_zarr(api_cache / "labels" / "toy" / "clip-tiny-clip", consolidated=False)
     assert labels["embeddings"].dims == ("class", "feature")
+
+
+def test_status_lists_runs_with_state_and_stores_with_kind_and_model(api_cache):
+    from test_frames_stage import run_cli
+
+    entries = json.loads(run_cli("status", "--json", "--cache", str(api_cache)).stdout)
+    run = next(e for e in entries if e["stage"] == "run")
+    assert run["name"] == "r" and run["state"] == "complete" and run["kind"] == "prototype"
+    assert run["step"] == run["steps"] > 0 and run["model"] == "tiny-clip"
+    head = next(e for e in entries if e["stage"] == "heads" and e["kind"] == "prototype")
+    assert head["name"] == "toy/tiny-clip/prototype" and head["model"] == "tiny-clip"
+    text = run_cli("status", "--cache", str(api_cache)).stdout
+    assert "heads    toy/tiny-clip/prototype" in text and "run      r" in text and "complete, step" in text
+
+
+def test_exports_carry_provenance(api_cache, tmp_path):
+    import h5py
+    from test_frames_stage import run_cli
+
+    out = tmp_path / "val.h5"
+    run_cli("export", "--what", "features", "-d", "toy", "--model", "tiny-clip", "--split", "val", "--format", "h5",
+            "--out", str(out), "--cache", str(api_cache))
+    with h5py.File(out, "r") as f:
+        provenance = json.loads(f.attrs["provenance"])
+        assert f.attrs["model_tag"] == "tiny-clip" and f.attrs["precision"] == "fp32"
+        assert json.loads(f.attrs["model"])["weights_sha256"] == provenance["model"]["weights_sha256"]
+        assert provenance["frames_fingerprint"] == f.attrs["frames_fingerprint"]
+        assert f["video_id"].asstr()[0] == pipeline.open_features(
+            api_cache / "features" / "toy" / "tiny-clip" / "val").table()["video_id"][0]

@@ -118,8 +118,11 @@ def test_the_whole_feature_store_on_s3_matches_a_local_cache(tmp_path, tiny_clip
     png = UPath(f"{remote}/plots/toy/head-correlation-clip-text.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     status = json.loads(cli("status", "--json", "--cache", remote, cwd=tmp_path).stdout)
-    assert {e["stage"] for e in status} == {"frames", "features", "labels", "heads"}
-    assert all(e["complete"] and not e.get("damaged") and not e.get("stale") for e in status)
+    assert {e["stage"] for e in status} == {"frames", "features", "labels", "heads", "run"}
+    stores = [e for e in status if e["stage"] != "run"]
+    assert all(e["complete"] and not e.get("damaged") and not e.get("stale") for e in stores)
+    assert [(e["name"], e["state"], e["kind"]) for e in status if e["stage"] == "run"] == [("r", "complete",
+                                                                                            "clip-text")]
     assert cli("verify", "--cache", remote, cwd=tmp_path).returncode == 0
 
 
