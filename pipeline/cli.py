@@ -67,13 +67,16 @@ def dataset_options(fn: Callable) -> Callable:
         click.option("--untrimmed/--trimmed", default=None,
                      help="Kinetics: cut [time_start, time_end] out of full-length videos."),
         click.option("--name", help="Cache name of a csv/folder dataset [default: the format name]."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Hold out this fraction of each class's training videos as 'val' (seeded; for "
+                          "flat folders and CSVs without a split column)."),
     ]):
         fn = decorator(fn)
     return fn
 
 
 def dataset_args(ctx: Context, dataset: str | None, root: str | None, split_id: int | None,
-                 untrimmed: bool | None, name: str | None):
+                 untrimmed: bool | None, name: str | None, val_fraction: float | None = None):
     from stages.frames import DatasetArgs
 
     ds = ctx.params.get("dataset", dataset)
@@ -84,7 +87,8 @@ def dataset_args(ctx: Context, dataset: str | None, root: str | None, split_id: 
         click.echo(f"note: the params file describes another dataset; its data.* keys are ignored for --dataset {ds} "
                    f"(its {ctx.params.section}.* keys still apply; pass --params FILE for another setup)", err=True)
     return DatasetArgs(dataset=ds, root=p.get("root", root), split_id=int(p.get("split_id", split_id, 1)),
-                       untrimmed=bool(p.get("untrimmed", untrimmed, False)), name=p.get("name", name))
+                       untrimmed=bool(p.get("untrimmed", untrimmed, False)), name=p.get("name", name),
+                       val_fraction=float(p.get("val_fraction", val_fraction, 0.0)))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -182,7 +186,7 @@ def _print_summary(s: dict, shown: int = 5) -> None:
 @common_options("frames")
 @dataset_options
 @frame_options
-def frames(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> None:
+def frames(ctx: Context, dataset, root, split_id, untrimmed, name, val_fraction, **opts) -> None:
     """Decode videos into the frame store (cache/frames/DATASET/SPLIT).
 
     Frames are taken at the centres of uniform segments, resized by the decoder (short side to
@@ -195,7 +199,8 @@ def frames(ctx: Context, dataset, root, split_id, untrimmed, name, **opts) -> No
       pipeline frames --dataset k400 --root /data/k400 --split val --workers 8
       pipeline frames --dataset csv --root demo/videos.csv --name demo --height 64 --width 64
     """
-    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name), opts)
+    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name,
+                         val_fraction=val_fraction), opts)
 
 
 @cli.command()
@@ -710,8 +715,8 @@ def plot_heads(ctx: Context, dataset, model, pretrained, quick_gelu, kinds, clas
 @click.option("--template", help="Prompt template(s) of the labels stage [paper].")
 @click.option("--device", help="torch device for features and labels [cuda when present, else cpu].")
 @click.option("--batch-size", type=click.IntRange(1), help="Frames per forward pass [64].")
-def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretrained, quick_gelu, encoder,
-            template, device, batch_size, **opts) -> None:
+def extract(ctx: Context, dataset, root, split_id, untrimmed, name, val_fraction, model, pretrained, quick_gelu,
+            encoder, template, device, batch_size, **opts) -> None:
     """Fill the cache for a dataset: frames, then CLIP features, then label embeddings.
 
     Each step is the stage of the same name, with its own params group (frames.*, features.*,
@@ -724,7 +729,8 @@ def extract(ctx: Context, dataset, root, split_id, untrimmed, name, model, pretr
     """
     from stages import labels as labels_stage
 
-    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name), opts)
+    _run_frames(ctx, dict(dataset=dataset, root=root, split_id=split_id, untrimmed=untrimmed, name=name,
+                         val_fraction=val_fraction), opts)
     if not (model or ctx.params.get("model", None)):
         click.echo("note: no model given (--model or model.name): extract ran the frame stage only")
         return
@@ -893,8 +899,8 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
 @click.option("--num-frames", type=click.IntRange(1), help="Frames per video in the store (resampled) [8].")
 @click.option("--block-size", type=click.IntRange(1), help="Videos per block [16].")
 @click.option("--replace-mismatched", is_flag=True, default=None, help="Rebuild an output made from other inputs.")
-def import_(ctx: Context, dataset, root, split_id, untrimmed, name, source, model_tag, num_frames, block_size,
-            replace_mismatched) -> None:
+def import_(ctx: Context, dataset, root, split_id, untrimmed, name, val_fraction, source, model_tag, num_frames,
+            block_size, replace_mismatched) -> None:
     """Import per-video features made by another extractor into a feature store.
 
     Videos come from the dataset's annotations (any adapter); each is read from
@@ -914,7 +920,7 @@ def import_(ctx: Context, dataset, root, split_id, untrimmed, name, source, mode
     if not tag or not src:
         raise PipelineError("import needs --from DIR and --model-tag TAG")
     summaries = import_features.run(
-        ctx.cache, dataset_args(ctx, dataset, root, split_id, untrimmed, name), Path(src), str(tag),
+        ctx.cache, dataset_args(ctx, dataset, root, split_id, untrimmed, name, val_fraction), Path(src), str(tag),
         int(p.get("num_frames", num_frames, 8)), block_size=int(p.get("block_size", block_size, 16)),
         replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)), quiet=ctx.quiet)
     for s in summaries:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .errors import PipelineError
@@ -63,6 +65,9 @@ def restricted(features: np.ndarray, labels: np.ndarray, head: np.ndarray, class
 def half_classes(features: np.ndarray, labels: np.ndarray, head: np.ndarray, seeds=range(10)) -> dict:
     """The paper's UCF*/HMDB*/ANet* protocol: half of the classes drawn per seed; mean and std over seeds."""
     c = head.shape[0]
+    if c < 4:
+        warnings.warn(f"the half-classes protocol on {c} classes scores {c // 2} class(es) per draw: "
+                      "its numbers say little (it is meant for UCF101, HMDB51, ActivityNet)", stacklevel=2)
     runs = []
     for seed in seeds:
         classes = np.sort(np.random.default_rng(seed).permutation(c)[: c // 2])

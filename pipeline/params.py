@@ -14,7 +14,7 @@ import yaml
 from .errors import PipelineError
 
 DEFAULT_PARAMS = "params.yaml"
-DATA_KEYS = ("dataset", "root", "split_id", "untrimmed", "name")
+DATA_KEYS = ("dataset", "root", "split_id", "untrimmed", "name", "val_fraction")
 # The model is shared by every command that reads features, labels or heads: ``model.name``
 # (flag --model), ``model.pretrained``, ``model.quick_gelu``.
 MODEL_KEYS = {"model": "name", "pretrained": "pretrained", "quick_gelu": "quick_gelu"}

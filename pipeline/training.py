@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,6 +243,10 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if rank == 0 and warmup >= total:
+        warnings.warn(f"the warm-up ({cfg.warmup_epochs:g} epochs, {warmup} steps) is as long as the whole run "
+                      f"({total} steps): the learning rate never reaches --lr {cfg.lr:g}; lower --warmup-epochs",
+                      stacklevel=2)
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_top1": -1.0, "history": []}
 
     path = run_dir / CHECKPOINT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +31,25 @@ class DatasetArgs:
     split_id: int = 1
     untrimmed: bool = False
     name: str | None = None  # cache name of a csv/folder dataset
+    val_fraction: float = 0.0  # hold out this fraction of each class's training videos as 'val'
 
     @property
     def cache_name(self) -> str:
         return self.name or self.dataset
+
+
+def with_validation(manifest, data: DatasetArgs):
+    """The manifest with a held-out 'val' split when asked; a warning when it has none."""
+    if data.val_fraction:
+        try:
+            return manifest.hold_out(data.val_fraction)
+        except ValueError as e:
+            raise PipelineError(f"--val-fraction: {e}") from None
+    if manifest.splits == ["train"]:
+        warnings.warn(f"{data.cache_name} has no validation split (a flat folder or a CSV without a split "
+                      "column): hold one out with --val-fraction 0.1, or evaluation and fine-tuning have no "
+                      "'val' to use", stacklevel=2)
+    return manifest
 
 
 def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpec, codec: FrameCodec, *,
@@ -44,6 +60,7 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
     manifest = load_manifest(data.dataset, data.root, split_id=data.split_id, untrimmed=data.untrimmed,
                              name=data.name)
     manifest.dataset = data.cache_name
+    manifest = with_validation(manifest, data)
     available = manifest.splits
     chosen = splits or available
     unknown = [s for s in chosen if s not in available]

@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 from pipeline.sampling import segment_indices
 
-from .frames import DatasetArgs
+from .frames import DatasetArgs, with_validation
 from .paths import features_path
 
 
@@ -69,6 +69,7 @@ def run(cache: Path, data: DatasetArgs, source: Path, model_tag: str, num_frames
     manifest = load_manifest(data.dataset, data.root, split_id=data.split_id, untrimmed=data.untrimmed,
                              name=data.name)
     manifest.dataset = data.cache_name
+    manifest = with_validation(manifest, data)
     summaries = []
     for split in manifest.splits:
         part = manifest.split(split)

@@ -98,3 +98,43 @@ def test_exports_carry_provenance(api_cache, tmp_path):
         assert provenance["frames_fingerprint"] == f.attrs["frames_fingerprint"]
         assert f["video_id"].asstr()[0] == pipeline.open_features(
             api_cache / "features" / "toy" / "tiny-clip" / "val").table()["video_id"][0]
+
+
+def test_a_flat_folder_warns_without_a_validation_split_and_val_fraction_holds_one_out(tmp_path, template):
+    from test_frames_stage import SMALL, run_cli
+
+    root = tmp_path / "clips"
+    for c in ("jump rope", "wave"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            shutil.copyfile(template, root / c / f"v{i}.mp4")
+    proc = run_cli("frames", "--dataset", "folder", "--root", str(root), "--cache", str(tmp_path / "a"), *SMALL)
+    assert "warning: folder has no validation split" in proc.stderr and "--val-fraction" in proc.stderr
+    args = ["frames", "--dataset", "folder", "--root", str(root), "--val-fraction", "0.2", *SMALL]
+    proc = run_cli(*args, "--cache", str(tmp_path / "b"))
+    assert "warning" not in proc.stderr
+    val = pipeline.open_frames(tmp_path / "b" / "frames" / "folder" / "val").table()
+    train = pipeline.open_frames(tmp_path / "b" / "frames" / "folder" / "train").table()
+    assert val["class_name"].value_counts().to_dict() == {"jump rope": 2, "wave": 2} and len(train) == 16
+    run_cli(*args, "--cache", str(tmp_path / "c"))  # seeded: the same videos each time
+    again = pipeline.open_frames(tmp_path / "c" / "frames" / "folder" / "val").table()
+    assert again["video_id"].tolist() == val["video_id"].tolist()
+
+
+def test_warm_up_longer_than_the_run_and_half_protocol_on_few_classes_warn(api_cache, extracted):
+    import warnings
+
+    from test_frames_stage import run_cli
+
+    proc = run_cli("finetune", "--frozen-backbone", "-d", "toy", "--model", f"local-dir:{extracted[1]}", "--head",
+                   "prototype", "--frames", "2", "--epochs", "1", "--warmup-epochs", "5", "--batch-size", "16",
+                   "--run-name", "w", "-q", "--cache", str(api_cache))
+    assert "warning: the warm-up (5 epochs, 20 steps) is as long as the whole run (4 steps)" in proc.stderr
+
+    from pipeline.evaluation import half_classes
+
+    rng = np.random.default_rng(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        half_classes(rng.standard_normal((6, 4)), np.array([0, 1, 2, 0, 1, 2]), rng.standard_normal((3, 4)))
+    assert any("scores 1 class(es) per draw" in str(w.message) for w in caught)

@@ -45,6 +45,32 @@ class Manifest:
             root=self.root,
         )
 
+    def hold_out(self, fraction: float, seed: int = 0) -> Manifest:
+        """A copy whose ``val`` split is a seeded ``fraction`` of each class's ``train`` videos.
+
+        For layouts without a validation split (a flat ``<class>/<video>`` folder, a CSV without a
+        split column). Each class with at least 2 training videos gives ``round(fraction * n)`` of
+        them (at least 1); the draw depends on the seed and the video ids only.
+        """
+        import numpy as np
+
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"the validation fraction must be in (0, 1), not {fraction}")
+        if "val" in self.splits:
+            raise ValueError("the dataset already has a 'val' split")
+        moved: set[int] = set()
+        labels = np.array([r.label if r.split == "train" else -2 for r in self.records])
+        for c in sorted(set(labels.tolist()) - {-2}):
+            rows = np.flatnonzero(labels == c)
+            if rows.size < 2:
+                continue
+            k = max(1, int(round(fraction * rows.size)))
+            rng = np.random.default_rng([seed, c + 1])
+            moved.update(rows[rng.permutation(rows.size)[:k]].tolist())
+        records = [VideoRecord(**{**r.__dict__, "split": "val"}) if i in moved else r
+                   for i, r in enumerate(self.records)]
+        return Manifest(self.dataset, self.class_names, records, self.root)
+
     @property
     def splits(self) -> list[str]:
         seen: dict[str, None] = {}
