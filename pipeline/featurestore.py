@@ -35,16 +35,30 @@ def precision_for(device: str) -> str:
 
 
 def preprocess(frames: np.ndarray, clip: LoadedClip):
-    """uint8 [n, H, W, 3] -> normalised float [n, 3, S, S]: the model's own resize, centre crop, mean and std."""
+    """uint8 [n, H, W, 3] -> normalised float [n, 3, S, S]: the model's own preprocessing (open_clip's
+    ``PreprocessCfg``): its resize mode, interpolation, mean and std.
+
+    ``shortest``: short side to S, centre crop (CLIP, the default); ``longest``: long side to S, centre
+    pad with black; ``squash``: both sides to S, aspect ratio not kept (SigLIP, DFN and others).
+    """
     import torch
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
     modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+    mode = modes.get(clip.interpolation, InterpolationMode.BICUBIC)
+    s = clip.image_size
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
-    x = F.resize(x, [clip.image_size], interpolation=modes.get(clip.interpolation, InterpolationMode.BICUBIC),
-                 antialias=True)
-    x = F.center_crop(x, [clip.image_size, clip.image_size])
+    if clip.resize_mode == "squash":
+        x = F.resize(x, [s, s], interpolation=mode, antialias=True)
+    elif clip.resize_mode == "longest":
+        h, w = x.shape[-2:]
+        scale = s / max(h, w)
+        x = F.resize(x, [max(1, round(h * scale)), max(1, round(w * scale))], interpolation=mode, antialias=True)
+        x = F.center_crop(x, [s, s])  # pads with zeros (black) where the image is smaller
+    else:
+        x = F.resize(x, [s], interpolation=mode, antialias=True)
+        x = F.center_crop(x, [s, s])
     return F.normalize(x, mean=list(clip.mean), std=list(clip.std))
 
 

@@ -81,9 +81,9 @@ def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str 
     clip = load_clip(spec, device)
     text = encode_with_clip(clip, labels, resolve_templates(template), device)
     scale = float(clip.model.logit_scale.detach().exp().clamp(max=100))
-    side = clip.image_size
-    # Decode to the model's own square; preprocessing then only normalises.
-    frame_spec = FrameSpec(num_frames=frames, height=side, width=side)
+    # Exactly the path of cached features: frames decoded into the frame stage's default box, then the
+    # model's own preprocessing (features stage).
+    frame_spec = FrameSpec(num_frames=frames)
     results = []
     for video in videos:
         try:

@@ -138,3 +138,40 @@ def test_warm_up_longer_than_the_run_and_half_protocol_on_few_classes_warn(api_c
         warnings.simplefilter("always")
         half_classes(rng.standard_normal((6, 4)), np.array([0, 1, 2, 0, 1, 2]), rng.standard_normal((3, 4)))
     assert any("scores 1 class(es) per draw" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "longest", "squash"])
+def test_preprocessing_follows_the_models_resize_mode(mode):
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    from pipeline.featurestore import preprocess
+    from pipeline.models.clip import LoadedClip
+
+    frame = np.zeros((1, 32, 64, 3), np.uint8)
+    frame[:, :, 32:] = 255  # left half black, right half white
+    clip = LoadedClip(model=None, tokenizer=None, image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                      interpolation="bilinear", resize_mode=mode)
+    out = preprocess(frame, clip)[0]
+    assert out.shape == (3, 16, 16)
+    x = torch.from_numpy(frame).permute(0, 3, 1, 2).float() / 255
+    if mode == "squash":  # the whole frame, aspect ratio not kept: both halves present
+        expected = F.resize(x, [16, 16], interpolation=F.InterpolationMode.BILINEAR, antialias=True)[0]
+        assert torch.allclose(out, expected) and out[:, :, 0].max() < 0.05 and out[:, :, -1].min() > 0.95
+    elif mode == "longest":  # the whole frame in 16 x 8, black bands above and below
+        assert out[:, :4].abs().max() == 0 and out[:, -4:].abs().max() == 0 and out[:, 8, -1].min() > 0.95
+    else:  # the centre 32 x 32 square, resized: its left half black, its right half white
+        assert out[:, 8, 0].max() < 0.05 and out[:, 8, -1].min() > 0.95 and out[:, 0].abs().sum() > 0
+
+
+def test_a_models_resize_mode_comes_from_its_open_clip_config(tiny_clip, tmp_path):
+    from pipeline.models.clip import ModelSpec, load_clip
+
+    folder = tmp_path / "squash-clip"
+    shutil.copytree(tiny_clip, folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["preprocess_cfg"]["resize_mode"] = "squash"
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    clip = load_clip(ModelSpec(f"local-dir:{folder}"))
+    assert clip.resize_mode == "squash" and clip.identity["preprocess"]["resize_mode"] == "squash"
+    assert load_clip(ModelSpec(f"local-dir:{tiny_clip}")).resize_mode == "shortest"

@@ -71,6 +71,7 @@ class LoadedClip:
     std: tuple[float, float, float]
     interpolation: str
     identity: dict = field(default_factory=dict)  # everything that determines the weights and the activation
+    resize_mode: str = "shortest"  # open_clip's: shortest (resize + centre crop), longest (+ pad), squash
 
     @property
     def embed_dim(self) -> int:
@@ -194,6 +195,7 @@ def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
     return LoadedClip(
         model=model, tokenizer=open_clip.get_tokenizer(spec.name),
         image_size=int(size), mean=mean, std=std, interpolation=interpolation, identity=identity,
+        resize_mode=identity["preprocess"]["resize_mode"],
     )
 
 
