@@ -352,11 +352,24 @@ def model_options(fn: Callable) -> Callable:
     return fn
 
 
-def model_spec(ctx: Context, model: str | None, pretrained: str | None, quick_gelu: bool | None):
+def model_spec(ctx: Context, model: str | None, pretrained: str | None, quick_gelu: bool | None,
+               dataset: str | None = None):
+    """The model from --model / params; for commands that read the cache (``dataset`` given), else the
+    one model whose features the cache holds for that dataset."""
     from .models.clip import ModelSpec
 
     p = ctx.params
     name = p.get("model", model)
+    if not name and dataset:
+        from stages.inputs import cached_models
+
+        found = cached_models(ctx.cache, dataset)
+        if len(found) == 1:
+            tag, recorded = next(iter(found.items()))
+            return ModelSpec(**recorded) if recorded else ModelSpec(name=tag)
+        if found:
+            raise PipelineError(f"the cache holds features of {dataset} from several models ({', '.join(found)}): "
+                                "choose one with --model")
     if not name:
         raise PipelineError("no model given: pass --model (e.g. ViT-B-16 --pretrained openai, or local-dir:DIR) "
                             "or set model.name in params.yaml")
@@ -448,7 +461,8 @@ def labels(ctx: Context, dataset, model, pretrained, quick_gelu, encoder, templa
     ds = cache_dataset(ctx, dataset)
     path, emb = labels_stage.run(
         ctx.cache, ds, p.get("encoder", encoder, "clip"), p.get("template", template, "paper"),
-        model_spec(ctx, model, pretrained, quick_gelu), device=p.get("device", device, None) or default_device(),
+        model_spec(ctx, model, pretrained, quick_gelu, dataset=ds),
+        device=p.get("device", device, None) or default_device(),
         replace_mismatched=bool(p.get("replace_mismatched", replace_mismatched, False)))
     click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
 
@@ -459,7 +473,7 @@ def _heads(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder, 
 
     p = ctx.params
     ds = cache_dataset(ctx, dataset)
-    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    spec = model_spec(ctx, model, pretrained, quick_gelu, dataset=ds)
     shrink = p.get("shrinkage", shrinkage)
     if shrink not in (None, "auto"):
         try:
@@ -587,7 +601,7 @@ def evaluate(ctx: Context, dataset, model, pretrained, quick_gelu, kind, encoder
         _evaluate_run(ctx, run_name, dataset, split, views, batch_size, workers, device, out, as_json)
         return
     ds = cache_dataset(ctx, dataset)
-    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    spec = model_spec(ctx, model, pretrained, quick_gelu, dataset=ds)
     chosen = tuple(p.get("protocols", protocols, ["full"]))
     result = evaluate_stage.run(
         ctx.cache, ds, p.get("head", kind, "clip-text"), spec.tag, split=p.get("split", split, "val"),
@@ -674,7 +688,8 @@ def export(ctx: Context, what, dataset, split, model, pretrained, quick_gelu, en
     """
     from stages import export as export_stage
 
-    spec = model_spec(ctx, model, pretrained, quick_gelu) if (model or what in ("features", "head", "labels")) else None
+    needs_model = model or what in ("features", "head", "labels")
+    spec = model_spec(ctx, model, pretrained, quick_gelu, dataset=dataset) if needs_model else None
     path = export_stage.run(ctx.cache, what, dataset, fmt, out, split=split, model_tag=spec.tag if spec else None,
                             encoder=encoder, kind=kind)
     click.echo(f"wrote {path}")
@@ -699,7 +714,7 @@ def plot_heads(ctx: Context, dataset, model, pretrained, quick_gelu, kinds, clas
 
     p = ctx.params
     ds = cache_dataset(ctx, dataset)
-    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    spec = model_spec(ctx, model, pretrained, quick_gelu, dataset=ds)
     written = plots_stage.run(ctx.cache, ds, spec.tag, list(p.get("kinds", kinds, []) or []),
                               str(p.get("classes", classes, 20)), Path(out) if out else None)
     for path in written:
@@ -840,7 +855,7 @@ def finetune(ctx: Context, dataset, model, pretrained, quick_gelu, head, encoder
             amp=bool(p.get("amp", amp, True)), workers=int(p.get("workers", workers, 4)))
     if cfg.temporal_lr is not None:
         cfg.temporal_lr = float(cfg.temporal_lr)
-    spec = model_spec(ctx, model, pretrained, quick_gelu)
+    spec = model_spec(ctx, model, pretrained, quick_gelu, dataset=cache_dataset(ctx, dataset))
     common = dict(encoder=p.get("encoder", encoder), run_name=p.get("run", run_name),
                   frames=int(p.get("frames", frames, 8)), shots=int(p.get("shots", shots, 0)) or None,
                   layers=int(p.get("layers", layers, 6)), device=p.get("device", device),

@@ -102,3 +102,19 @@ def require_fresh(cache: Path, group: zarr.Group, what: str) -> zarr.Group:
 def open_fresh(cache: Path, path: Path, what: str) -> zarr.Group:
     """Open an existing output for reading, refusing it when it is stale."""
     return require_fresh(cache, store.open_existing(path, what), what)
+
+
+def cached_models(cache: Path, dataset: str) -> dict[str, dict | None]:
+    """The models whose features the cache holds for ``dataset``: tag -> recorded spec (None if imported)."""
+    base = features_path(cache, dataset, "x", "x").parent.parent
+    found: dict[str, dict | None] = {}
+    for tag_dir in sorted(base.iterdir(), key=str) if base.is_dir() else []:
+        for split_dir in sorted(tag_dir.iterdir(), key=str) if tag_dir.is_dir() else []:
+            if (split_dir / "zarr.json").exists():
+                try:
+                    recorded = zarr.open_group(str(split_dir), mode="r").attrs.get("model_spec")
+                except (OSError, ValueError):
+                    continue
+                found[tag_dir.name] = dict(recorded) if recorded else None
+                break
+    return found

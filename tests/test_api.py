@@ -175,3 +175,18 @@ def test_a_models_resize_mode_comes_from_its_open_clip_config(tiny_clip, tmp_pat
     clip = load_clip(ModelSpec(f"local-dir:{folder}"))
     assert clip.resize_mode == "squash" and clip.identity["preprocess"]["resize_mode"] == "squash"
     assert load_clip(ModelSpec(f"local-dir:{tiny_clip}")).resize_mode == "shortest"
+
+
+def test_commands_that_read_the_cache_take_its_one_model_and_list_them_when_several(api_cache, tmp_path, extracted):
+    from test_frames_stage import run_cli
+
+    cache = tmp_path / "cache"
+    shutil.copytree(api_cache, cache)
+    out = run_cli("evaluate", "-d", "toy", "--head", "prototype", "--cache", str(cache)).stdout  # no --model
+    assert "model tiny-clip" in out
+    other = tmp_path / "tiny-clip-b"
+    shutil.copytree(extracted[1], other)
+    run_cli("features", "-d", "toy", "--model", f"local-dir:{other}", "--split", "val", "--quiet",
+            "--cache", str(cache))
+    proc = run_cli("evaluate", "-d", "toy", "--head", "prototype", "--cache", str(cache), check=False)
+    assert proc.returncode == 2 and "several models (tiny-clip, tiny-clip-b)" in proc.stderr
