@@ -52,10 +52,10 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def demo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("demo") / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", ".dvc", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvc", ".dvcignore", "pipeline", "stages"):  # the code: every stage's dependency
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("tmp", "cache"))
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__"))
         elif src.exists():
             shutil.copyfile(src, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))
@@ -104,3 +104,28 @@ def test_second_repro_does_nothing_and_lda_change_reruns_only_its_chain(demo):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     stages = set(re.findall(r"Running stage '([^']+)'", proc.stdout))
     assert stages == {"lda", "evaluate@lda", "t6@lda", "plot-heads", "report"}, stages
+
+
+def test_dvc_tracks_code_and_params_as_users_expect(demo):
+    # a setting that no fingerprint holds (the worker count) reruns its stage, which changes nothing:
+    # no stage downstream reruns (the lock files beside the stores are not part of any output)
+    params = yaml.safe_load((demo / "params.yaml").read_text())
+    params["frames"]["workers"] = 2
+    (demo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = dvc("repro", cwd=demo)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    reran = set(re.findall(r"Running stage '([^']+)'", proc.stdout))
+    assert reran == {"frames", "frames-order"}, proc.stdout[-2000:]  # the two stages that read frames.*
+    # stage names say what they are
+    listed = dvc("stage", "list", cwd=demo).stdout
+    assert "labels@clip" in listed and "labels@minilm" in listed
+    # small outputs are in DVC's cache (restorable by dvc checkout / exp apply / pull)
+    head = demo / "cache" / "heads" / "demo" / "tiny-clip" / "clip-text"
+    shutil.rmtree(head)
+    assert dvc("checkout", "cache/heads/demo/tiny-clip/clip-text", cwd=demo).returncode == 0
+    assert (head / "zarr.json").is_file()
+    # a change to the code marks the stages that run it
+    with open(demo / "stages" / "heads.py", "a") as f:
+        f.write("\n# changed\n")
+    status = dvc("status", cwd=demo).stdout
+    assert "heads@clip-text:" in status and "modified:           stages" in status
