@@ -24,16 +24,20 @@ CACHE_ENV = "PIPELINE_CACHE"
 
 
 class Context:
-    def __init__(self, cache: str | None, params_file: str | None, quiet: bool, section: str) -> None:
+    def __init__(self, cache: str | None, params_file: str | None, quiet: bool, section: str,
+                 no_params: bool = False) -> None:
+        if no_params and params_file:
+            raise PipelineError("--params and --no-params exclude each other")
         self.cache = cache_root(cache or os.environ.get(CACHE_ENV) or "cache")
         self.params_file = params_file
-        self.params = Params(load_params(params_file), section)
+        self.no_params = no_params
+        self.params = Params({} if no_params else load_params(params_file), section)
         self.quiet = quiet
 
     @classmethod
     def like(cls, other: Context, section: str) -> Context:
         """The same cache and params file, read for another command's group."""
-        return cls(str(other.cache), other.params_file, other.quiet, section)
+        return cls(str(other.cache), other.params_file, other.quiet, section, other.no_params)
 
 
 def common_options(section: str) -> Callable:
@@ -45,10 +49,12 @@ def common_options(section: str) -> Callable:
                            f"${CACHE_ENV}].")
         @click.option("--params", "params_file", type=click.Path(dir_okay=False),
                       help="Parameters file [default: ./params.yaml if present].")
+        @click.option("--no-params", is_flag=True,
+                      help="Ignore every params file (./params.yaml too): flags and built-in defaults only.")
         @click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of progress bars.")
         @functools.wraps(fn)
-        def wrapper(cache: str | None, params_file: str | None, quiet: bool, **kwargs: Any) -> Any:
-            return fn(Context(cache, params_file, quiet, section), **kwargs)
+        def wrapper(cache: str | None, params_file: str | None, no_params: bool, quiet: bool, **kwargs: Any) -> Any:
+            return fn(Context(cache, params_file, quiet, section, no_params), **kwargs)
 
         return wrapper
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,20 @@ def test_commands_that_read_the_cache_take_its_one_model_and_list_them_when_seve
             "--cache", str(cache))
     proc = run_cli("evaluate", "-d", "toy", "--head", "prototype", "--cache", str(cache), check=False)
     assert proc.returncode == 2 and "several models (tiny-clip, tiny-clip-b)" in proc.stderr
+
+
+def test_no_params_ignores_the_repositorys_params_file(tmp_path, template):
+    from test_frames_stage import run_cli
+
+    root = tmp_path / "clips"
+    (root / "a").mkdir(parents=True)
+    shutil.copyfile(template, root / "a" / "v.mp4")
+    repo = Path(__file__).resolve().parents[1]  # holds the demo's params.yaml (64 x 64 frames)
+    args = ["frames", "--dataset", "folder", "--root", str(root), "--num-frames", "2", "--quiet"]
+    run_cli(*args, "--cache", str(tmp_path / "with"), cwd=repo)
+    run_cli(*args, "--no-params", "--cache", str(tmp_path / "without"), cwd=repo)
+    spec = lambda c: pipeline.open_frames(tmp_path / c / "frames" / "folder" / "train").attrs["spec"]  # noqa: E731
+    assert (spec("with")["height"], spec("with")["width"]) == (64, 64)
+    assert (spec("without")["height"], spec("without")["width"]) == (256, 320)
+    proc = run_cli(*args, "--no-params", "--params", "x.yaml", "--cache", str(tmp_path / "c"), cwd=repo, check=False)
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
