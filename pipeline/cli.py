@@ -649,7 +649,8 @@ def _evaluate_run(ctx: Context, run_name: str, dataset, split, views, batch_size
         result = evaluate_stage.run_trained(
             ctx.cache, run_name, dataset=dataset, split=p.get("split", split, "val"),
             views=parse_views(str(p.get("views", views, "1x1"))), batch_size=int(p.get("batch_size", batch_size, 16)),
-            workers=int(p.get("workers", workers, 0)), device=p.get("device", device), out=Path(out) if out else None)
+            workers=int(p.get("workers", workers, 0)), device=p.get("device", device), out=Path(out) if out else None,
+            quiet=ctx.quiet, progress=not as_json)  # machine output: nothing but the JSON
     finally:
         main = distributed.is_main()
         distributed.teardown()

@@ -153,7 +153,7 @@ def autocast_for(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.device | str = "cpu", workers: int = 0,
-            amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+            amp: bool = True, on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits [n, C], labels) over the whole set; under DDP each clip is scored by one rank, then gathered.
 
     Views (the leading axis of each input) are embedded separately, L2-normalised and averaged
@@ -175,6 +175,8 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
         out_logits.append(model.head(video).float().cpu())
         out_idx.append(idx)
         out_labels.append(y)
+        if on_batch is not None:
+            on_batch(len(idx))  # clips of this rank scored (a progress bar)
     model.train(was_training)
     n_classes = model.head.weight.shape[0]
     local = (torch.cat(out_idx) if out_idx else torch.zeros(0, dtype=torch.long),

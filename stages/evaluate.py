@@ -11,6 +11,7 @@ from pipeline import evaluation, store
 from pipeline.errors import PipelineError
 from pipeline.featurestore import read_rows, video_features
 from pipeline.models.text import encoder_tag
+from pipeline.progress import Progress
 
 from .heads import open_features
 from .inputs import open_fresh, require_fresh
@@ -72,14 +73,14 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
-                out: Path | None = None) -> dict:
+                out: Path | None = None, quiet: bool = False, progress: bool = True) -> dict:
     """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
     classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
     import torch
 
     from pipeline import distributed
     from pipeline.clips import FrameClipSet, Normalization, usable_rows
-    from pipeline.training import predict
+    from pipeline.training import predict, rank_and_world
 
     from .finetune import CachedFeatureSet, load_run, open_frames
 
@@ -117,7 +118,11 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
                             Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
                             views=(temporal, spatial))
     model.to(dev)
-    logits, y = predict(model, data, batch_size, dev, workers)
+    rank, world = rank_and_world()
+    # Rank 0's share of the clips (every rank scores about as many): hours at Kinetics size with 4x3 views.
+    with Progress(len(range(rank, len(data), world)) if progress else 0, f"evaluate {run_name} {temporal}x{spatial}",
+                  quiet or rank != 0 or not progress, unit="video") as bar:
+        logits, y = predict(model, data, batch_size, dev, workers, on_batch=bar.update)
     scores = evaluation.multilabel_metrics(logits, y) if y.ndim == 2 else evaluation.metrics(logits, y)
     result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
               "trained_on": info["dataset"], "head": info["head"], **scores}
