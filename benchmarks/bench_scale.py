@@ -118,7 +118,7 @@ def run(tmp: Path, rows: int, block: int) -> None:
                 reasons = np.where(missing[rs], "missing file: not found under the dataset root",
                                    np.where(broken[rs], "not a decodable video: Invalid data found when "
                                             "processing input", "")).astype(object)
-                ledger.record(b, status, reasons)
+                ledger.record(store.BlockResult(b, status, reasons))
 
     _, ledger_s = timed(record_blocks)
     results.append(("ledger: every block recorded", ledger_s,

@@ -10,7 +10,6 @@ Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``model`` (ident
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -129,21 +128,8 @@ def _model(spec: ModelSpec, device: str) -> LoadedClip:
     return _MODELS[key]
 
 
-@dataclass
-class FeatureBlockResult:
-    """A written block: its rows' status and failure reasons, for the coordinator to record."""
-
-    block: int
-    status: np.ndarray
-    reasons: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return int(self.status.size)
-
-
 def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSpec, device: str,
-                          batch_size: int, threads: int = 0) -> FeatureBlockResult:
+                          batch_size: int, threads: int = 0) -> store.BlockResult:
     """Encode one block of stored videos and write its data (the coordinator records it done)."""
     if threads:
         import torch
@@ -167,7 +153,7 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
         emb = encode_frames(frames.reshape(-1, *frames.shape[2:]), clip, device, batch_size)
         feats[ok] = emb.reshape(ok.size, t, d).astype(np.float16)
     group["features"][rows] = feats
-    return FeatureBlockResult(block, status, reasons)
+    return store.BlockResult(block, status, reasons)
 
 
 def require_data(group: zarr.Group, feats: np.ndarray, rows: np.ndarray) -> None:
@@ -175,7 +161,7 @@ def require_data(group: zarr.Group, feats: np.ndarray, rows: np.ndarray) -> None
     empty = ~np.any(feats.reshape(len(feats), -1), axis=1)
     if empty.any():
         raise DamagedStore(f"feature store {group.store_path} is damaged: features of row {int(rows[empty][0])} "
-                                 "are missing; run `pipeline verify --repair`, then `pipeline features`")
+                           "are missing; run `pipeline verify --repair`, then `pipeline features`")
 
 
 def read_rows(group: zarr.Group, rows: np.ndarray) -> np.ndarray:

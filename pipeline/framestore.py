@@ -118,20 +118,7 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
     })
 
 
-@dataclass
-class BlockResult:
-    """A written block: its rows' status and failure reasons, for the coordinator to record."""
-
-    block: int
-    status: np.ndarray  # int8 [m]
-    reasons: np.ndarray  # str [m], "" for ok rows
-
-    @property
-    def n(self) -> int:
-        return int(self.status.size)
-
-
-def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
+def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
     """Decode one block of videos and write its data. Runs in any worker.
 
     The block's rows are written as whole shards (no read-modify-write); the coordinator then
@@ -168,7 +155,7 @@ def extract_block(path: str, block: int, threads: int = 1) -> BlockResult:
     group["frame_index"][rows] = index
     group["timestamp"][rows] = stamps
     group["source_frames"][rows] = counts
-    return BlockResult(block, status, reasons)
+    return store.BlockResult(block, status, reasons)
 
 
 def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray | None = None) -> np.ndarray:
@@ -197,9 +184,10 @@ def _refuse_missing_frames(group: zarr.Group, rows: slice | int, empty: np.ndarr
     if isinstance(rows, slice):
         ids = np.arange(*rows.indices(group["frames"].shape[0]))
         hit = ids[empty.reshape(len(ids), -1).any(axis=1)]
+        status = group["status"][rows][hit - ids[0]]  # this block's rows only: the features stage's hot path
     else:
         hit = np.array([rows])
-    status = group["status"][:][hit]
+        status = np.atleast_1d(group["status"][rows])
     if (status == OK).any():
         first = int(hit[status == OK][0])
         raise DamagedStore(f"frame store {group.store_path} is damaged: stored frames of decoded videos are "

@@ -16,7 +16,6 @@ the stage rebuilds them).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import zarr
 
 from . import store
+from .cachefs import as_path, remove_tree
 from .errors import DamagedStore
 from .store import read_array as _read
 from .store import values_sha256
@@ -106,9 +106,9 @@ def verify(path: str | Path, group: zarr.Group) -> Report:
     if "status" not in group or store.DONE_ARRAY not in group:
         return report
     try:
-        damaged = set(store.inconsistent_blocks(group))
         status = _read(group, "status")
         done = _read(group, store.DONE_ARRAY)
+        damaged = set(store.inconsistent_blocks(group, status))
     except DamagedStore as e:  # the bookkeeping itself: nothing can be trusted, rebuild
         report.problems.append(str(e))
         report.rebuild = True
@@ -137,21 +137,16 @@ def verify(path: str | Path, group: zarr.Group) -> Report:
 
 def repair(path: str | Path, report: Report) -> str:
     """Make the next run of the stage recompute what ``report`` found damaged. Call under the writer lock."""
-    path = Path(path)
+    path = as_path(path)
     if report.ok:
         return "nothing to repair"
     if report.rebuild:
-        shutil.rmtree(path)
+        remove_tree(path)
         return "deleted: re-run its stage to rebuild it"
     group = zarr.open_group(str(path), mode="r+")
     blocks = np.asarray(report.damaged_blocks, np.int64)
-    rows = np.concatenate([np.arange(store.block_slice(group, int(b)).start, store.block_slice(group, int(b)).stop)
-                           for b in blocks])
+    rows = store.block_rows(group, blocks)
     group[store.DONE_ARRAY].oindex[blocks] = 0  # markers first: an interrupted repair leaves blocks pending
-    status = group["status"][:]
-    status[rows] = store.PENDING
-    group["status"][:] = status
-    reason = store.as_text(group["reason"][:])
-    reason[rows] = ""
-    group["reason"][:] = reason.astype(str)
+    group["status"].oindex[rows] = store.PENDING
+    group["reason"].oindex[rows] = ""
     return f"{blocks.size} blocks marked pending: re-run its stage to recompute them"

@@ -26,6 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -247,7 +248,7 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
                 f"{path} was made with different parameters or inputs"
                 + (f" (changed: {', '.join(changed)})" if changed else "")
                 + "; re-run with --replace-mismatched to rebuild it, or use another --cache")
-        _clear(path)
+        remove_tree(path)  # the lock lives beside the store and is untouched
     group = zarr.open_group(str(path), mode="w")
     init(group)
     # Written last: a store without a fingerprint is an unfinished creation.
@@ -279,11 +280,6 @@ def open_group(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
         if isinstance(e, OSError) and e.errno not in (None, errno.EINVAL):
             raise
         raise DamagedStore(f"{path} has unreadable metadata ({type(e).__name__})") from None
-
-
-def _clear(path: Path) -> None:
-    """Delete a store (its lock lives beside it and is untouched)."""
-    remove_tree(path)
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -415,6 +411,19 @@ def create_bookkeeping(group: zarr.Group, n: int, block: int, failed: np.ndarray
     create_column(group, DONE_ARRAY, done, digest=False)
 
 
+@dataclass
+class BlockResult:
+    """A block a worker has written: its rows' status and failure reasons, for the coordinator to record."""
+
+    block: int
+    status: np.ndarray  # int8 [m]
+    reasons: np.ndarray  # str [m], "" for ok rows
+
+    @property
+    def n(self) -> int:
+        return int(self.status.size)
+
+
 class Ledger:
     """Records finished blocks: their rows' status and reason, then their done markers.
 
@@ -429,8 +438,9 @@ class Ledger:
         self._buffer: list[tuple[int, np.ndarray, np.ndarray]] = []
         self._last = -float("inf")  # the first finished block is recorded at once
 
-    def record(self, block: int, status: np.ndarray, reasons: np.ndarray) -> None:
-        self._buffer.append((block, np.asarray(status, np.int8), np.asarray(reasons, dtype=object)))
+    def record(self, result: BlockResult) -> None:
+        self._buffer.append((result.block, np.asarray(result.status, np.int8),
+                             np.asarray(result.reasons, dtype=object)))
         if time.monotonic() - self._last >= self.every_s:
             self.flush()
 
@@ -440,8 +450,7 @@ class Ledger:
             return
         self._buffer.sort(key=lambda item: item[0])
         blocks = np.array([b for b, _, _ in self._buffer])
-        rows = np.concatenate([np.arange(block_slice(self.group, b).start, block_slice(self.group, b).stop)
-                               for b in blocks])
+        rows = block_rows(self.group, blocks)
         status = np.concatenate([s for _, s, _ in self._buffer])
         reasons = np.concatenate([r for _, _, r in self._buffer]).astype(str)
         self.group["reason"].oindex[rows] = reasons
@@ -471,6 +480,11 @@ def rows_in(group: zarr.Group, blocks: list[int]) -> int:
     n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
     b = np.asarray(blocks, np.int64)
     return int((np.minimum(n, (b + 1) * size) - b * size).sum()) if b.size else 0
+
+
+def block_rows(group: zarr.Group, blocks: np.ndarray) -> np.ndarray:
+    """The row indices of the given blocks, in the blocks' order."""
+    return np.concatenate([np.arange(s.start, s.stop) for s in (block_slice(group, int(b)) for b in blocks)])
 
 
 def block_slice(group: zarr.Group, block: int) -> slice:
@@ -503,16 +517,18 @@ def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | No
         rows = int(attrs.get("rows", len(attrs.get("class_names", []))))
         return {"stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split", "-"),
                 "path": str(path), "total": rows, "ok": rows, "failed": 0, "pending": 0, "complete": True,
-                "fingerprint": attrs.get("fingerprint"), "failures": []}
+                "fingerprint": attrs.get("fingerprint"), "failures": [], "damaged": None}
     status = group["status"][:]
     failed_rows = np.flatnonzero(status == FAILED)
     shown = failed_rows if max_failures is None else failed_rows[:max_failures]
+    bad = inconsistent_blocks(group, status)
     return {
         "stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split"),
         "path": str(path), "total": int(status.size), "ok": int((status == OK).sum()),
         "failed": int(failed_rows.size), "pending": int((status == PENDING).sum()),
         "complete": not pending_blocks(group), "fingerprint": attrs.get("fingerprint"),
         "failures": failure_table(group, shown),
+        "damaged": f"{len(bad)} finished blocks without status" if bad else None,
     }
 
 
@@ -535,8 +551,9 @@ def check_bookkeeping(group: zarr.Group, path: str | Path) -> None:
                            "`pipeline verify --repair`, then re-run its stage")
 
 
-def inconsistent_blocks(group: zarr.Group) -> list[int]:
-    status = read_array(group, "status")
+def inconsistent_blocks(group: zarr.Group, status: np.ndarray | None = None) -> list[int]:
+    """Finished blocks with a pending row or a failed row without a reason (``status``: if already read)."""
+    status = read_array(group, "status") if status is None else status
     reason = read_array(group, "reason")
     done = read_array(group, DONE_ARRAY)
     n, size = int(group.attrs["n"]), int(group.attrs["block_size"])

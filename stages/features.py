@@ -63,8 +63,8 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
         threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
         with Progress(store.rows_in(group, pending), f"features {dataset}/{split}", quiet) as bar, \
                 store.Ledger(group) as ledger:
-            def done(r) -> None:
-                ledger.record(r.block, r.status, r.reasons)
+            def done(r: store.BlockResult) -> None:
+                ledger.record(r)
                 bar.update(r.n)
             errors = run_blocks(
                 extract_feature_block,

@@ -11,7 +11,6 @@ from pipeline.cachefs import location
 from pipeline.datasets import load_manifest
 from pipeline.errors import PipelineError
 from pipeline.framestore import (
-    BlockResult,
     FrameCodec,
     extract_block,
     frames_fingerprint_record,
@@ -88,8 +87,8 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
             todo = store.rows_in(group, pending)
             threads = threads_per_worker(workers)
             with Progress(todo, f"frames {data.cache_name}/{split}", quiet) as bar, store.Ledger(group) as ledger:
-                def done(result: BlockResult) -> None:
-                    ledger.record(result.block, result.status, result.reasons)
+                def done(result: store.BlockResult) -> None:
+                    ledger.record(result)
                     bar.update(result.n)
                 errors = run_blocks(extract_block, [(location(path), b, threads) for b in pending],
                                     workers=workers, scheduler_address=scheduler_address, on_result=done)

@@ -16,7 +16,7 @@ from pipeline import store
 from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 
-from .paths import features_path, frames_path, labels_path
+from .paths import features_path, frames_path, labels_path, safe_name
 
 
 def _fingerprint_at(path: Path) -> str | None:
@@ -26,15 +26,25 @@ def _fingerprint_at(path: Path) -> str | None:
         return None
 
 
-def _model_identity_of_features(cache: Path, dataset: str, model_tag: str) -> dict | None:
-    base = as_path(cache) / "features" / dataset / model_tag
-    for split_dir in sorted(base.iterdir()) if base.is_dir() else []:
-        if (split_dir / "zarr.json").is_file():
-            try:
-                return dict(zarr.open_group(str(split_dir), mode="r").attrs.get("model") or {})
-            except (OSError, ValueError):
-                continue
-    return None
+def feature_store_attrs(cache: Path, dataset: str) -> dict[str, dict]:
+    """For each model whose features the cache holds for ``dataset``: the attributes of its first readable split."""
+    base = as_path(cache) / "features" / safe_name(dataset, "dataset")
+    found: dict[str, dict] = {}
+    for tag_dir in sorted(base.iterdir(), key=str) if base.is_dir() else []:
+        for split_dir in sorted(tag_dir.iterdir(), key=str) if tag_dir.is_dir() else []:
+            if (split_dir / "zarr.json").exists():
+                try:
+                    found[tag_dir.name] = dict(zarr.open_group(str(split_dir), mode="r").attrs)
+                except (OSError, ValueError):
+                    continue
+                break
+    return found
+
+
+def cached_models(cache: Path, dataset: str) -> dict[str, dict | None]:
+    """The models whose features the cache holds for ``dataset``: tag -> recorded spec (None if imported)."""
+    return {tag: dict(attrs["model_spec"]) if attrs.get("model_spec") else None
+            for tag, attrs in feature_store_attrs(cache, dataset).items()}
 
 
 def stale_reason(cache: Path, group: zarr.Group) -> str | None:
@@ -83,7 +93,7 @@ def _labels_model_mismatch(cache: Path, group: zarr.Group) -> str | None:
             return None
     if not isinstance(encoder, dict) or encoder.get("encoder") != "clip":
         return None
-    features_model = _model_identity_of_features(cache, attrs["dataset"], attrs["model_tag"])
+    features_model = feature_store_attrs(cache, attrs["dataset"]).get(attrs["model_tag"], {}).get("model")
     text_model = {k: v for k, v in encoder.items() if k != "encoder"}
     if features_model and "imported_from" not in features_model and features_model != text_model:
         return (f"its CLIP text tower is not the model of the cached features {attrs['dataset']}/{attrs['model_tag']}: "
@@ -102,19 +112,3 @@ def require_fresh(cache: Path, group: zarr.Group, what: str) -> zarr.Group:
 def open_fresh(cache: Path, path: Path, what: str) -> zarr.Group:
     """Open an existing output for reading, refusing it when it is stale."""
     return require_fresh(cache, store.open_existing(path, what), what)
-
-
-def cached_models(cache: Path, dataset: str) -> dict[str, dict | None]:
-    """The models whose features the cache holds for ``dataset``: tag -> recorded spec (None if imported)."""
-    base = features_path(cache, dataset, "x", "x").parent.parent
-    found: dict[str, dict | None] = {}
-    for tag_dir in sorted(base.iterdir(), key=str) if base.is_dir() else []:
-        for split_dir in sorted(tag_dir.iterdir(), key=str) if tag_dir.is_dir() else []:
-            if (split_dir / "zarr.json").exists():
-                try:
-                    recorded = zarr.open_group(str(split_dir), mode="r").attrs.get("model_spec")
-                except (OSError, ValueError):
-                    continue
-                found[tag_dir.name] = dict(recorded) if recorded else None
-                break
-    return found

@@ -22,9 +22,7 @@ def run(cache: Path) -> list[dict]:
             entry = store.damaged_entry(path, cache, "unreadable metadata (zarr.json)")
         else:
             try:
-                entry = store.summarize(group, path)
-                bad = store.inconsistent_blocks(group) if "status" in group else []
-                entry["damaged"] = f"{len(bad)} finished blocks without status" if bad else None
+                entry = store.summarize(group, path)  # with "damaged": finished blocks without status
                 entry["stale"] = stale_reason(cache, group)
                 entry["kind"] = group.attrs.get("kind") or group.attrs.get("encoder_tag")
                 entry["model"] = group.attrs.get("model_tag")
