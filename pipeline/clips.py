@@ -17,17 +17,18 @@ import zarr
 
 from .framestore import read_frames
 from .sampling import sample_rng, segment_indices, view_positions
+from .settings import FinetuneSettings as _F  # the defaults
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Clip-level augmentation (one draw for all frames of a clip). Defaults: the paper's recipe."""
 
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    flip: float = 0.5  # horizontal flip probability (0 where left/right is part of the label)
-    grayscale: float = 0.2  # grayscale probability (0 where colour is part of the label)
-    randaugment_ops: int = 2  # RandAugment N (0: off)
-    randaugment_magnitude: int = 9  # RandAugment M
+    crop_scale: tuple[float, float] = _F.crop_scale  # RandomResizedCrop area range
+    flip: float = _F.flip  # horizontal flip probability (0 where left/right is part of the label)
+    grayscale: float = _F.grayscale  # grayscale probability (0 where colour is part of the label)
+    randaugment_ops: int = _F.randaugment[0]  # RandAugment N (0: off)
+    randaugment_magnitude: int = _F.randaugment[1]  # RandAugment M
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale

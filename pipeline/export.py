@@ -12,12 +12,13 @@ import numpy as np
 import zarr
 
 from .errors import PipelineError
+from .progress import Progress
 
 FORMATS = ("npz", "h5")
 
 
 def export_arrays(out: str | os.PathLike, fmt: str, arrays: Mapping[str, zarr.Array | np.ndarray],
-                  attrs: Mapping[str, Any], rows_per_read: int = 64) -> Path:
+                  attrs: Mapping[str, Any], rows_per_read: int = 64, quiet: bool = True) -> Path:
     """Write ``arrays`` (same first dimension) and ``attrs`` to ``out`` as ``fmt``.
 
     HDF5 is written block by block, so exporting a large store needs memory for one block only;
@@ -34,7 +35,8 @@ def export_arrays(out: str | os.PathLike, fmt: str, arrays: Mapping[str, zarr.Ar
         with open(tmp, "wb") as f:
             np.savez(f, **data)
     else:
-        with h5py.File(tmp, "w") as f:
+        rows = sum(int(a.shape[0]) for a in arrays.values() if a.ndim > 1)
+        with h5py.File(tmp, "w") as f, Progress(rows, f"export {out.name}", quiet or rows < 1024, unit="row") as bar:
             for key, value in attrs.items():
                 f.attrs[key] = value
             for name, arr in arrays.items():
@@ -47,6 +49,8 @@ def export_arrays(out: str | os.PathLike, fmt: str, arrays: Mapping[str, zarr.Ar
                                         compression="gzip" if arr.ndim > 2 else None)
                 for lo in range(0, arr.shape[0], rows_per_read):
                     dset[lo:lo + rows_per_read] = arr[lo:lo + rows_per_read]
+                    if arr.ndim > 1:
+                        bar.update(min(rows_per_read, arr.shape[0] - lo))
     os.replace(tmp, out)
     return out
 

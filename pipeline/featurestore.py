@@ -104,7 +104,8 @@ def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: Loaded
     group.attrs.update({
         "stage": "features", "dataset": frames_group.attrs["dataset"], "split": frames_group.attrs["split"],
         "class_names": list(frames_group.attrs["class_names"]), "model": clip.identity, "model_tag": spec.tag,
-        "model_spec": {"name": spec.name, "pretrained": spec.pretrained, "quick_gelu": spec.quick_gelu},
+        "model_spec": {"name": spec.name, "pretrained": spec.pretrained, "quick_gelu": spec.quick_gelu,
+                       "key": spec.key},
         "precision": precision, "embed_dim": clip.embed_dim, "num_frames": t, "n": n, "block_size": block,
         "frames_fingerprint": frames_group.attrs["fingerprint"], "frames_path": frames_path,
     })

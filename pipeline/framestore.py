@@ -30,6 +30,7 @@ from zarr.core.dtype import VariableLengthBytes
 from . import store
 from .datasets import Manifest
 from .errors import DamagedStore
+from .settings import FramesSettings as _S  # the defaults
 from .video import DecodeError, FrameSpec, decode_clip
 
 PENDING, OK, FAILED = store.PENDING, store.OK, store.FAILED
@@ -41,8 +42,8 @@ CODECS = ("jpeg", "raw")
 class FrameCodec:
     """How stored frames are encoded. Part of the frame store's fingerprint."""
 
-    name: str = "jpeg"
-    quality: int = 90  # JPEG quality (ignored for raw)
+    name: str = _S.codec
+    quality: int = _S.jpeg_quality  # JPEG quality (ignored for raw)
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:

@@ -14,10 +14,10 @@ import yaml
 from .errors import PipelineError
 
 DEFAULT_PARAMS = "params.yaml"
-DATA_KEYS = ("dataset", "root", "split_id", "untrimmed", "name", "val_fraction")
-# The model is shared by every command that reads features, labels or heads: ``model.name``
-# (flag --model), ``model.pretrained``, ``model.quick_gelu``.
-MODEL_KEYS = {"model": "name", "pretrained": "pretrained", "quick_gelu": "quick_gelu"}
+# The shared groups: ``data.*`` (where videos come from, for frames/extract/import) and ``model.*``
+# (the model of every command that reads features, labels or heads): field -> key there.
+DATA_KEYS = ("format", "root", "split_id", "untrimmed", "dataset", "val_fraction")
+MODEL_KEYS = {"model": "name", "pretrained": "pretrained", "quick_gelu": "quick_gelu", "model_key": "key"}
 
 
 def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -39,59 +39,55 @@ def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
 
 
 class Params:
-    """Resolve one command's settings: flag, then ``<section>.<key>``, then ``data.<key>``, then default."""
+    """One command's view of params.yaml: ``<section>.<key>``, then ``data.<key>``, then ``model.<key>``."""
 
     def __init__(self, params: dict[str, Any], section: str) -> None:
         self.section = section
         self._own = params.get(section) or {}
-        self._data = params.get("data") or {}
+        self._data = upgrade_data_group(params.get("data") or {})
         self._model = params.get("model") or {}
-        if not isinstance(self._own, dict):
-            raise PipelineError(f"params group {section!r} must be a mapping")
+        for name, group in ((section, self._own), ("data", self._data), ("model", self._model)):
+            if not isinstance(group, dict):
+                raise PipelineError(f"params group {name!r} must be a mapping")
 
-    def get(self, key: str, flag: Any, default: Any = None) -> Any:
-        if flag is not None and flag != ():
-            return flag
-        if key in self._own:
-            return self._typed(f"{self.section}.{key}", self._own[key], default)
+    def lookup(self, key: str, old_keys: tuple[str, ...] = ()) -> tuple[bool, Any, str, bool]:
+        """(found, value, where, whether an old key name was used) for one setting."""
+        for name in (key, *old_keys):
+            if name in self._own:
+                return True, self._own[name], f"{self.section}.{name}", name != key
         if key in DATA_KEYS and key in self._data:
-            return self._typed(f"data.{key}", self._data[key], default)
+            return True, self._data[key], f"data.{key}", False
         if key in MODEL_KEYS and MODEL_KEYS[key] in self._model:
-            return self._model[MODEL_KEYS[key]]
-        return default
+            return True, self._model[MODEL_KEYS[key]], f"model.{MODEL_KEYS[key]}", False
+        return False, None, "", False
 
-    @staticmethod
-    def _typed(name: str, value: Any, default: Any) -> Any:
-        """A params-file value of the default's type (flags are typed by click), or a one-line error.
+    def get(self, key: str, default: Any = None) -> Any:
+        """A key without a flag (world colours, the report's settings note)."""
+        found, value, _, _ = self.lookup(key)
+        return value if found else default
 
-        Numbers written as text convert (PyYAML reads ``5e-5``, without a dot, as a string).
-        """
-        if value is None or default is None or isinstance(default, str):
-            return value
-        kind = type(default)
-        try:
-            if kind is bool and isinstance(value, bool):
-                return value
-            if kind is int and not isinstance(value, (bool, float)):
-                return int(value)
-            if kind is float and not isinstance(value, bool):
-                return float(value)
-            if kind not in (bool, int, float):
-                return value
-        except (TypeError, ValueError):
-            pass
-        names = {bool: "true or false", int: "an integer", float: "a number"}
-        raise PipelineError(f"{name} in the params file must be {names[kind]}, not {value!r}")
+    def described(self) -> tuple[str | None, str | None]:
+        """(format, dataset) of the params file's data group."""
+        return self._data.get("format"), self._data.get("dataset")
 
-    def for_dataset(self, dataset: str) -> Params:
-        """These settings with the ``data`` keys dropped when they describe another dataset.
-
-        ``pipeline frames --dataset ucf101`` in a folder whose params.yaml describes the demo must
-        not pick up the demo's root or cache name.
-        """
-        described = self._own.get("dataset", self._data.get("dataset"))
-        if described is None or described == dataset:
-            return self
+    def without_data(self) -> Params:
+        """These settings with the ``data`` keys dropped: ``pipeline frames --format ucf101`` in a folder
+        whose params.yaml describes the demo must not pick up the demo's root or cache name."""
         other = Params({"model": self._model}, self.section)
         other._own = {k: v for k, v in self._own.items() if k not in DATA_KEYS}
         return other
+
+
+def upgrade_data_group(data: dict) -> dict:
+    """The ``data`` group in today's spelling. Before 0.3 ``data.dataset`` was the format and ``data.name``
+    the cache name; such a file still reads the same (``--format`` / ``--dataset`` now)."""
+    if not isinstance(data, dict) or "name" not in data:
+        return data
+    import warnings
+
+    warnings.warn("params keys data.dataset (the format) and data.name are deprecated: write data.format and "
+                  "data.dataset (the name in the cache)", stacklevel=3)
+    upgraded = {k: v for k, v in data.items() if k != "name"}
+    upgraded.setdefault("format", data.get("dataset"))
+    upgraded["dataset"] = data["name"]
+    return upgraded

@@ -18,19 +18,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .losses import VideoTextContrastiveLoss
+from .settings import PretrainSettings as _P  # the defaults
 
 CAPTION = "a photo of a {}"
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 5e-4
+    steps: int = _P.steps
+    batch_size: int = _P.global_batch_size
+    lr: float = _P.lr
     weight_decay: float = 0.1
     warmup: int = 50
     word_dropout: float = 0.25
-    seed: int = 0
+    seed: int = _P.seed
     embed_dim: int = 128
     image_size: int = 64
     patch_size: int = 8

@@ -8,6 +8,11 @@ import time
 from tqdm import tqdm
 
 
+def say(message: str) -> None:
+    """A status line on stderr before a silent wait (loading a model), so that nothing looks hung."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class Progress:
     def __init__(self, total: int, desc: str, quiet: bool = False, unit: str = "video") -> None:
         self.quiet, self.total, self.desc, self.done = quiet, total, desc, 0
@@ -27,6 +32,14 @@ class Progress:
                   file=sys.stderr, flush=True)
             while self._next_log <= self.done / self.total:
                 self._next_log += 0.1
+
+    @classmethod
+    def over(cls, items: list, desc: str, quiet: bool = False, unit: str = "video"):
+        """Iterate ``items`` with a bar (a short list: no bar, nothing printed, when ``quiet``)."""
+        with cls(len(items), desc, quiet or len(items) < 2, unit) as bar:
+            for item in items:
+                yield item
+                bar.update()
 
     def set_postfix(self, **values: str) -> None:
         """Extra fields after the bar (e.g. loss, clips/s); nothing in --quiet mode."""

@@ -35,6 +35,7 @@ from .cachefs import as_path
 from .errors import FingerprintMismatch, PipelineError
 from .evaluation import metrics, multilabel_metrics
 from .files import write_atomic
+from .settings import FinetuneSettings as _F  # the defaults
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -54,19 +55,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 256  # global batch (all ranks, all accumulation steps)
-    micro_batch: int = 0  # clips per forward pass on one rank (0: the rank's whole share)
-    lr: float = 5e-5  # new modules (paper Table A.3)
-    backbone_lr_ratio: float = 0.1  # the pretrained encoder's lr, relative to lr
+    epochs: int = _F.epochs
+    batch_size: int = _F.global_batch_size  # global batch (all ranks, all accumulation steps)
+    micro_batch: int = _F.micro_batch  # clips per forward pass on one rank (0: the rank's whole share)
+    lr: float = _F.lr  # new modules (paper Table A.3)
+    backbone_lr_ratio: float = _F.backbone_lr_ratio  # the pretrained encoder's lr, relative to lr
     temporal_lr: float | None = None  # the temporal module's own lr (None: lr)
-    weight_decay: float = 0.2
+    weight_decay: float = _F.weight_decay
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup_epochs: float = 5.0
-    min_lr: float = 5e-6  # cosine floor, for the lr of new modules (other groups scale with it)
+    warmup_epochs: float = _F.warmup_epochs
+    min_lr: float = _F.min_lr  # cosine floor, for the lr of new modules (other groups scale with it)
     seed: int = 0
-    checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
-    amp: bool = True  # autocast on GPU (bf16 where supported, else fp16 with a scaler); fp32 on CPU
+    checkpoint_every: int = _F.checkpoint_every  # steps between checkpoints (0: at epoch ends only)
+    amp: bool = _F.amp  # autocast on GPU (bf16 where supported, else fp16 with a scaler); fp32 on CPU
     workers: int = 0  # data-loader processes per rank
 
     def __post_init__(self) -> None:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import av
 import numpy as np
 
+from .settings import FramesSettings as _S  # the defaults
+
 # Largest frame (width x height) we agree to decode: 8K UHD. Larger streams are refused as
 # failed instead of allocating decoder buffers of unbounded size.
 MAX_PIXELS = 7680 * 4320
@@ -31,11 +33,11 @@ class DecodeError(Exception):
 class FrameSpec:
     """How frames are taken from a video. Every field is part of the frame store's fingerprint."""
 
-    num_frames: int = 16  # T_cache: frames kept per video, at the centres of uniform segments
-    height: int = 256  # output box: the short side is scaled to ``height`` ...
-    width: int = 320  # ... then the result is centre-cropped or zero-padded to height x width
-    interpolation: str = "AREA"  # swscale filter used for the resize
-    seek: str = "exact"  # "keyframes": decode keyframes only (fast, approximate positions)
+    num_frames: int = _S.cache_frames  # T_cache: frames kept per video, at the centres of uniform segments
+    height: int = _S.height  # output box: the short side is scaled to ``height`` ...
+    width: int = _S.width  # ... then the result is centre-cropped or zero-padded to height x width
+    interpolation: str = _S.interpolation  # swscale filter used for the resize
+    seek: str = _S.seek  # "keyframes": decode keyframes only (fast, approximate positions)
     min_decoded_fraction: float = 0.9  # fewer decodable frames than this x declared = truncated
     max_pixels: int = MAX_PIXELS
 

@@ -18,7 +18,7 @@ FEATURE_ARRAYS = ("features", "video_id", "label", "status", "reason")
 
 
 def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str | None = None,
-        model_tag: str | None = None, encoder: str | None = None, kind: str | None = None) -> Path:
+        model_tag: str | None = None, encoder: str | None = None, kind: str | None = None, quiet: bool = True) -> Path:
     if what in ("frames", "features") and not split:
         raise PipelineError(f"--what {what} needs --split")
     if what in ("features", "head") and not model_tag:
@@ -53,4 +53,4 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
     for key in ("model", "spec", "codec", "encoder"):
         if group.attrs.get(key) is not None:
             attrs[key] = json.dumps(group.attrs[key], sort_keys=True, default=str)
-    return export_arrays(out, fmt, arrays, attrs)
+    return export_arrays(out, fmt, arrays, attrs, quiet=quiet)

@@ -11,6 +11,7 @@ from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.text import encode_with_clip, encode_with_hf, encoder_tag, resolve_templates
+from pipeline.progress import Progress, say
 
 from .paths import frames_path, labels_path, splits_of
 
@@ -34,17 +35,19 @@ def class_names_of(cache: Path, dataset: str) -> tuple[list[str], str]:
 
 
 def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str = "cpu",
-        replace_mismatched: bool = False) -> tuple[Path, np.ndarray]:
+        replace_mismatched: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray]:
     class_names, names_fp = class_names_of(cache, dataset)
     templates = resolve_templates(template)
-    if encoder == "clip":
-        clip = load_clip(spec, device)
-        identity = {"encoder": "clip", **clip.identity}
-        embeddings = encode_with_clip(clip, class_names, templates, device)
-    elif encoder.startswith("hf:"):
-        embeddings, identity = encode_with_hf(encoder[3:], class_names, templates, device)
-    else:
+    if encoder != "clip" and not encoder.startswith("hf:"):
         raise PipelineError(f"--encoder must be 'clip' or 'hf:NAME_OR_PATH', not {encoder!r}")
+    say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...")
+    with Progress(len(templates), f"labels {dataset} ({len(class_names)} classes)", quiet, unit="template") as bar:
+        if encoder == "clip":
+            clip = load_clip(spec, device)
+            identity = {"encoder": "clip", **clip.identity}
+            embeddings = encode_with_clip(clip, class_names, templates, device, bar.update)
+        else:
+            embeddings, identity = encode_with_hf(encoder[3:], class_names, templates, device, bar.update)
     tag = encoder_tag(encoder, spec.tag)
     path = labels_path(cache, dataset, tag)
     record = {"stage": "labels", "class_names": names_fp, "templates": templates, "encoder": identity}

@@ -10,6 +10,7 @@ from pipeline.errors import PipelineError
 from pipeline.featurestore import encode_frames
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.text import encode_with_clip, resolve_templates
+from pipeline.progress import Progress, say
 from pipeline.video import DecodeError, FrameSpec, decode_clip
 
 
@@ -20,7 +21,7 @@ def _top(logits: np.ndarray, labels: list[str], top: int) -> list[tuple[str, flo
 
 
 def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str] | None, *, template: str = "paper",
-                device: str = "cpu", top: int = 5) -> list[dict]:
+                device: str = "cpu", top: int = 5, quiet: bool = False) -> list[dict]:
     """Top labels from a fine-tuned run: its own classes, or your ``labels`` through the run's text encoder.
 
     Frames are decoded exactly as the run's frame store was made, then sampled and cropped as in
@@ -59,7 +60,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
     frame_spec = FrameSpec(**{k: v for k, v in info["frame_spec"].items() if k in FrameSpec.__dataclass_fields__})
     results = []
-    for video in videos:
+    for video in Progress.over(videos, "predict", quiet):
         try:
             stored = decode_clip(video, frame_spec).frames
         except DecodeError as e:
@@ -74,10 +75,12 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
 
 
 def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str = "paper", frames: int = 8,
-        device: str = "cpu", top: int = 5) -> list[dict]:
+        device: str = "cpu", top: int = 5, quiet: bool = False) -> list[dict]:
     """For each video: the ``top`` labels with softmax probabilities (CLIP logit scale, TAP over frames)."""
     if len(labels) < 2:
         raise PipelineError("give at least two label names (--labels 'a,b' or --labels-file)")
+    if not quiet:
+        say(f"loading {spec.name} on {device} ...")
     clip = load_clip(spec, device)
     text = encode_with_clip(clip, labels, resolve_templates(template), device)
     scale = float(clip.model.logit_scale.detach().exp().clamp(max=100))
@@ -85,7 +88,7 @@ def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str 
     # model's own preprocessing (features stage).
     frame_spec = FrameSpec(num_frames=frames)
     results = []
-    for video in videos:
+    for video in Progress.over(videos, "predict", quiet):
         try:
             clip_frames = decode_clip(video, frame_spec).frames
         except DecodeError as e:

@@ -137,7 +137,7 @@ def extracted(tmp_path_factory, tiny_clip) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("fs")
     generate_world(base / "world", WORLD)
     cache = base / "cache"
-    run_inproc("extract", "-d", "csv", "--root", str(base / "world"), "--name", "toy", "--num-frames", "4",
-            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}",
+    run_inproc("extract", "--format", "csv", "--root", str(base / "world"), "--dataset", "toy", "--cache-frames", "4",
+            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}", "--model-key", "tiny-clip",
             "--cache", str(cache), "--quiet")
     return cache, tiny_clip

@@ -21,9 +21,9 @@ def api_cache(extracted, tmp_path_factory):
     cache = tmp_path_factory.mktemp("api") / "cache"
     shutil.copytree(src, cache)
     m = ["--model", f"local-dir:{tiny}", "--cache", str(cache)]
-    run_inproc("heads", "-d", "toy", *m, "--kind", "prototype", "--per-class", "3", "--replace-mismatched")
+    run_inproc("heads", "-d", "toy", *m, "--head", "prototype", "--per-class", "3", "--replace-mismatched")
     run_inproc("finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "prototype", "--frames", "2",
-               "--epochs", "1", "--batch-size", "16", "--run-name", "r", "-q")
+               "--epochs", "1", "--global-batch-size", "16", "--run-name", "r", "-q")
     return cache
 
 
@@ -90,7 +90,7 @@ def test_exports_carry_provenance(api_cache, tmp_path):
     from test_frames_stage import run_cli
 
     out = tmp_path / "val.h5"
-    run_cli("export", "--what", "features", "-d", "toy", "--model", "tiny-clip", "--split", "val", "--format", "h5",
+    run_cli("export", "--what", "features", "-d", "toy", "--model", "tiny-clip", "--split", "val",
             "--out", str(out), "--cache", str(api_cache))
     with h5py.File(out, "r") as f:
         provenance = json.loads(f.attrs["provenance"])
@@ -128,7 +128,7 @@ def test_warm_up_longer_than_the_run_and_half_protocol_on_few_classes_warn(api_c
     from test_frames_stage import run_cli
 
     proc = run_cli("finetune", "--frozen-backbone", "-d", "toy", "--model", f"local-dir:{extracted[1]}", "--head",
-                   "prototype", "--frames", "2", "--epochs", "1", "--warmup-epochs", "5", "--batch-size", "16",
+                   "prototype", "--frames", "2", "--epochs", "1", "--warmup-epochs", "5", "--global-batch-size", "16",
                    "--run-name", "w", "-q", "--cache", str(api_cache))
     assert "warning: the warm-up (5 epochs, 20 steps) is as long as the whole run (4 steps)" in proc.stderr
 
@@ -190,7 +190,37 @@ def test_commands_that_read_the_cache_take_its_one_model_and_list_them_when_seve
     run_cli("features", "-d", "toy", "--model", f"local-dir:{other}", "--split", "val", "--quiet",
             "--cache", str(cache))
     proc = run_cli("evaluate", "-d", "toy", "--head", "prototype", "--cache", str(cache), check=False)
-    assert proc.returncode == 2 and "several models (tiny-clip, tiny-clip-b)" in proc.stderr
+    assert proc.returncode == 2 and "several models (tiny-clip, tiny-clip-b-" in proc.stderr
+    assert "--model-key" in proc.stderr
+    out = run_cli("evaluate", "-d", "toy", "--head", "prototype", "--model-key", "tiny-clip", "--cache", str(cache))
+    assert "model tiny-clip" in out.stdout
+
+
+def test_two_checkpoints_with_the_same_name_get_their_own_cache_keys(api_cache, tmp_path, extracted):
+    """The key is the name plus a hash of the weights: two folders called tiny-clip (other weights) never
+    share features, and nothing advises deleting the other model's outputs."""
+    from conftest import write_tiny_clip
+    from test_frames_stage import run_cli
+
+    from pipeline.models.clip import ModelSpec
+
+    first = tmp_path / "a" / "tiny-clip"
+    second = write_tiny_clip(tmp_path / "b" / "tiny-clip", seed=1)
+    shutil.copytree(extracted[1], first)
+    keys = [ModelSpec(name=f"local-dir:{m}").tag for m in (first, second)]
+    assert keys[0] != keys[1] and all(k.startswith("tiny-clip-") and len(k) == len("tiny-clip-") + 8 for k in keys)
+    assert ModelSpec(name=f"local-dir:{first}").tag == ModelSpec(name=f"local-dir:{extracted[1]}").tag  # same weights
+    cache = tmp_path / "cache"
+    shutil.copytree(api_cache, cache)
+    for model in (first, second):
+        run_cli("features", "-d", "toy", "--model", f"local-dir:{model}", "--split", "val", "--quiet",
+                "--cache", str(cache))
+    stored = sorted(p.name for p in (cache / "features" / "toy").iterdir())
+    assert stored == sorted(["tiny-clip", *keys])
+    # --model finds its own features again (no --model-key needed)
+    out = run_cli("evaluate", "-d", "toy", "--head", "prototype", "--model", f"local-dir:{extracted[1]}",
+                  "--cache", str(cache))
+    assert "model tiny-clip" in out.stdout
 
 
 def test_no_params_ignores_the_repositorys_params_file(tmp_path, template):
@@ -200,7 +230,7 @@ def test_no_params_ignores_the_repositorys_params_file(tmp_path, template):
     (root / "a").mkdir(parents=True)
     shutil.copyfile(template, root / "a" / "v.mp4")
     repo = Path(__file__).resolve().parents[1]  # holds the demo's params.yaml (64 x 64 frames)
-    args = ["frames", "--dataset", "folder", "--root", str(root), "--num-frames", "2", "--quiet"]
+    args = ["frames", "--dataset", "folder", "--root", str(root), "--cache-frames", "2", "--quiet"]
     run_cli(*args, "--cache", str(tmp_path / "with"), cwd=repo)
     run_cli(*args, "--no-params", "--cache", str(tmp_path / "without"), cwd=repo)
     spec = lambda c: pipeline.open_frames(tmp_path / c / "frames" / "folder" / "train").attrs["spec"]  # noqa: E731

@@ -50,7 +50,7 @@ def test_every_head_kind_and_lda_matches_sklearn(extracted):
     cache, tiny = extracted
     m = model_args(tiny)
     for kind in ("clip-text", "random", "orthogonal", "prototype"):
-        run_inproc("heads", "-d", "toy", *m, "--kind", kind, "--per-class", "3", "--cache", str(cache))
+        run_inproc("heads", "-d", "toy", *m, "--head", kind, "--per-class", "3", "--cache", str(cache))
     run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--cache", str(cache))
     heads = cache / "heads" / "toy" / "tiny-clip"
     kinds = ("clip-text", "random", "orthogonal", "prototype", "lda")
@@ -79,7 +79,7 @@ def test_every_head_kind_and_lda_matches_sklearn(extracted):
     run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--seed", "1", "--cache", str(cache), "--replace-mismatched")
     assert zarr.open_group(str(heads / "lda"), mode="r")["sample_video_id"][:].tolist() != sample
 
-    png = run_inproc("plot-heads", "-d", "toy", *m, "--kind", "clip-text", "--kind", "lda", "--cache", str(cache))
+    png = run_inproc("plot-heads", "-d", "toy", *m, "--head", "clip-text", "--head", "lda", "--cache", str(cache))
     for kind in ("clip-text", "lda"):
         path = cache / "plots" / "toy" / f"head-correlation-{kind}.png"
         assert f"wrote {path}" in png and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -88,7 +88,7 @@ def test_every_head_kind_and_lda_matches_sklearn(extracted):
 def test_evaluate_protocols_and_json(extracted, tmp_path):
     cache, tiny = extracted
     m = model_args(tiny)
-    run_inproc("heads", "-d", "toy", *m, "--kind", "prototype", "--per-class", "5", "--cache", str(cache),
+    run_inproc("heads", "-d", "toy", *m, "--head", "prototype", "--per-class", "5", "--cache", str(cache),
                "--replace-mismatched")
     subset = tmp_path / "s1.csv"
     subset.write_text("a small red disc,a large blue ring\na small green ring\n")
@@ -177,7 +177,7 @@ def test_hf_text_encoder_labels_and_text_head(extracted):
     g = zarr.open_group(str(cache / "labels" / "toy" / "hf-all-MiniLM-L6-v2"), mode="r")
     emb = g["embeddings"][:]
     assert emb.shape == (12, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    run_inproc("heads", "-d", "toy", *m, "--kind", "text", "--encoder", "hf:all-MiniLM-L6-v2", "--cache", str(cache))
+    run_inproc("heads", "-d", "toy", *m, "--head", "text", "--encoder", "hf:all-MiniLM-L6-v2", "--cache", str(cache))
     proc = run_cli("evaluate", "-d", "toy", *m, "--head", "text", "--encoder", "hf:all-MiniLM-L6-v2",
                    "--cache", str(cache), check=False)
     assert proc.returncode == 2 and "only a trained run's projection can bridge it" in proc.stderr
@@ -186,9 +186,9 @@ def test_hf_text_encoder_labels_and_text_head(extracted):
 def test_exports_round_trip(extracted, tmp_path):
     cache, tiny = extracted
     m = model_args(tiny)
-    run_inproc("export", "--what", "features", "-d", "toy", "--split", "val", *m, "--format", "h5",
+    run_inproc("export", "--what", "features", "-d", "toy", "--split", "val", *m,
                "--out", str(tmp_path / "f.h5"), "--cache", str(cache))
-    run_inproc("export", "--what", "labels", "-d", "toy", *m, "--format", "npz", "--out", str(tmp_path / "l.npz"),
+    run_inproc("export", "--what", "labels", "-d", "toy", *m, "--out", str(tmp_path / "l.npz"),
                "--cache", str(cache))
     g = zarr.open_group(str(cache / "features" / "toy" / "tiny-clip" / "val"), mode="r")
     with h5py.File(tmp_path / "f.h5", "r") as f:

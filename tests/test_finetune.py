@@ -34,18 +34,18 @@ def ft_cache(extracted, tmp_path_factory) -> tuple[Path, list[str]]:
     shutil.copytree(extracted[0], cache)
     m = ["--model", f"local-dir:{extracted[1]}", "--cache", str(cache)]
     for kind in ("clip-text", "random", "orthogonal", "prototype"):
-        run_inproc("heads", "-d", "toy", *m, "--kind", kind, "--per-class", "3", "--replace-mismatched")
+        run_inproc("heads", "-d", "toy", *m, "--head", kind, "--per-class", "3", "--replace-mismatched")
     run_inproc("lda", "-d", "toy", *m, "--per-class", "3", "--replace-mismatched")
     run_inproc("labels", "-d", "toy", *m, "--encoder", "hf:all-MiniLM-L6-v2", "--replace-mismatched")
-    run_inproc("heads", "-d", "toy", *m, "--kind", "text", "--encoder", "hf:all-MiniLM-L6-v2", "--replace-mismatched")
+    run_inproc("heads", "-d", "toy", *m, "--head", "text", "--encoder", "hf:all-MiniLM-L6-v2", "--replace-mismatched")
     return cache, m
 
 
 def common(m: list[str], run: str, *extra: str) -> list[str]:
     # 60 training clips of 4 frames; augmentation without colour changes (the classes are colours)
-    return ["finetune", "-d", "toy", *m, "--frames", "4", "--batch-size", "16", "--epochs", "1", "--lr", "1e-3",
+    return ["finetune", "-d", "toy", *m, "--frames", "4", "--global-batch-size", "16", "--epochs", "1", "--lr", "1e-3",
             "--warmup-epochs", "0.3", "--min-lr", "1e-4", "--grayscale", "0", "--randaugment", "0", "0",
-            "--crop-scale", "0.6", "1", "--workers", "0", "-q", "--run", run, *extra]
+            "--crop-scale", "0.6", "1", "--workers", "0", "-q", "--run-name", run, *extra]
 
 
 def load_state(cache: Path, run: str) -> dict:
@@ -158,7 +158,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 def test_two_process_ddp_matches_one_process(ft_cache):
     cache, m = ft_cache
-    args = common(m, "one", "--head", "clip-text", "--batch-size", "12", "--micro-batch", "4")
+    args = common(m, "one", "--head", "clip-text", "--global-batch-size", "12", "--micro-batch", "4")
     run_inproc(*args)
     ddp = ["two-procs" if a == "one" else "--run-name" if a == "--run" else a for a in args]
     proc = torchrun(*ddp)
@@ -174,7 +174,7 @@ def test_two_process_ddp_matches_one_process(ft_cache):
             x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
         assert torch.allclose(x, y, atol=2e-5, rtol=1e-4), key
     # evaluation of the same weights: exactly the metrics of one process (24 videos, 2 ranks, no padding)
-    single = json.loads(run_inproc("evaluate", "--run", "one", "--views", "2x3", "--batch-size", "5", "--json",
+    single = json.loads(run_inproc("evaluate", "--run-name", "one", "--views", "2x3", "--batch-size", "5", "--json",
                                    "--cache", str(cache)))
     proc = torchrun("evaluate", "--run-name", "one", "--views", "2x3", "--batch-size", "5", "--json",
                     "--cache", str(cache))
@@ -220,21 +220,21 @@ def test_multilabel_map_on_a_constructed_example():
 def test_evaluate_and_predict_with_a_run(ft_cache, extracted):
     cache, m = ft_cache
     run_inproc(*common(m, "pv", "--head", "clip-text"))
-    out = run_inproc("evaluate", "--run", "pv", "--views", "2x3", "--cache", str(cache))
+    out = run_inproc("evaluate", "--run-name", "pv", "--views", "2x3", "--cache", str(cache))
     assert "2x3 views, 24 videos: top1" in out
-    single = json.loads(run_inproc("evaluate", "--run", "pv", "--json", "--cache", str(cache)))
+    single = json.loads(run_inproc("evaluate", "--run-name", "pv", "--json", "--cache", str(cache)))
     metrics = json.loads((cache / "runs" / "pv" / "metrics.json").read_text())
     assert single["top1"] == pytest.approx(metrics["val_top1"])  # the loop's evaluation is the 1x1 one
     video = sorted((extracted[0].parent / "world").rglob("*.mp4"))[0]
-    out = run_inproc("predict", str(video), "--run", "pv", "--cache", str(cache))
+    out = run_inproc("predict", str(video), "--run-name", "pv", "--cache", str(cache))
     assert out.count("%") == 5
-    out = run_inproc("predict", str(video), "--run", "pv", "--labels", "red thing,blue thing", "--cache", str(cache))
+    out = run_inproc("predict", str(video), "--run-name", "pv", "--labels", "red thing,blue thing", "--cache", str(cache))
     assert "red thing" in out and "blue thing" in out
 
 
 def test_contrastive_objective_offline_online_and_gathered(ft_cache):
     cache, m = ft_cache
-    base = common(m, "c-off", "--head", "clip-text", "--objective", "contrastive", "--batch-size", "12")
+    base = common(m, "c-off", "--head", "clip-text", "--objective", "contrastive", "--global-batch-size", "12")
     run_inproc(*base)
     run_inproc(*["c-off-nogather" if a == "c-off" else a for a in base], "--no-batch-gather")
     a, b = load_state(cache, "c-off"), load_state(cache, "c-off-nogather")
@@ -246,7 +246,7 @@ def test_contrastive_objective_offline_online_and_gathered(ft_cache):
 
     tower = load(ModelSpec(m[1])).model.state_dict()
     assert not torch.equal(online["video.head.text.ln_final.weight"], tower["ln_final.weight"])  # the tower trained
-    out = json.loads(run_inproc("evaluate", "--run", "c-on", "--json", "--cache", str(cache)))
+    out = json.loads(run_inproc("evaluate", "--run-name", "c-on", "--json", "--cache", str(cache)))
     assert out["videos"] == 24 and 0 <= out["top1"] <= 100
     # two processes: with gather each rank sees the other's clips as negatives, without it not
     for name, flag in (("c2-gather", "--batch-gather"), ("c2-local", "--no-batch-gather")):

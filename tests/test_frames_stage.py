@@ -19,7 +19,7 @@ from pipeline import store
 from pipeline.framestore import read_frames
 
 ARRAYS = ("frames", "frame_index", "timestamp", "source_frames", "status", "reason", "video_id", "label")
-SMALL = ["--num-frames", "4", "--height", "32", "--width", "32", "--block-size", "2", "--quiet"]
+SMALL = ["--cache-frames", "4", "--height", "32", "--width", "32", "--block-size", "2", "--quiet"]
 
 
 def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -161,7 +161,7 @@ def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
         write_video(root / f"v{i:02d}.mp4", n_frames=40 + i % 7, width=320, height=240, seed=i)
         rows.append(f"v{i:02d}.mp4,{'ab'[i % 2]},train\n")
     (root / "videos.csv").write_text("path,label,split\n" + "".join(rows))
-    args = ["frames", "-d", "csv", "--root", str(root), "--num-frames", "8", "--height", "64", "--width", "80",
+    args = ["frames", "-d", "csv", "--root", str(root), "--cache-frames", "8", "--height", "64", "--width", "80",
             "--block-size", "2", "--quiet"]
     run_cli(*args, "--cache", str(tmp_path / "clean"))
     expected = load(tmp_path / "clean" / "frames" / "csv" / "train")
@@ -198,7 +198,7 @@ def test_params_file_keys_and_flag_override(tmp_path, template):
     (tmp_path / "params.yaml").write_text(
         f"data:\n  dataset: folder\n  root: {root}\n  name: toy\n"
         "frames:\n  num_frames: 2\n  height: 16\n  width: 24\n  block_size: 1\n")
-    run_cli("frames", "--quiet", "--num-frames", "3", cwd=tmp_path)  # ./params.yaml is read by default
+    run_cli("frames", "--quiet", "--cache-frames", "3", cwd=tmp_path)  # ./params.yaml is read by default
     g = zarr.open_group(str(tmp_path / "cache" / "frames" / "toy" / "train"), mode="r")
     assert read_frames(g, slice(None)).shape == (2, 3, 16, 24, 3)  # flag beat the key; the rest from the file
     # data.* keys describe one dataset: naming another one on the command line drops them
@@ -215,7 +215,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         (["frames", "-d", "ucf101", "--root", str(tmp_path / "nope")], "error: ucf101 root not found"),
         (["frames", "--params", str(tmp_path / "p.yaml")], "error: params file not found"),
         (["frames", "--cache", str(tmp_path)], "error: no dataset given"),
-        (["export", "-d", "x", "--split", "train", "--format", "h5", "--out", "o.h5", "--cache", str(tmp_path)],
+        (["export", "-d", "x", "--split", "train", "--out", "o.h5", "--cache", str(tmp_path)],
          "error: no frame store for x/train"),
     ]:
         proc = run_cli(*args, check=False, cwd=tmp_path)

@@ -67,7 +67,7 @@ def test_a_read_store_cannot_be_rebuilt_under_its_reader(cache, tmp_path):
     reader = hold("reader_lock", frames)
     try:
         world = Path(zarr.open_group(str(frames), mode="r").attrs["params"]["root"])
-        proc = run_cli("frames", "-d", "csv", "--root", str(world), "--name", "toy", "--num-frames", "3",
+        proc = run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "3",
                        "--height", "32", "--width", "32", "--block-size", "4", "--replace-mismatched",
                        "--cache", str(c), "--quiet", check=False)
         assert proc.returncode == 2 and "being read by another process" in proc.stderr
@@ -93,14 +93,14 @@ def test_a_planted_symlink_lock_is_refused_and_its_target_untouched(tmp_path):
 
 def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "prototype", "--per-class", "3", "--replace-mismatched",
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "prototype", "--per-class", "3", "--replace-mismatched",
                "--cache", str(c))
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--replace-mismatched", "--cache", str(c))
     run_inproc("evaluate", "-d", "toy", *m(tiny), "--head", "prototype", "--cache", str(c))
     frames = c / "frames" / "toy" / "val"
     world = Path(zarr.open_group(str(frames), mode="r").attrs["params"]["root"])
     # the frame store is rebuilt with other parameters: the features made from it are stale
-    run_cli("frames", "-d", "csv", "--root", str(world), "--name", "toy", "--split", "val", "--num-frames", "4",
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "val", "--cache-frames", "4",
             "--height", "32", "--width", "32", "--block-size", "2", "--replace-mismatched", "--cache", str(c),
             "--quiet")
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "prototype", "--cache", str(c), check=False)
@@ -113,7 +113,7 @@ def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
     run_cli("features", "-d", "toy", *m(tiny), "--split", "train", "--batch-size", "7", "--replace-mismatched",
             "--cache", str(c), "--quiet")
     for args in (["evaluate", "-d", "toy", *m(tiny), "--head", "prototype"],
-                 ["export", "--what", "head", "-d", "toy", *m(tiny), "--kind", "prototype", "--format", "npz",
+                 ["export", "--what", "head", "-d", "toy", *m(tiny), "--head", "prototype",
                   "--out", str(c / "h.npz")]):
         proc = run_cli(*args, "--cache", str(c), check=False)
         assert proc.returncode == 2 and "stale" in proc.stderr and "pipeline heads" in proc.stderr, args
@@ -177,7 +177,7 @@ def test_a_deleted_frames_shard_is_found_refused_and_recomputed_after_repair(cac
     out = run_cli("verify", "--repair", "--cache", str(c)).stdout
     assert "1 blocks marked pending" in out
     world = Path(zarr.open_group(str(path), mode="r").attrs["params"]["root"])
-    run_cli("frames", "-d", "csv", "--root", str(world), "--name", "toy", "--split", "train", "--num-frames", "4",
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "train", "--cache-frames", "4",
             "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(c), "--quiet")
     after = zarr.open_group(str(path), mode="r")["frames"][:]
     assert after.tolist() == before.tolist()  # byte-identical JPEGs
@@ -190,7 +190,7 @@ def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--replace-mismatched", "--cache", str(c))
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "verify --repair" in proc.stderr
@@ -205,7 +205,7 @@ def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
 
 def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
     c, tiny = cache
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--replace-mismatched", "--cache", str(c))
     head = c / "heads" / "toy" / "tiny-clip" / "clip-text"
     (head / "head" / "c" / "0" / "0").unlink()
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c), check=False)
@@ -226,12 +226,12 @@ def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
     # verify --repair: the head is deleted (recomputed by `heads`), the blocks marked pending
     run_cli("verify", "--repair", "--cache", str(c))
     assert not head.exists()
-    run_inproc("heads", "-d", "toy", *m(tiny), "--kind", "clip-text", "--replace-mismatched", "--cache", str(c))
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--replace-mismatched", "--cache", str(c))
     pending = {(e["stage"], e["split"]): e["pending"] for e in json.loads(run_cli("status", "--json", "--cache",
                                                                                   str(c)).stdout)}
     assert pending[("features", "train")] == 4 and pending[("frames", "val")] == 24
     world = Path(zarr.open_group(str(c / "frames" / "toy" / "train"), mode="r").attrs["params"]["root"])
-    run_cli("frames", "-d", "csv", "--root", str(world), "--name", "toy", "--num-frames", "4", "--height", "32",
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4", "--height", "32",
             "--width", "32", "--block-size", "4", "--cache", str(c), "--quiet")
     run_cli("features", "-d", "toy", *m(tiny), "--cache", str(c), "--quiet")
     assert run_cli("verify", "--cache", str(c)).returncode == 0
@@ -265,10 +265,10 @@ def test_a_split_or_name_that_leaves_the_cache_is_refused_and_nothing_is_deleted
     assert (precious / "thesis.tex").read_text() == "years of work" and not (cache / "frames").exists()
     (root / "videos.csv").write_text("path,label,split\na.mp4,x,train\n")
     for name in ("../../../x", "..", ".hidden", "a/b"):
-        proc = run_cli("frames", "-d", "csv", "--root", str(root), "--name", name, "--cache", str(cache), *SMALL,
+        proc = run_cli("frames", "--format", "csv", "--root", str(root), "--dataset", name, "--cache", str(cache), *SMALL,
                        check=False)
         assert proc.returncode == 2 and "cannot name a folder of the cache" in proc.stderr, name
-    proc = run_cli("evaluate", "--run", "../../x", "--cache", str(cache), check=False)
+    proc = run_cli("evaluate", "--run-name", "../../x", "--cache", str(cache), check=False)
     assert proc.returncode == 2 and "run name" in proc.stderr
 
 
@@ -280,7 +280,7 @@ def test_block_size_is_bounded_by_the_rows_and_bad_segment_times_fail_one_video(
     (root / "videos.csv").write_text("path,label,split,start,end\na.mp4,x,train,,\nb.mp4,x,train,1e300,inf\n"
                                      "c.mp4,y,train,0,1\n")
     cache = tmp_path / "cache"
-    args = ["frames", "-d", "csv", "--root", str(root), "--cache", str(cache), "--num-frames", "2", "--height", "16",
+    args = ["frames", "-d", "csv", "--root", str(root), "--cache", str(cache), "--cache-frames", "2", "--height", "16",
             "--width", "16", "--block-size", "1000000000", "--quiet"]
     out = run_cli(*args).stdout
     assert "3 videos, 2 ok, 1 failed" in out and "not a usable time" in out
@@ -315,7 +315,7 @@ def test_a_full_disk_is_one_line_and_the_resumed_store_is_exact(tmp_path, templa
     for i in range(8):
         shutil.copyfile(template, root / f"v{i}.mp4")
     (root / "videos.csv").write_text("path,label\n" + "".join(f"v{i}.mp4,{'ab'[i % 2]}\n" for i in range(8)))
-    args = ["frames", "-d", "csv", "--root", str(root), "--num-frames", "2", "--height", "16", "--width", "16",
+    args = ["frames", "-d", "csv", "--root", str(root), "--cache-frames", "2", "--height", "16", "--width", "16",
             "--block-size", "2", "--quiet"]
     run_cli(*args, "--cache", str(tmp_path / "clean"))
     proc = subprocess.run([sys.executable, "-c", FULL_DISK, "30", *args, "--cache", str(tmp_path / "full")],
@@ -356,7 +356,7 @@ def test_a_read_only_cache_is_one_line_for_a_writer(tmp_path, monkeypatch):
     (["labels", "-d", "toy", "--model", "local-dir:MODEL", "--template", "{}{}"], "exactly one '{}'"),
     (["labels", "-d", "toy", "--model", "local-dir:MODEL", "--template", "{}{0.__class__}"], "exactly one '{}'"),
     (["lda", "-d", "toy", "--model", "local-dir:MODEL", "--per-class", "1"], "more videos than classes"),
-    (["heads", "-d", "toy", "--model", "local-dir:MODEL", "--kind", "lda", "--solver", "lsqr", "--shrinkage", "5"],
+    (["heads", "-d", "toy", "--model", "local-dir:MODEL", "--head", "lda", "--solver", "lsqr", "--shrinkage", "5"],
      "in [0, 1], not 5.0"),
     (["finetune", "-d", "toy", "--model", "local-dir:MODEL", "--crop-scale", "1.5", "0.2"], "crop scale"),
     (["finetune", "-d", "toy", "--model", "local-dir:MODEL", "--lr", "nan"], "lr must be a finite number"),
@@ -393,13 +393,13 @@ def test_bad_csv_rows_and_params_values_are_one_error_line(tmp_path):
 
 
 def clip_text_head(c: Path, tiny: Path) -> None:
-    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--kind", "clip-text", "--replace-mismatched",
+    run_inproc("heads", "-d", "toy", "--model", f"local-dir:{tiny}", "--head", "clip-text", "--replace-mismatched",
                "--cache", str(c))
 
 
 def frozen(tiny: Path, c: Path, run: str, *extra: str) -> list[str]:
     return ["finetune", "--frozen-backbone", "-d", "toy", "--model", f"local-dir:{tiny}", "--head", "clip-text",
-            "--frames", "2", "--epochs", "1", "--warmup-epochs", "0.2", "--batch-size", "16", "--run-name", run,
+            "--frames", "2", "--epochs", "1", "--warmup-epochs", "0.2", "--global-batch-size", "16", "--run-name", run,
             "--cache", str(c), "-q", *extra]
 
 

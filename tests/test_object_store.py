@@ -70,12 +70,12 @@ def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 def pipeline_steps(world: Path, tiny: Path) -> list[list[str]]:
     m = ["--model", f"local-dir:{tiny}"]
-    return [["frames", "-d", "csv", "--root", str(world), "--name", "toy", "--num-frames", "2", "--height", "32",
+    return [["frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "2", "--height", "32",
              "--width", "32", "--block-size", "4", "--quiet"],
             ["features", "-d", "toy", *m, "--quiet"],
             ["labels", "-d", "toy", *m],
-            ["heads", "-d", "toy", *m, "--kind", "clip-text"],
-            ["heads", "-d", "toy", *m, "--kind", "prototype", "--per-class", "3"]]
+            ["heads", "-d", "toy", *m, "--head", "clip-text"],
+            ["heads", "-d", "toy", *m, "--head", "prototype", "--per-class", "3"]]
 
 
 def test_the_whole_feature_store_on_s3_matches_a_local_cache(tmp_path, tiny_clip, s3):
@@ -99,7 +99,7 @@ def test_the_whole_feature_store_on_s3_matches_a_local_cache(tmp_path, tiny_clip
     assert scores[0] == scores[1]
     # a run (checkpoint, run.json, history, metrics) and the PNGs of plot-heads live there too
     train = ["finetune", "--frozen-backbone", "-d", "toy", "--model", f"local-dir:{tiny_clip}", "--head", "clip-text",
-             "--temporal", "ttrans", "--layers", "1", "--frames", "2", "--epochs", "2", "--batch-size", "16",
+             "--temporal", "ttrans", "--layers", "1", "--frames", "2", "--epochs", "2", "--global-batch-size", "16",
              "--checkpoint-every", "2", "--run-name", "r", "-q"]
     for cache in (local, remote):
         cli(*train, "--cache", cache, cwd=tmp_path)

@@ -41,9 +41,9 @@ def test_pretrain_stage_writes_a_local_dir_model(tmp_path):
     generate_world(tmp_path / "world", WorldSpec(colours=("red", "blue"), shapes=("disc", "bar"), sizes=("small",),
                                                  train_per_class=2, val_per_class=1, frames=4, size=32))
     cache = tmp_path / "cache"
-    run_inproc("frames", "-d", "csv", "--root", str(tmp_path / "world"), "--name", "w", "--num-frames", "2",
+    run_inproc("frames", "--format", "csv", "--root", str(tmp_path / "world"), "--dataset", "w", "--cache-frames", "2",
                "--height", "32", "--width", "32", "--cache", str(cache), "-q")
-    out = run_inproc("pretrain", "-d", "w", "--steps", "3", "--batch-size", "8", "--heldout", "a small blue bar",
+    out = run_inproc("pretrain", "-d", "w", "--steps", "3", "--global-batch-size", "8", "--heldout", "a small blue bar",
                      "--cache", str(cache), "-q")
     assert "local-dir:" in out
     summary = json.loads((cache / "tiny-clip" / "pretrain.json").read_text())

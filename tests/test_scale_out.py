@@ -73,7 +73,7 @@ def test_remote_workers_in_another_directory_write_the_stores_of_a_local_run(tmp
     user.mkdir()
     generate_world(user / "world", WORLD)
     shutil.copytree(tiny_clip, user / "tiny-clip")
-    frames = ["frames", "-d", "csv", "--root", "world", "--name", "toy", "--num-frames", "2", "--height", "32",
+    frames = ["frames", "--format", "csv", "--root", "world", "--dataset", "toy", "--cache-frames", "2", "--height", "32",
               "--width", "32", "--block-size", "8", "--quiet"]
     features = ["features", "-d", "toy", "--model", "local-dir:tiny-clip", "--quiet"]
     for args in (frames, features):
@@ -113,11 +113,11 @@ def test_two_torchrun_nodes_train_the_weights_of_one_process_and_resume_after_a_
     local = tmp_path / "cache"
     shutil.copytree(cache, local)
     m = ["--model", f"local-dir:{tiny}", "--cache", str(local)]
-    run_inproc("heads", "-d", "toy", *m, "--kind", "clip-text", "--replace-mismatched")
-    common = ["finetune", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--batch-size", "12",
+    run_inproc("heads", "-d", "toy", *m, "--head", "clip-text", "--replace-mismatched")
+    common = ["finetune", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--global-batch-size", "12",
               "--micro-batch", "3", "--epochs", "2", "--lr", "1e-3", "--warmup-epochs", "0.3", "--grayscale", "0",
               "--randaugment", "0", "0", "--workers", "0", "--checkpoint-every", "2", "-q"]
-    run_inproc(*common, "--run", "one")
+    run_inproc(*common, "--run-name", "one")
     finish(two_nodes([*common, "--run-name", "nodes"], tmp_path))
     state = lambda run: torch.load(local / "runs" / run / "checkpoint.pt", weights_only=True)["model"]  # noqa: E731
     a, b = state("one"), state("nodes")

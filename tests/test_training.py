@@ -58,8 +58,8 @@ def imported(tmp_path) -> Path:
     feats = write_external_features(tmp_path, {"train": 12, "val": 6})
     (feats / "val" / "c3_5.npy").unlink()  # one video's file is missing
     cache = tmp_path / "cache"
-    out = run_inproc("import", "-d", "csv", "--root", str(tmp_path / "videos.csv"), "--name", "ext", "--from",
-                     str(feats.parent / "feats"), "--model-tag", "extfeat", "--num-frames", "4", "--cache", str(cache),
+    out = run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ext", "--from",
+                     str(feats.parent / "feats"), "--model-tag", "extfeat", "--cache-frames", "4", "--cache", str(cache),
                      "--quiet")
     assert "ext/val: 36 videos, 35 ok, 1 failed" in out and "no feature file" in out
     return cache
@@ -77,25 +77,25 @@ def test_import_resamples_and_aligns_rows(imported, tmp_path):
 
 def test_frozen_backbone_training_learns_and_reports(imported):
     common = ["finetune", "--frozen-backbone", "-d", "ext", "--model", "extfeat", "--frames", "4", "--epochs", "6",
-              "--batch-size", "16", "--lr", "1e-2", "--warmup-epochs", "1", "--min-lr", "1e-4",
+              "--global-batch-size", "16", "--lr", "1e-2", "--warmup-epochs", "1", "--min-lr", "1e-4",
               "--cache", str(imported), "-q"]
-    run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run", "learn")
+    run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run-name", "learn")
     metrics = json.loads((imported / "runs" / "learn" / "metrics.json").read_text())
     assert metrics["val_top1"] > 90 and metrics["val_videos"] == 35
     history = [json.loads(line) for line in (imported / "runs" / "learn" / "history.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in history if h["kind"] == "step"]
     assert len(losses) == 6 * 5 and np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])  # the loss falls
     # a frozen head built from the cache, and T-Trans
-    run_inproc("heads", "-d", "ext", "--model", "extfeat", "--kind", "orthogonal", "--cache", str(imported))
-    run_inproc(*common, "--head", "orthogonal", "--temporal", "ttrans", "--layers", "1", "--run", "orth")
+    run_inproc("heads", "-d", "ext", "--model", "extfeat", "--head", "orthogonal", "--cache", str(imported))
+    run_inproc(*common, "--head", "orthogonal", "--temporal", "ttrans", "--layers", "1", "--run-name", "orth")
     assert json.loads((imported / "runs" / "orth" / "metrics.json").read_text())["val_top1"] > 80
     # few-shot: K per class, repeated to the full set's iterations per epoch
-    run_inproc(*common, "--head", "learnable", "--shots", "2", "--run", "two")
+    run_inproc(*common, "--head", "learnable", "--shots", "2", "--run-name", "two")
     steps = [json.loads(x) for x in (imported / "runs" / "two" / "history.jsonl").read_text().splitlines()]
     assert sum(s["kind"] == "step" for s in steps) == 6 * 5
     # a finished run re-run: nothing to do; other settings under the same name: refused
-    run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run", "learn")
-    proc = run_cli(*common, "--head", "learnable", "--temporal", "tap", "--run", "learn", "--seed", "3", check=False)
+    run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run-name", "learn")
+    proc = run_cli(*common, "--head", "learnable", "--temporal", "tap", "--run-name", "learn", "--seed", "3", check=False)
     assert proc.returncode == 2 and "exists with other parameters" in proc.stderr
 
 
@@ -106,13 +106,13 @@ def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
 
     feats = write_external_features(tmp_path, {"train": 16, "val": 6}, order_classes=True)
     cache = tmp_path / "cache"
-    run_inproc("import", "-d", "csv", "--root", str(tmp_path / "videos.csv"), "--name", "ord", "--from", str(feats),
-               "--model-tag", "f", "--num-frames", "8", "--cache", str(cache), "-q")
+    run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ord", "--from", str(feats),
+               "--model-tag", "f", "--cache-frames", "8", "--cache", str(cache), "-q")
     common = ["finetune", "--frozen-backbone", "-d", "ord", "--model", "f", "--frames", "8", "--epochs", "15",
-              "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-4", "--head", "learnable",
+              "--global-batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-4", "--head", "learnable",
               "--cache", str(cache), "-q"]
-    run_inproc(*common, "--temporal", "tap", "--run", "tap")
-    run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--run", "tt")
+    run_inproc(*common, "--temporal", "tap", "--run-name", "tap")
+    run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--run-name", "tt")
     tap = json.loads((cache / "runs" / "tap" / "metrics.json").read_text())["val_top1"]
     ttrans = json.loads((cache / "runs" / "tt" / "metrics.json").read_text())["val_top1"]
     # classes 0 and 1 hold the same frames in opposite order: TAP cannot separate them (<= 5/6 of 100%)

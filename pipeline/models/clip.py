@@ -14,6 +14,7 @@ activation that the pretrained tag was trained with.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ class ModelSpec:
     name: str  # built-in name, "local-dir:DIR" or "hf-hub:ORG/NAME"
     pretrained: str | None = None  # tag or checkpoint file (built-in names only)
     quick_gelu: bool | None = None  # None: what the pretrained tag was trained with (OpenAI: QuickGELU)
+    key: str | None = None  # the model's name in the cache; None: derived (see ``tag``)
 
     def absolute(self) -> ModelSpec:
         """This spec with its local paths absolute: recorded in runs, usable from any directory."""
@@ -45,11 +47,16 @@ class ModelSpec:
             name = "local-dir:" + os.path.abspath(os.path.expanduser(name[len("local-dir:"):]))
         if pretrained and os.path.isfile(pretrained):
             pretrained = os.path.abspath(pretrained)
-        return ModelSpec(name=name, pretrained=pretrained, quick_gelu=self.quick_gelu)
+        return ModelSpec(name=name, pretrained=pretrained, quick_gelu=self.quick_gelu, key=self.key)
 
     @property
     def tag(self) -> str:
-        """A short, path-safe name for cache keys: ``ViT-B-16-openai``, ``tiny-clip``, ``org--name``."""
+        """The model's name in the cache: ``key`` when given, else a short, path-safe name
+        (``ViT-B-16-openai``, ``org--name``); for weights in a local file or folder the name plus
+        a short hash of the weights (``tiny-clip-3f9a1c2e``), so that two checkpoints called
+        ``epoch_latest.pt`` never share a key."""
+        if self.key:
+            return self.key
         if self.name.startswith("local-dir:"):
             base = Path(self.name[len("local-dir:"):]).resolve().name
         elif self.name.startswith("hf-hub:"):
@@ -59,7 +66,21 @@ class ModelSpec:
             if self.pretrained:
                 p = self.pretrained
                 base += "-" + (Path(p).stem if os.path.sep in p or os.path.isfile(p) else p)
+        weights = _weights_file(self) if not self.name.startswith("hf-hub:") else None
+        if weights:
+            base += "-" + _short_sha256(weights)
         return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
+
+
+@functools.lru_cache(maxsize=64)
+def _short_sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)[:8]
+
+
+def _short_sha256(path: str) -> str:
+    """The first 8 hex digits of a file's sha256, computed once per file version in a process."""
+    st = os.stat(path)
+    return _short_sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 @dataclass

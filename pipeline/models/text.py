@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,8 +90,10 @@ def resolve_hf(name: str) -> str:
     return name
 
 
-def encode_with_clip(clip: LoadedClip, class_names: list[str], templates: list[str], device: str) -> np.ndarray:
-    """float32 [C, D]: per template normalised text embeddings, averaged, renormalised (prompt ensembling)."""
+def encode_with_clip(clip: LoadedClip, class_names: list[str], templates: list[str], device: str,
+                     on_template: Callable[[], None] | None = None) -> np.ndarray:
+    """float32 [C, D]: per template normalised text embeddings, averaged, renormalised (prompt ensembling).
+    ``on_template`` is called after each template (a progress bar)."""
     import torch
 
     total = None
@@ -100,11 +103,14 @@ def encode_with_clip(clip: LoadedClip, class_names: list[str], templates: list[s
             emb = clip.model.encode_text(tokens).float()
         emb = emb / emb.norm(dim=-1, keepdim=True)
         total = emb if total is None else total + emb
+        if on_template:
+            on_template()
     total = total / total.norm(dim=-1, keepdim=True)
     return total.cpu().numpy().astype(np.float32)
 
 
-def encode_with_hf(name: str, class_names: list[str], templates: list[str], device: str) -> tuple[np.ndarray, dict]:
+def encode_with_hf(name: str, class_names: list[str], templates: list[str], device: str,
+                   on_template: Callable[[], None] | None = None) -> tuple[np.ndarray, dict]:
     """float32 [C, D_text] with mean pooling over tokens (attention-masked), averaged over templates."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -130,6 +136,8 @@ def encode_with_hf(name: str, class_names: list[str], templates: list[str], devi
         emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         emb = emb / emb.norm(dim=-1, keepdim=True)
         total = emb if total is None else total + emb
+        if on_template:
+            on_template()
     total = total / total.norm(dim=-1, keepdim=True)
     identity = {"encoder": "hf", "name": Path(path).name if os.path.isdir(path) else path,
                 "hidden_size": int(total.shape[1]),

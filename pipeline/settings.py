@@ -1,0 +1,496 @@
+"""The settings of every command, typed: the single source of their defaults.
+
+Each command has one dataclass here. A field is one setting: its default, its help text, the
+flag that sets it and the params.yaml key (``<command group>.<field>``, or ``data.<field>`` /
+``model.<field>`` for the shared groups). Resolution order: flag > params.yaml > default
+(:func:`resolve`), and every value remembers where it came from (``pipeline config COMMAND``).
+
+The library's own dataclasses (TrainConfig, AugmentConfig, FrameSpec, FrameCodec, PretrainConfig)
+take their defaults from here, so that each default is written once. This module imports nothing
+heavy: the CLI reads it before any command runs.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import PurePath
+from typing import Any, ClassVar
+
+from .params import DATA_KEYS, MODEL_KEYS
+
+HEADS = ("clip-text", "text", "random", "orthogonal", "prototype", "lda")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """How one setting appears on the command line."""
+
+    help: str
+    flag: str = ""  # "--cache-frames"; default: the field name with dashes
+    short: str = ""  # "-d"
+    type: Any = None  # a click type; default: from the field's default
+    multiple: bool = False
+    is_flag: bool = False
+    toggle: str = ""  # "amp": gives --amp/--no-amp
+    nargs: int = 1
+    old_flags: tuple[str, ...] = ()  # deprecated spellings: still accepted, with a warning
+    old_keys: tuple[str, ...] = ()  # deprecated params.yaml keys of the same group
+    default_text: str = ""  # how --help shows a default computed at run time ("cuda when present")
+    section: str = ""  # the params group, when not the command's own (extract reads features.*, labels.*)
+
+
+def knob(default: Any, help: str, **kw: Any) -> Any:
+    """A settings field: its default plus its :class:`Knob`."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"knob": Knob(help=help, **kw)})
+    return field(default=default, metadata={"knob": Knob(help=help, **kw)})
+
+
+# ---- shared groups ----------------------------------------------------------------------------
+
+
+
+@dataclass
+class DatasetName:
+    """The dataset's name in the cache (every command that reads the cache)."""
+
+    dataset: str | None = knob(None, "Dataset name in the cache (params: data.dataset).", short="-d")
+
+
+@dataclass
+class DataSource(DatasetName):
+    """Where videos come from (frames, extract, import)."""
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("data",)
+    dataset: str | None = knob(
+        None, "Name of the dataset in the cache [default: the format, or the csv/folder's stem].", short="-d")
+    format: str | None = knob(None, "Dataset format (adapter): k400 | k600 | k700 | ucf101 | hmdb51 | anet | csv | "
+                                    "folder.", type="FORMATS")
+    root: str | None = knob(None, "Dataset root folder (or a CSV file).")
+    split_id: int = knob(1, "Official split for UCF101/HMDB51.", type="SPLIT_ID")
+    untrimmed: bool = knob(False, "Kinetics: cut [time_start, time_end] out of full-length videos.",
+                           toggle="untrimmed/--trimmed")
+    val_fraction: float = knob(0.0, "Hold out this fraction of each class's training videos as 'val' (seeded; "
+                                    "for flat folders and CSVs without a split column).", type="FRACTION")
+
+    def __post_init__(self) -> None:
+        from .datasets import DATASETS
+
+        if self.format is None and self.dataset in DATASETS:
+            self.format = self.dataset  # `--dataset ucf101` alone: the format, and its name in the cache
+        if self.dataset is None and self.format:
+            stem = PurePath(str(self.root or "")).stem if self.format in ("csv", "folder") else ""
+            self.dataset = stem or self.format
+
+
+@dataclass
+class ModelChoice:
+    model: str | None = knob(None, "open_clip model: a name (ViT-B-16), local-dir:DIR or hf-hub:ORG/NAME "
+                                   "(params: model.name) [the cache's model when it holds one].", short="-m")
+    pretrained: str | None = knob(None, "Pretrained tag (openai) or a local checkpoint file (params: "
+                                        "model.pretrained).")
+    quick_gelu: bool | None = knob(None, "Force QuickGELU (needed for OpenAI weights given as a file).",
+                                   toggle="quick-gelu/--no-quick-gelu", default_text="auto for tags")
+    model_key: str | None = knob(None, "The model's name in the cache (params: model.key) [the model's name plus "
+                                       "a short hash of its weights].")
+
+
+@dataclass
+class Replace:
+    replace_mismatched: bool = knob(False, "Rebuild an output made with other parameters (a matching one is "
+                                           "resumed).", is_flag=True)
+
+
+DEVICE_HELP = "torch device: cpu, cuda or cuda:N."
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+@dataclass
+class FramesSettings(Replace, DataSource):
+    SECTION: ClassVar[str] = "frames"
+    splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset].",
+                             flag="--split", multiple=True)
+    cache_frames: int = knob(16, "Frames kept per video in the store, T_cache.", type="POSITIVE",
+                             old_flags=("--num-frames",), old_keys=("num_frames",))
+    height: int = knob(256, "Output box height; the short side scales to it.", type="POSITIVE")
+    width: int = knob(320, "Output box width (centre crop or pad).", type="POSITIVE")
+    interpolation: str = knob("AREA", "swscale filter.", type="INTERPOLATIONS")
+    seek: str = knob("exact", "'keyframes' decodes keyframes only: fast, approximate.", type="SEEK_MODES")
+    codec: str = knob("jpeg", "Stored frame encoding: JPEG bytes, or lossless uint8 + zstd.",
+                      type=("jpeg", "raw"))
+    jpeg_quality: int = knob(90, "JPEG quality.", type="PERCENT")
+    block_size: int = knob(16, "Videos per block (the resume unit).", type="POSITIVE")
+    workers: int = knob(1, "Decoding processes, through dask.", type="POSITIVE")
+    scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler instead of a local one.")
+    strict: bool = knob(False, "Exit with status 1 if any video failed.", is_flag=True)
+
+
+@dataclass
+class FeaturesSettings(Replace, ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "features"
+    splits: list[str] = knob([], "Split(s) [default: every stored split].", flag="--split", multiple=True)
+    device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
+    batch_size: int = knob(64, "Frames per forward pass.", type="POSITIVE")
+    workers: int = knob(1, "Processes, through dask.", type="POSITIVE")
+    scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler.")
+
+
+@dataclass
+class LabelsSettings(Replace, ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "labels"
+    encoder: str = knob("clip", "'clip' (the model's text tower) or 'hf:NAME_OR_PATH' (mean pooling).")
+    template: str = knob("paper", "paper ('a video of a person {}.'), bare, kinetics28, a file, or a text with {}.")
+    device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
+
+
+@dataclass
+class ExtractSettings(ModelChoice, FramesSettings):
+    """frames, then features, then labels; each reads its own params group for the rest."""
+
+    SECTION: ClassVar[str] = "frames"
+    encoder: str = knob(LabelsSettings.encoder, "Text encoder of the labels stage: clip or hf:NAME_OR_PATH.",
+                        section="labels")
+    template: str = knob(LabelsSettings.template, "Prompt template(s) of the labels stage.", section="labels")
+    device: str | None = knob(None, "torch device for features and labels.", default_text="cuda when present, else cpu",
+                              section="features")
+    batch_size: int = knob(FeaturesSettings.batch_size, "Frames per forward pass of the features stage.",
+                           type="POSITIVE", section="features")
+
+
+@dataclass
+class HeadsSettings(Replace, ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "heads"
+    head: str | None = knob(None, "Head kind: " + ", ".join(HEADS) + ".", type=HEADS, old_flags=("--kind",),
+                            old_keys=("kind",))
+    encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
+    seed: int = knob(0, "Seed of random/orthogonal heads and of the per-class sample.")
+    per_class: int = knob(60, "Training videos per class for lda/prototype (the paper: 60).", type="POSITIVE")
+    solver: str = knob("svd", "LDA solver (svd, as the paper).", type=("svd", "lsqr", "eigen"))
+    shrinkage: str | None = knob(None, "LDA shrinkage: 'auto' or a number in [0, 1] (lsqr/eigen solvers).")
+    split: str = knob("train", "Split the lda/prototype sample is drawn from.")
+
+
+@dataclass
+class LdaSettings(HeadsSettings):
+    SECTION: ClassVar[str] = "lda"
+    head: ClassVar[str] = "lda"
+
+
+@dataclass
+class EvaluateSettings(ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "evaluate"
+    head: str = knob("clip-text", "Head kind (untuned evaluation).", type=HEADS)
+    encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
+    split: str = knob("val", "Split to evaluate.")
+    protocols: list[str] = knob(["full"], "full label set; half of the classes x 10 seeds; user subsets "
+                                          "(repeatable).", flag="--protocol", multiple=True,
+                                type=("full", "half", "subsets"))
+    subsets: list[str] = knob([], "A class-subset file (one class a line, or comma-separated); repeatable.",
+                              multiple=True, type="FILE")
+    head_dataset: str | None = knob(None, "Use a head built from another dataset's class names (matched by name).")
+    out: str | None = knob(None, "Write the results as JSON (e.g. for DVC metrics).", type="FILE")
+    run_name: str | None = knob(None, "Evaluate this fine-tuned run (CACHE/runs/RUN) instead of an untuned head.",
+                                old_flags=("--run",), old_keys=("run",))
+    views: str = knob("1x1", "With --run-name: temporal clips x spatial crops, e.g. 4x3.")
+    batch_size: int = knob(16, "With --run-name: videos per forward pass.", type="POSITIVE")
+    workers: int = knob(0, "With --run-name: data-loader processes.", type="COUNT")
+    device: str | None = knob(None, "With --run-name: " + DEVICE_HELP, default_text="cuda when present, else cpu")
+
+
+@dataclass
+class FinetuneSettings(Replace, ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "finetune"
+    head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline.",
+                     type=(*HEADS, "learnable"))
+    encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
+    temporal: str = knob("tap", "Temporal module.", type=("tap", "ttrans", "tokent1d"))
+    frozen_backbone: bool = knob(False, "Train only the temporal module (and projection) on cached features.",
+                                 is_flag=True)
+    frames: int = knob(8, "Frames per clip, T.", type="POSITIVE")
+    shots: int = knob(0, "K training videos per class (few-shot), seeded; 0: all.", type="COUNT")
+    run_name: str | None = knob(None, "Run name under CACHE/runs.", old_flags=("--run",), old_keys=("run",),
+                                default_text="derived from the settings")
+    epochs: int = knob(30, "Epochs.", type="POSITIVE")
+    global_batch_size: int = knob(256, "Clips per optimiser step, over all GPUs and "
+                                                          "accumulation steps.", type="POSITIVE",
+                                  old_flags=("--batch-size",), old_keys=("batch_size",))
+    micro_batch: int = knob(0, "Clips per forward pass per process; gradients accumulate to "
+                                                     "the global batch (0: no accumulation).", type="COUNT")
+    lr: float = knob(5e-5, "Learning rate of new modules.")
+    backbone_lr_ratio: float = knob(0.1, "The pretrained encoder's lr relative to --lr.")
+    temporal_lr: float | None = knob(None, "Learning rate of the temporal module.",
+                                     default_text="--lr")
+    weight_decay: float = knob(0.2, "AdamW weight decay.")
+    warmup_epochs: float = knob(5.0, "Linear warm-up epochs.")
+    min_lr: float = knob(5e-6, "Cosine floor of the learning rate.")
+    layers: int = knob(6, "T-Trans layers.", type="POSITIVE")
+    t1d_init: str = knob("identity", "TokenT1D initialisation.", type=("identity", "shift"))
+    crop_scale: tuple[float, float] = knob((0.08, 1.0), "RandomResizedCrop area range.", nargs=2,
+                                           type=float)
+    flip: float = knob(0.5, "Horizontal flip probability.", type="PROBABILITY")
+    grayscale: float = knob(0.2, "Grayscale probability.", type="PROBABILITY")
+    randaugment: tuple[int, int] = knob((2, 9),
+                                        "RandAugment N M (0 0: off).", nargs=2, type=int)
+    amp: bool = knob(True, "Mixed precision on GPU (bf16, or fp16 with a scaler).", toggle="amp/--no-amp")
+    grad_checkpointing: bool = knob(False, "Recompute activations to save memory.", is_flag=True)
+    workers: int | None = knob(None, "Data-loader processes per process.", type="COUNT",
+                               default_text="4; 0 with --frozen-backbone")
+    device: str | None = knob(None, DEVICE_HELP + " Under torchrun: LOCAL_RANK's GPU.",
+                              default_text="cuda when present, else cpu")
+    seed: list[int] = knob([0], "Seed of the run; repeat for one run per seed (RUN/s<seed>).",
+                           multiple=True, type=int)
+    checkpoint_every: int = knob(0, "Steps between checkpoints (0: at epoch ends).",
+                                 type="COUNT")
+    objective: str = knob("ce", "ce: cross-entropy against the frozen head (the paper); contrastive: video-text "
+                                "InfoNCE (the Table 9 baseline).", type=("ce", "contrastive"))
+    batch_gather: bool = knob(True, "Contrastive: score local clips against the batch gathered from all processes.",
+                              toggle="batch-gather/--no-batch-gather")
+    text: str = knob("offline", "Contrastive: cached label embeddings (offline) or the CLIP text tower trained "
+                                "(online).", type=("offline", "online"))
+    text_lr: float = knob(5e-6, "Contrastive, online text: the text tower's lr.")
+    text_weight_decay: float = knob(0.2, "Contrastive, online text: its weight decay.")
+    text_template: str = knob("a video of a person {}.", "Contrastive, online text: the prompt, with {}.")
+
+
+@dataclass
+class ImportSettings(Replace, DataSource):
+    SECTION: ClassVar[str] = "import"
+    source: str | None = knob(None, "Folder of <video_id>.npy / .h5 files.", flag="--from", type="DIR")
+    model_tag: str | None = knob(None, "The model's name in the cache for these features (--model of later "
+                                       "commands).")
+    cache_frames: int = knob(8, "Frames per video in the store (resampled).", type="POSITIVE",
+                             old_flags=("--num-frames",), old_keys=("num_frames",))
+    block_size: int = knob(16, "Videos per block.", type="POSITIVE")
+
+
+@dataclass
+class PredictSettings(ModelChoice):
+    SECTION: ClassVar[str] = "predict"
+    labels: str | None = knob(None, "Comma-separated label names: 'jumping,running,swimming'.")
+    labels_file: str | None = knob(None, "One label name a line.", type="FILE")
+    template: str = knob("paper", "Prompt template: paper, bare, kinetics28, a file, or a text with {}.")
+    frames: int = knob(8, "Frames per video.", type="POSITIVE")
+    device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
+    run_name: str | None = knob(None, "A fine-tuned run (CACHE/runs/RUN) as the classifier; without --labels it "
+                                      "uses the run's own classes.", old_flags=("--run",), old_keys=("run",))
+
+
+@dataclass
+class PretrainSettings(DatasetName):
+    SECTION: ClassVar[str] = "pretrain"
+    out: str | None = knob(None, "Model folder.", type="DIR", default_text="CACHE/tiny-clip")
+    steps: int = knob(600, "Training steps.", type="POSITIVE")
+    global_batch_size: int = knob(128, "Frame-caption pairs per step.", type="POSITIVE",
+                                  old_flags=("--batch-size",), old_keys=("batch_size",))
+    lr: float = knob(5e-4, "Peak learning rate.")
+    seed: int = knob(0, "Seed.")
+    heldout: list[str] = knob([], "Class never shown in pretraining (repeatable; params: a list).", multiple=True)
+
+
+@dataclass
+class WorldSettings:
+    SECTION: ClassVar[str] = "world"
+    out: str | None = knob(None, "Output folder.", type="DIR", default_text="CACHE/world")
+    kind: str = knob("objects", "Which world.", type=("objects", "order"))
+    train_per_class: int = knob(8, "Training clips per class.", type="POSITIVE")
+    val_per_class: int = knob(4, "Validation clips per class.", type="POSITIVE")
+    frames: int = knob(16, "Frames per clip.", type="POSITIVE")
+    size: int = knob(64, "Frame side in pixels.", type="SIDE")
+    seed: int = knob(0, "World seed.")
+
+
+@dataclass
+class ExportSettings(ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "export"
+    what: str = knob("frames", "Which output to export.", type=("frames", "features", "labels", "head"))
+    split: str | None = knob(None, "Split (frames, features).")
+    encoder: str = knob("clip", "Text encoder of labels / a text head: clip or hf:NAME.")
+    head: str | None = knob(None, "Head kind (--what head).", type=HEADS, old_flags=("--kind",))
+    out: str | None = knob(None, "Output file: .npz (NumPy) or .h5 (HDF5), by its suffix.", type="FILE")
+
+
+@dataclass
+class PlotSettings(ModelChoice, DatasetName):
+    SECTION: ClassVar[str] = "plot"
+    heads: list[str] = knob([], "Head kind(s) to plot (repeatable) [every cached head].", flag="--head",
+                            multiple=True, old_flags=("--kind",), old_keys=("kinds",))
+    classes: str = knob("20", "Classes to show: a number N (the first N) or a file of class names.")
+    out: str | None = knob(None, "Output folder.", type="DIR", default_text="CACHE/plots/DATASET")
+
+
+@dataclass
+class ReportSettings(DatasetName):
+    SECTION: ClassVar[str] = "report"
+    out: str | None = knob(None, "Report folder.", type="DIR", default_text="CACHE/report")
+
+
+COMMANDS: dict[str, type] = {
+    "frames": FramesSettings, "features": FeaturesSettings, "labels": LabelsSettings, "extract": ExtractSettings,
+    "heads": HeadsSettings, "lda": LdaSettings, "evaluate": EvaluateSettings, "finetune": FinetuneSettings,
+    "import": ImportSettings, "predict": PredictSettings, "pretrain": PretrainSettings, "world": WorldSettings,
+    "export": ExportSettings, "plot-heads": PlotSettings, "report": ReportSettings,
+}
+
+
+def settings_fields(cls: type) -> list:
+    """The dataclass fields of ``cls`` that are settings, in declaration order."""
+    return [f for f in fields(cls) if "knob" in f.metadata]
+
+
+def default_of(f) -> Any:  # noqa: ANN001
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def scalar_kind(cls: type, f) -> type | None:  # noqa: ANN001
+    """bool, int, float or str: what a params.yaml value of this field converts to (None: as written)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(args) == 1 and args[0] in (bool, int, float, str):
+        return args[0]
+    return None
+
+
+@dataclass
+class Resolved:
+    """One command's settings and where each came from: 'flag', 'params.yaml: group.key' or 'default'."""
+
+    values: Any
+    sources: dict[str, str]
+    notes: list[str] = field(default_factory=list)  # lines for stderr: old spellings used, ignored params
+
+
+def given(value: Any) -> bool:
+    """Whether a flag was given (click passes None, or () for a repeatable option, when it was not)."""
+    return value is not None and value != ()
+
+
+def old_dest(flag: str) -> str:
+    """The click parameter name of a deprecated spelling of a setting."""
+    return "old_" + flag.lstrip("-").replace("-", "_")
+
+
+def flag_of(f) -> str:  # noqa: ANN001
+    k: Knob = f.metadata["knob"]
+    if k.toggle:
+        return "--" + k.toggle.split("/")[0]
+    return k.flag or "--" + f.name.replace("_", "-")
+
+
+def key_of(cls: type, f) -> str:  # noqa: ANN001
+    """The params.yaml key of a field, for messages: ``finetune.lr``, ``data.root``, ``model.name``."""
+    k: Knob = f.metadata["knob"]
+    if f.name in MODEL_KEYS:
+        return f"model.{MODEL_KEYS[f.name]}"
+    if f.name in DATA_KEYS:
+        return f"data.{f.name}"
+    return f"{k.section or cls.SECTION}.{f.name}"
+
+
+def coerce(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
+    """A params-file value as the field's type, or a one-line error."""
+    from .errors import PipelineError
+
+    default = default_of(f)
+    k: Knob = f.metadata["knob"]
+    if k.multiple:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        kind = k.type if k.type in (int, float) else None
+        try:
+            return [kind(v) for v in items] if kind else [str(v) for v in items]
+        except (TypeError, ValueError):
+            raise PipelineError(f"{where} in the params file must be a list of {kind.__name__}s, not {value!r}") \
+                from None
+    if k.nargs > 1:
+        if not isinstance(value, (list, tuple)) or len(value) != k.nargs:
+            raise PipelineError(f"{where} in the params file must be a list of {k.nargs} numbers, not {value!r}")
+        try:
+            return tuple(k.type(v) for v in value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"{where} in the params file must be a list of {k.nargs} numbers, not {value!r}") \
+                from None
+    kind = scalar_kind(cls, f)
+    if value is None or kind is None:
+        return value
+    if kind is str:
+        return str(value)
+    try:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and not isinstance(value, (bool, float)):
+            return int(value)
+        if kind is float and not isinstance(value, bool):
+            return float(value)  # PyYAML reads 5e-5 (no dot) as text
+    except (TypeError, ValueError):
+        pass
+    del default
+    names = {bool: "true or false", int: "an integer", float: "a number"}
+    raise PipelineError(f"{where} in the params file must be {names[kind]}, not {value!r}")
+
+
+def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
+    """``cls`` filled from flags, then params (``params_for(section)`` -> :class:`~pipeline.params.Params`), then
+    defaults. Deprecated spellings are accepted and listed in ``deprecated``."""
+    flags = dict(flags)
+    deprecated: list[str] = []
+    notes: list[str] = []
+    if issubclass(cls, DataSource):
+        if given(flags.get(old_dest("--name"))):
+            # the old `-d csv --name demo`: --dataset was the format, --name the cache name
+            if not given(flags.get("format")):
+                flags["format"] = flags.get("dataset")
+            flags["dataset"] = flags.pop(old_dest("--name"))
+            deprecated.append("--name is deprecated: --format FORMAT --dataset NAME")
+        described = [v for v in params_for(cls.SECTION).described() if v]
+        wanted = [flags[k] for k in ("format", "dataset") if given(flags.get(k))]
+        if described and wanted and not set(wanted) & set(described):
+            base = params_for
+            params_for = lambda section: base(section).without_data()  # noqa: E731
+            notes.append(f"note: the params file describes another dataset ({'/'.join(described)}); its data.* "
+                         f"keys are ignored here (pass --params FILE for another setup)")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in settings_fields(cls):
+        k: Knob = f.metadata["knob"]
+        flag = flags.get(f.name)
+        for old in k.old_flags:
+            value = flags.get(old_dest(old))
+            if given(value):
+                deprecated.append(f"{old} is deprecated: use {flag_of(f)}")
+                flag = flag if given(flag) else value
+        if given(flag):
+            values[f.name] = list(flag) if k.multiple else flag
+            sources[f.name] = "flag"
+            continue
+        found, value, where, old_key = params_for(k.section or cls.SECTION).lookup(f.name, k.old_keys)
+        if found:
+            if old_key:
+                deprecated.append(f"params key {where} is deprecated: use {key_of(cls, f)}")
+            values[f.name] = coerce(cls, f, value, where)
+            sources[f.name] = f"params: {where}"
+        else:
+            values[f.name] = default_of(f)
+            sources[f.name] = "default"
+    try:
+        made = cls(**values)
+    except ValueError as e:
+        from .errors import PipelineError
+
+        raise PipelineError(f"bad settings: {e}") from None
+    return Resolved(made, sources, [f"warning: {line}" for line in deprecated] + notes)
+
+
+def describe(cls: type, resolved: Resolved) -> list[str]:
+    """The resolved settings, one line each, with where each value came from."""
+    lines = []
+    for f in settings_fields(cls):
+        value = getattr(resolved.values, f.name)
+        if isinstance(value, (list, tuple)):
+            shown = " ".join(map(str, value)) or "-"
+        else:
+            shown = "-" if value is None else str(value)
+        lines.append(f"  {flag_of(f):<22} {shown:<36} {resolved.sources[f.name]}")
+    return lines
