@@ -51,7 +51,7 @@ class Context:
 
 # ---- options made from the settings ------------------------------------------------------------
 
-def _click_type(f) -> Any:  # noqa: ANN001
+def _click_type(cls: type, f) -> Any:  # noqa: ANN001
     k: S.Knob = f.metadata["knob"]
     named = {"POSITIVE": click.IntRange(1), "COUNT": click.IntRange(0), "PERCENT": click.IntRange(1, 100),
              "PROBABILITY": click.FloatRange(0, 1), "SIDE": click.IntRange(16), "SPLIT_ID": click.IntRange(1, 3),
@@ -73,8 +73,8 @@ def _click_type(f) -> Any:  # noqa: ANN001
         return (k.type,) * k.nargs
     if k.type is not None:
         return k.type
-    default = S.default_of(f)
-    return type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else None
+    kind = S.scalar_kind(cls, f)  # from the annotation: `float | None` is a float when given
+    return kind if kind in (int, float) else None
 
 
 def _shown(value: Any) -> str:
@@ -117,7 +117,7 @@ def setting_options(cls: type) -> Callable:
                 decls = [f"--{k.toggle}"]
             else:
                 decls = [S.flag_of(f)] + ([k.short] if k.short else [])
-            common = dict(type=None if k.is_flag or k.toggle else _click_type(f), multiple=k.multiple)
+            common = dict(type=None if k.is_flag or k.toggle else _click_type(cls, f), multiple=k.multiple)
             kwargs: dict[str, Any] = dict(default=None, help=k.help, **common)
             if k.is_flag:
                 kwargs["is_flag"] = True
@@ -225,9 +225,14 @@ def dataset_args(s: Any):
     """The frame stage's view of a :class:`~pipeline.settings.DataSource`."""
     from stages.frames import DatasetArgs
 
+    if not s.format and s.dataset:
+        from .datasets import DATASETS
+
+        raise PipelineError(f"--dataset {s.dataset!r} is not a dataset format and no --format was given: pass "
+                            f"--format ({', '.join(DATASETS)}); --dataset names the dataset in the cache")
     if not s.format:
-        raise PipelineError("no dataset format given: pass --format (k400, ucf101, ..., csv, folder) or set "
-                            "data.format in params.yaml")
+        raise PipelineError("no dataset given: pass --format FORMAT (k400, ucf101, ..., csv, folder) and --root, or "
+                            "set data.format in params.yaml")
     return DatasetArgs(dataset=s.format, root=s.root, split_id=s.split_id, untrimmed=s.untrimmed, name=s.dataset,
                        val_fraction=s.val_fraction)
 
@@ -489,7 +494,7 @@ def features(ctx: Context, s: S.FeaturesSettings) -> None:
       pipeline features --dataset k400 --model ViT-B-16 --pretrained ~/weights/ViT-B-16.pt --quick-gelu
     """
     ds = need_dataset(s)
-    _run_features(ctx, ds, model_spec(ctx, s, dataset=ds if not s.model else None), s)
+    _run_features(ctx, ds, model_spec(ctx, s, dataset=ds), s)
 
 
 @command("labels", S.LabelsSettings)

@@ -78,6 +78,9 @@ class Params:
         return other
 
 
+_WARNED: set[int] = set()
+
+
 def upgrade_data_group(data: dict) -> dict:
     """The ``data`` group in today's spelling. Before 0.3 ``data.dataset`` was the format and ``data.name``
     the cache name; such a file still reads the same (``--format`` / ``--dataset`` now)."""
@@ -85,8 +88,10 @@ def upgrade_data_group(data: dict) -> dict:
         return data
     import warnings
 
-    warnings.warn("params keys data.dataset (the format) and data.name are deprecated: write data.format and "
-                  "data.dataset (the name in the cache)", stacklevel=3)
+    if id(data) not in _WARNED:  # once per file, not once per command group read
+        _WARNED.add(id(data))
+        warnings.warn("params keys data.dataset (the format) and data.name are deprecated: write data.format and "
+                      "data.dataset (the name in the cache)", stacklevel=3)
     upgraded = {k: v for k, v in data.items() if k != "name"}
     upgraded.setdefault("format", data.get("dataset"))
     upgraded["dataset"] = data["name"]

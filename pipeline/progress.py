@@ -35,8 +35,11 @@ class Progress:
 
     @classmethod
     def over(cls, items: list, desc: str, quiet: bool = False, unit: str = "video"):
-        """Iterate ``items`` with a bar (a short list: no bar, nothing printed, when ``quiet``)."""
-        with cls(len(items), desc, quiet or len(items) < 2, unit) as bar:
+        """Iterate ``items`` with a bar (log lines when ``quiet``; nothing for a single item)."""
+        if len(items) < 2:
+            yield from items
+            return
+        with cls(len(items), desc, quiet, unit) as bar:
             for item in items:
                 yield item
                 bar.update()

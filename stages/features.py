@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline import store
 from pipeline.cachefs import location
-from pipeline.errors import PipelineError
+from pipeline.errors import FingerprintMismatch, PipelineError
 from pipeline.featurestore import (
     extract_feature_block,
     features_fingerprint_record,
@@ -45,6 +45,11 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
     return summaries
 
 
+# Parameters of a feature store that describe the model itself, not how it was run.
+MODEL_IDENTITY_KEYS = ("weights_sha256", "config_sha256", "model", "pretrained", "quick_gelu", "preprocess",
+                       "image_size", "embed_dim")
+
+
 def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, fpath: Path, clip, precision: str,
                        device: str, batch_size: int, workers: int, scheduler_address: str | None,
                        replace_mismatched: bool, quiet: bool) -> dict:
@@ -56,9 +61,19 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
     params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision, "batch_size": batch_size,
               "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
     with store.writer_lock(path):
-        group = store.open_output(
-            path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
-            init=lambda g: init_feature_store(g, frames_group, clip, spec, precision, location(fpath)))
+        try:
+            group = store.open_output(
+                path, store.fingerprint(record), params, replace_mismatched=replace_mismatched,
+                init=lambda g: init_feature_store(g, frames_group, clip, spec, precision, location(fpath)))
+        except FingerprintMismatch as e:
+            if not any(k in str(e) for k in MODEL_IDENTITY_KEYS):
+                raise
+            # Another model's features under this key: never advise deleting them.
+            raise FingerprintMismatch(
+                f"{path} was made with different parameters or inputs: the model key {spec.tag!r} holds features "
+                f"of another model ({str(e).split('(changed: ')[-1].split(')')[0]}); give this one its own "
+                "--model-key NAME, or --replace-mismatched if the old features are of no use (they are deleted)"
+            ) from None
         pending = store.pending_blocks(group)
         threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
         with Progress(store.rows_in(group, pending), f"features {dataset}/{split}", quiet) as bar, \

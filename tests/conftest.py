@@ -138,6 +138,7 @@ def extracted(tmp_path_factory, tiny_clip) -> tuple[Path, Path]:
     generate_world(base / "world", WORLD)
     cache = base / "cache"
     run_inproc("extract", "--format", "csv", "--root", str(base / "world"), "--dataset", "toy", "--cache-frames", "4",
-            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}", "--model-key", "tiny-clip",
+            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny_clip}",
+            "--model-key", "tiny-clip",
             "--cache", str(cache), "--quiet")
     return cache, tiny_clip

@@ -28,9 +28,9 @@ SMALL = {
     "frames": {"num_frames": 8, "height": 32, "width": 32, "block_size": 8, "workers": 1},
     "pretrain": {"steps": 30, "batch_size": 32, "heldout": ["a large blue ring"]},
     "heads": {"per_class": 4}, "lda": {"per_class": 4},
-    "finetune": {"seed": [0, 1], "frames": 4, "epochs": 1, "batch_size": 8, "workers": 0},
-    "temporal": {"frames": 4, "layers": 1, "epochs": 3, "batch_size": 8},
-    "contrastive": {"epochs": 2, "batch_size": 8},
+    "finetune": {"seed": [0, 1], "frames": 4, "epochs": 1, "global_batch_size": 8, "workers": 0},
+    "temporal": {"frames": 4, "layers": 1, "epochs": 3, "global_batch_size": 8},
+    "contrastive": {"epochs": 2, "global_batch_size": 8},
 }
 
 
@@ -129,3 +129,32 @@ def test_dvc_tracks_code_and_params_as_users_expect(demo):
         f.write("\n# changed\n")
     status = dvc("status", cwd=demo).stdout
     assert "heads@clip-text:" in status and "modified:           stages" in status
+
+
+def test_dvc_exp_run_then_apply_restores_that_experiments_head(demo):
+    """`dvc exp run -S lda.per_class=2`, back to the baseline, then `dvc exp apply`: the experiment's LDA
+    head comes back from DVC's cache, byte for byte, with its params."""
+    shutil.copyfile(ROOT / "stages" / "heads.py", demo / "stages" / "heads.py")  # undo the code change above
+    assert dvc("repro", cwd=demo).returncode == 0
+    git = ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=demo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "baseline"], cwd=demo, check=True)
+    lda = demo / "cache" / "heads" / "demo" / "tiny-clip" / "lda"
+
+    def head_digest() -> str:
+        import zarr
+
+        return zarr.open_group(str(lda), mode="r")["head"].attrs["sha256"]
+
+    baseline = head_digest()
+    proc = dvc("exp", "run", "-S", "lda.per_class=2", "-n", "lda2", cwd=demo)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    experiment = head_digest()
+    assert experiment != baseline
+    subprocess.run(["git", "checkout", "-q", "--", "params.yaml", "dvc.lock"], cwd=demo, check=True)
+    assert dvc("checkout", "--force", cwd=demo).returncode == 0
+    assert head_digest() == baseline
+    proc = dvc("exp", "apply", "lda2", cwd=demo)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert yaml.safe_load((demo / "params.yaml").read_text())["lda"]["per_class"] == 2
+    assert head_digest() == experiment

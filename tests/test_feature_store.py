@@ -204,8 +204,8 @@ def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp
     cache, tiny = extracted
     work = tmp_path / "cache"
     shutil.copytree(cache / "frames", work / "frames")
-    args = ["features", "-d", "toy", "--model", f"local-dir:{tiny}", "--quiet", "--batch-size", "2",
-            "--cache", str(work)]
+    args = ["features", "-d", "toy", "--model", f"local-dir:{tiny}", "--model-key", "tiny-clip", "--quiet",
+            "--batch-size", "2", "--cache", str(work)]
     sigkill_mid_run(args, work / "features" / "toy" / "tiny-clip" / "train", tmp_path)
     group = zarr.open_group(str(work / "features" / "toy" / "tiny-clip" / "train"), mode="r")
     assert 0 < len(store.pending_blocks(group)) < 15, "the kill should land mid-run"
@@ -221,12 +221,16 @@ def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp
     proc = run_cli(*[a if a != "2" else "4" for a in args], check=False)
     assert proc.returncode == 2 and "changed: batch_size" in proc.stderr
 
-    # new weights in the same folder: same cache key, other fingerprint -> refused, never mixed
+    # new weights under the same key: other fingerprint -> refused, never mixed, and the advice is a key of its
+    # own (not deleting the other model's features)
     write_tiny_clip(tiny.parent / "retrained" / "tiny-clip", seed=1)
     other = ["features", "-d", "toy", "--model", f"local-dir:{tiny.parent / 'retrained' / 'tiny-clip'}",
-             "--cache", str(work), "--quiet"]
+             "--model-key", "tiny-clip", "--cache", str(work), "--quiet"]
     proc = run_cli(*other, check=False)
-    assert proc.returncode == 2 and "weights_sha256" in proc.stderr
+    assert proc.returncode == 2 and "weights_sha256" in proc.stderr and "its own --model-key" in proc.stderr
+    # without --model-key the retrained model gets a key of its own: both models' features are kept
+    run_cli(*[a for a in other if a not in ("--model-key", "tiny-clip")])
+    assert len(list((work / "features" / "toy").iterdir())) == 2
 
 
 def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
@@ -235,7 +239,7 @@ def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
     from stages import predict as predict_stage
 
     video = write_video(tmp_path / "v.mp4", n_frames=12, width=48, height=32)
-    out = run_inproc("predict", video, "--model", f"local-dir:{tiny_clip}", "--labels",
+    out = run_inproc("predict", video, "--quiet", "--model", f"local-dir:{tiny_clip}", "--labels",
                      "jumping,running,swimming,juggling,surfing,rowing", "--frames", "4")
     lines = out.strip().splitlines()
     assert lines[0] == video and len(lines) == 6  # the video, then its top 5

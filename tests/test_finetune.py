@@ -228,7 +228,8 @@ def test_evaluate_and_predict_with_a_run(ft_cache, extracted):
     video = sorted((extracted[0].parent / "world").rglob("*.mp4"))[0]
     out = run_inproc("predict", str(video), "--run-name", "pv", "--cache", str(cache))
     assert out.count("%") == 5
-    out = run_inproc("predict", str(video), "--run-name", "pv", "--labels", "red thing,blue thing", "--cache", str(cache))
+    out = run_inproc("predict", str(video), "--run-name", "pv", "--labels", "red thing,blue thing", "--cache",
+                     str(cache))
     assert "red thing" in out and "blue thing" in out
 
 

@@ -196,8 +196,8 @@ def test_params_file_keys_and_flag_override(tmp_path, template):
     copy_video(template, root / "a" / "x.mp4")
     copy_video(template, root / "b" / "y.mp4")
     (tmp_path / "params.yaml").write_text(
-        f"data:\n  dataset: folder\n  root: {root}\n  name: toy\n"
-        "frames:\n  num_frames: 2\n  height: 16\n  width: 24\n  block_size: 1\n")
+        f"data:\n  format: folder\n  root: {root}\n  dataset: toy\n"
+        "frames:\n  cache_frames: 2\n  height: 16\n  width: 24\n  block_size: 1\n")
     run_cli("frames", "--quiet", "--cache-frames", "3", cwd=tmp_path)  # ./params.yaml is read by default
     g = zarr.open_group(str(tmp_path / "cache" / "frames" / "toy" / "train"), mode="r")
     assert read_frames(g, slice(None)).shape == (2, 3, 16, 24, 3)  # flag beat the key; the rest from the file
@@ -223,7 +223,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
         assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
         assert "Traceback" not in proc.stderr
     proc = run_cli("frames", "--dataset", "k401", check=False)
-    assert proc.returncode == 2 and "Invalid value for '--dataset'" in proc.stderr
+    assert proc.returncode == 2 and "'k401' is not a dataset format" in proc.stderr
 
 
 def test_help_lists_commands_with_examples():
@@ -248,18 +248,23 @@ def test_raw_codec_is_lossless_and_jpeg_is_close(tmp_path, ucf_tree):
 
 @pytest.mark.parametrize("profile", ["k400", "k600", "ucf101", "hmdb51", "anet"])
 def test_real_data_profiles_are_valid(profile):
+    from pipeline import settings as S
     from pipeline.framestore import FrameCodec
     from pipeline.params import Params, load_params
-    from pipeline.video import FrameSpec
 
     params = load_params(Path(__file__).parents[1] / "data" / "profiles" / f"{profile}.yaml")
-    frames = Params(params, "frames")
-    spec = FrameSpec(**{k: frames.get(k, None) for k in ("num_frames", "height", "width") if frames.get(k, None)})
-    assert spec.num_frames >= 32 and (spec.height, spec.width) == (256, 320)  # 4 clips x 8 frames, 3-crop room
-    FrameCodec(frames.get("codec", None, "jpeg"), int(frames.get("jpeg_quality", None, 90)))
-    assert frames.get("dataset", None) == profile
-    assert Params(params, "features").get("model", None) == "ViT-B-16"
-    assert Params(params, "lda").get("per_class", None) == 60
+
+    def resolved(cls):
+        r = S.resolve(cls, lambda section: Params(params, section), {})
+        assert not r.notes, r.notes  # no deprecated keys in a shipped profile
+        return r.values
+
+    frames = resolved(S.FramesSettings)
+    assert frames.cache_frames >= 32 and (frames.height, frames.width) == (256, 320)  # 4 clips x 8, 3-crop room
+    FrameCodec(frames.codec, frames.jpeg_quality)
+    assert frames.format == frames.dataset == profile
+    assert resolved(S.FeaturesSettings).model == "ViT-B-16"
+    assert resolved(S.LdaSettings).per_class == 60
 
 
 def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
@@ -286,9 +291,14 @@ def test_profile_pipelines_are_valid_dvc_stages():
 
 
 def test_k400_profile_holds_the_papers_finetuning_recipe():
+    from pipeline import settings as S
     from pipeline.params import Params, load_params
 
-    ft = Params(load_params(Path(__file__).parents[1] / "data" / "profiles" / "k400.yaml"), "finetune")
-    assert (ft.get("frames", None), ft.get("epochs", None), ft.get("batch_size", None)) == (8, 30, 256)
-    assert ft.get("lr", None) == 5e-5 and ft.get("backbone_lr_ratio", None) == 0.1
-    assert ft.get("randaugment", None) == [2, 9] and ft.get("grayscale", None) == 0.2
+    params = load_params(Path(__file__).parents[1] / "data" / "profiles" / "k400.yaml")
+    r = S.resolve(S.FinetuneSettings, lambda section: Params(params, section), {})
+    ft = r.values
+    assert not r.notes, r.notes
+    assert (ft.frames, ft.epochs, ft.global_batch_size) == (8, 30, 256)
+    assert r.sources["global_batch_size"] == "params: finetune.global_batch_size"
+    assert ft.lr == 5e-5 and ft.backbone_lr_ratio == 0.1
+    assert ft.randaugment == (2, 9) and ft.grayscale == 0.2

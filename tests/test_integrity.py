@@ -100,7 +100,8 @@ def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
     frames = c / "frames" / "toy" / "val"
     world = Path(zarr.open_group(str(frames), mode="r").attrs["params"]["root"])
     # the frame store is rebuilt with other parameters: the features made from it are stale
-    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "val", "--cache-frames", "4",
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "val",
+            "--cache-frames", "4",
             "--height", "32", "--width", "32", "--block-size", "2", "--replace-mismatched", "--cache", str(c),
             "--quiet")
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "prototype", "--cache", str(c), check=False)
@@ -123,10 +124,10 @@ def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
 
     write_tiny_clip(other, seed=1)
     for split in ("train", "val"):
-        run_cli("features", "-d", "toy", "--model", f"local-dir:{other}", "--split", split, "--replace-mismatched",
-                "--cache", str(c), "--quiet")
-    proc = run_cli("evaluate", "-d", "toy", "--model", f"local-dir:{other}", "--head", "clip-text", "--cache", str(c),
-                   check=False)
+        run_cli("features", "-d", "toy", "--model", f"local-dir:{other}", "--model-key", "tiny-clip", "--split", split,
+                "--replace-mismatched", "--cache", str(c), "--quiet")
+    proc = run_cli("evaluate", "-d", "toy", "--model", f"local-dir:{other}", "--model-key", "tiny-clip", "--head",
+                   "clip-text", "--cache", str(c), check=False)
     assert proc.returncode == 2 and "not the model of the cached features" in proc.stderr
 
 
@@ -177,7 +178,8 @@ def test_a_deleted_frames_shard_is_found_refused_and_recomputed_after_repair(cac
     out = run_cli("verify", "--repair", "--cache", str(c)).stdout
     assert "1 blocks marked pending" in out
     world = Path(zarr.open_group(str(path), mode="r").attrs["params"]["root"])
-    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "train", "--cache-frames", "4",
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "train",
+            "--cache-frames", "4",
             "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(c), "--quiet")
     after = zarr.open_group(str(path), mode="r")["frames"][:]
     assert after.tolist() == before.tolist()  # byte-identical JPEGs
@@ -231,7 +233,8 @@ def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
                                                                                   str(c)).stdout)}
     assert pending[("features", "train")] == 4 and pending[("frames", "val")] == 24
     world = Path(zarr.open_group(str(c / "frames" / "toy" / "train"), mode="r").attrs["params"]["root"])
-    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4", "--height", "32",
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4",
+            "--height", "32",
             "--width", "32", "--block-size", "4", "--cache", str(c), "--quiet")
     run_cli("features", "-d", "toy", *m(tiny), "--cache", str(c), "--quiet")
     assert run_cli("verify", "--cache", str(c)).returncode == 0
@@ -265,7 +268,8 @@ def test_a_split_or_name_that_leaves_the_cache_is_refused_and_nothing_is_deleted
     assert (precious / "thesis.tex").read_text() == "years of work" and not (cache / "frames").exists()
     (root / "videos.csv").write_text("path,label,split\na.mp4,x,train\n")
     for name in ("../../../x", "..", ".hidden", "a/b"):
-        proc = run_cli("frames", "--format", "csv", "--root", str(root), "--dataset", name, "--cache", str(cache), *SMALL,
+        proc = run_cli("frames", "--format", "csv", "--root", str(root), "--dataset", name, "--cache",
+                       str(cache), *SMALL,
                        check=False)
         assert proc.returncode == 2 and "cannot name a folder of the cache" in proc.stderr, name
     proc = run_cli("evaluate", "--run-name", "../../x", "--cache", str(cache), check=False)

@@ -70,9 +70,10 @@ def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProces
 
 def pipeline_steps(world: Path, tiny: Path) -> list[list[str]]:
     m = ["--model", f"local-dir:{tiny}"]
-    return [["frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "2", "--height", "32",
+    return [["frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "2",
+            "--height", "32",
              "--width", "32", "--block-size", "4", "--quiet"],
-            ["features", "-d", "toy", *m, "--quiet"],
+            ["features", "-d", "toy", *m, "--model-key", "tiny-clip", "--quiet"],
             ["labels", "-d", "toy", *m],
             ["heads", "-d", "toy", *m, "--head", "clip-text"],
             ["heads", "-d", "toy", *m, "--head", "prototype", "--per-class", "3"]]

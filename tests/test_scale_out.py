@@ -73,9 +73,10 @@ def test_remote_workers_in_another_directory_write_the_stores_of_a_local_run(tmp
     user.mkdir()
     generate_world(user / "world", WORLD)
     shutil.copytree(tiny_clip, user / "tiny-clip")
-    frames = ["frames", "--format", "csv", "--root", "world", "--dataset", "toy", "--cache-frames", "2", "--height", "32",
+    frames = ["frames", "--format", "csv", "--root", "world", "--dataset", "toy", "--cache-frames", "2", "--height",
+              "32",
               "--width", "32", "--block-size", "8", "--quiet"]
-    features = ["features", "-d", "toy", "--model", "local-dir:tiny-clip", "--quiet"]
+    features = ["features", "-d", "toy", "--model", "local-dir:tiny-clip", "--model-key", "tiny-clip", "--quiet"]
     for args in (frames, features):
         run_cli(*args, "--cache", "local", cwd=user)
         run_cli(*args, "--cache", "remote", "--scheduler-address", dask_cluster, cwd=user)

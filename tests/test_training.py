@@ -59,7 +59,8 @@ def imported(tmp_path) -> Path:
     (feats / "val" / "c3_5.npy").unlink()  # one video's file is missing
     cache = tmp_path / "cache"
     out = run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ext", "--from",
-                     str(feats.parent / "feats"), "--model-tag", "extfeat", "--cache-frames", "4", "--cache", str(cache),
+                     str(feats.parent / "feats"), "--model-tag", "extfeat", "--cache-frames", "4", "--cache",
+                     str(cache),
                      "--quiet")
     assert "ext/val: 36 videos, 35 ok, 1 failed" in out and "no feature file" in out
     return cache
@@ -95,7 +96,8 @@ def test_frozen_backbone_training_learns_and_reports(imported):
     assert sum(s["kind"] == "step" for s in steps) == 6 * 5
     # a finished run re-run: nothing to do; other settings under the same name: refused
     run_inproc(*common, "--head", "learnable", "--temporal", "tap", "--run-name", "learn")
-    proc = run_cli(*common, "--head", "learnable", "--temporal", "tap", "--run-name", "learn", "--seed", "3", check=False)
+    proc = run_cli(*common, "--head", "learnable", "--temporal", "tap", "--run-name", "learn", "--seed", "3",
+                   check=False)
     assert proc.returncode == 2 and "exists with other parameters" in proc.stderr
 
 
@@ -106,10 +108,12 @@ def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
 
     feats = write_external_features(tmp_path, {"train": 16, "val": 6}, order_classes=True)
     cache = tmp_path / "cache"
-    run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ord", "--from", str(feats),
+    run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ord", "--from",
+               str(feats),
                "--model-tag", "f", "--cache-frames", "8", "--cache", str(cache), "-q")
     common = ["finetune", "--frozen-backbone", "-d", "ord", "--model", "f", "--frames", "8", "--epochs", "15",
-              "--global-batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-4", "--head", "learnable",
+              "--global-batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-4", "--head",
+              "learnable",
               "--cache", str(cache), "-q"]
     run_inproc(*common, "--temporal", "tap", "--run-name", "tap")
     run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--run-name", "tt")

@@ -1,0 +1,128 @@
+"""Settings: one typed source of defaults, flag > params.yaml > default, deprecated spellings, help."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from pipeline import settings as S
+from pipeline.cli import cli
+from pipeline.clips import AugmentConfig
+from pipeline.training import TrainConfig
+from pipeline.video import FrameSpec
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def config_lines(output: str) -> dict[str, tuple[str, str]]:
+    """`pipeline config` output as flag -> (value, source)."""
+    rows = {}
+    for line in output.splitlines()[1:]:
+        parts = re.split(r"\s{2,}", line.strip())
+        rows[parts[0]] = (parts[1], parts[2]) if len(parts) == 3 else ("", parts[-1])
+    return rows
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PIPELINE_CACHE", raising=False)
+    return tmp_path
+
+
+def test_flag_beats_params_beats_default_and_each_value_says_where_it_came_from(workdir):
+    (workdir / "params.yaml").write_text("finetune:\n  lr: 5e-4\n  frames: 4\nmodel:\n  key: mine\n")
+    rows = config_lines(invoke("finetune", "--frames", "2", "--print-config").output)
+    assert rows["--frames"] == ("2", "flag")
+    assert rows["--lr"] == ("0.0005", "params: finetune.lr")  # PyYAML's text 5e-4 became a number
+    assert rows["--epochs"] == (str(TrainConfig.epochs), "default")
+    assert rows["--model-key"] == ("mine", "params: model.key")
+    # pipeline config: the same without flags; --no-params: defaults only
+    assert config_lines(invoke("config", "finetune").output)["--frames"] == ("4", "params: finetune.frames")
+    assert config_lines(invoke("config", "finetune", "--no-params").output)["--frames"] == ("8", "default")
+    assert config_lines(invoke("finetune", "--no-params", "--print-config").output)["--lr"][1] == "default"
+
+
+def test_the_library_dataclasses_take_their_defaults_from_the_settings():
+    ft, fr = S.FinetuneSettings(), S.FramesSettings()
+    assert (TrainConfig().lr, TrainConfig().batch_size, TrainConfig().warmup_epochs) == \
+        (ft.lr, ft.global_batch_size, ft.warmup_epochs)
+    assert AugmentConfig().crop_scale == ft.crop_scale
+    assert (AugmentConfig().randaugment_ops, AugmentConfig().randaugment_magnitude) == ft.randaugment
+    assert (FrameSpec().num_frames, FrameSpec().height, FrameSpec().width) == (fr.cache_frames, fr.height, fr.width)
+
+
+def test_no_option_carries_a_default_of_its_own():
+    """Defaults live in the settings only: every click option of every command defaults to "not given"."""
+    for name, command in cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.is_flag and param.name not in ("help",):
+                unset = param.default is None or param.default == () or type(param.default).__name__ == "Sentinel"
+                assert unset, f"{name} {param.opts}: default {param.default!r}"
+
+
+def test_help_shows_the_effective_default_marked_when_it_comes_from_params(workdir):
+    plain = invoke("finetune", "--help").output
+    assert re.search(r"--frames INTEGER RANGE\s+Frames per clip, T.\s+\[default: 8;", plain)
+    (workdir / "params.yaml").write_text("finetune:\n  frames: 4\n")
+    marked = " ".join(invoke("finetune", "--help").output.split())
+    assert "[default: 4 from params.yaml finetune.frames; built in: 8;" in marked
+
+
+@pytest.mark.parametrize("old, new, field, value", [
+    (["--kind", "lda"], ["--head", "lda"], "--head", "lda"),
+    (["--run", "r1"], ["--run-name", "r1"], "--run-name", "r1"),
+])
+def test_old_spellings_still_work_with_one_warning_line(workdir, old, new, field, value):
+    command = "heads" if field == "--head" else "finetune"
+    result = invoke(command, *old, "--print-config")
+    assert config_lines(result.stdout)[field] == (value, "flag")
+    assert result.stderr.strip() == f"warning: {old[0]} is deprecated: use {new[0]}"
+    assert invoke(command, *new, "--print-config").stderr == ""
+
+
+def test_format_and_dataset_name_and_the_old_dataset_name_pair(workdir):
+    rows = config_lines(invoke("frames", "--format", "folder", "--root", "/data/my clips", "--print-config").output)
+    assert rows["--format"] == ("folder", "flag") and rows["--dataset"][0] == "my clips"  # the folder's stem
+    rows = config_lines(invoke("frames", "--dataset", "ucf101", "--print-config").output)
+    assert rows["--format"][0] == rows["--dataset"][0] == "ucf101"  # a format alone names the cache too
+    old = invoke("frames", "-d", "csv", "--root", "v.csv", "--name", "demo", "--print-config")
+    rows = config_lines(old.stdout)
+    assert rows["--format"][0] == "csv" and rows["--dataset"][0] == "demo"
+    assert "--name is deprecated" in old.stderr
+    (workdir / "params.yaml").write_text("data:\n  dataset: csv\n  name: demo\n  root: v.csv\n")  # before the rename
+    result = CliRunner().invoke(cli, ["config", "frames"])
+    rows = config_lines(result.stdout)
+    assert rows["--format"][0] == "csv" and rows["--dataset"][0] == "demo"
+
+
+def test_pretrain_and_finetune_say_global_batch_size_and_params_keys_follow(workdir):
+    (workdir / "params.yaml").write_text("finetune:\n  batch_size: 32\n")
+    result = invoke("config", "finetune")
+    assert config_lines(result.stdout)["--global-batch-size"] == ("32", "params: finetune.batch_size")
+    assert "params key finetune.batch_size is deprecated: use finetune.global_batch_size" in result.stderr
+
+
+def test_a_params_value_of_the_wrong_type_is_one_error_line(workdir):
+    (workdir / "params.yaml").write_text("finetune:\n  epochs: many\n")
+    result = CliRunner().invoke(cli, ["config", "finetune"])
+    assert result.exit_code != 0 and "finetune.epochs in the params file must be an integer" in str(result.exception)
+
+
+def test_the_readme_lists_every_command_and_every_renamed_flag_exists():
+    text = README.read_text()
+    table = text[text.index("## Commands"):text.index("## The feature store")]
+    listed = set(re.findall(r"`pipeline ([a-z-]+)", table))
+    assert set(cli.commands) <= listed | {"pretrain", "config"}, set(cli.commands) - listed
+    assert "pipeline pretrain" in table and "pipeline config" in table
+    flags = set(re.findall(r"^\| `(--[a-z-]+)`", table, re.M))
+    every = {opt for c in cli.commands.values() for p in c.params for opt in getattr(p, "opts", [])}
+    assert flags and flags <= every, flags - every
