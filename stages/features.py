@@ -14,9 +14,9 @@ from pipeline.featurestore import (
     precision_for,
     remember_model,
 )
-from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.models.clip import ModelSpec, load_clip, same_model
 from pipeline.parallel import run_blocks, threads_per_worker
-from pipeline.progress import Progress
+from pipeline.progress import Progress, say
 
 from .paths import features_path, frames_path, splits_of
 
@@ -32,17 +32,52 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
     if missing:
         raise PipelineError(f"no frame store for {dataset}/{missing[0]}; stored splits: {', '.join(available)}")
     spec = spec.absolute()  # workers may run in other directories
+    precision = precision_for(device)
+    finished = {split: done for split in chosen
+                if (done := _already_done(cache, dataset, spec, split, precision, batch_size)) is not None}
+    if len(finished) == len(chosen):  # a no-op re-run: nothing to compute, so no model to load
+        return [finished[split] for split in chosen]
+    say(f"loading {spec.name} on {device} ...")
     clip = load_clip(spec, device)  # fail fast on a bad model, and learn its identity
     remember_model(spec, device, clip)  # in-process blocks reuse it (dask workers load their own)
-    precision = precision_for(device)
     summaries = []
     for split in chosen:
+        if split in finished:
+            summaries.append(finished[split])
+            continue
         fpath = frames_path(cache, dataset, split)
         # Shared lock on the frame store for the whole run: it cannot be rebuilt under us.
         with store.reader_lock(fpath):
             summaries.append(_features_of_split(cache, dataset, spec, split, fpath, clip, precision, device,
                                                 batch_size, workers, scheduler_address, replace_mismatched, quiet))
     return summaries
+
+
+def _already_done(cache: Path, dataset: str, spec: ModelSpec, split: str, precision: str,
+                  batch_size: int) -> dict | None:
+    """The summary of a finished feature store that this run would leave exactly as it is (same frame
+    store, model files, flags, precision and batch size), else None. Checked without loading the model."""
+    path = features_path(cache, dataset, spec.tag, split)
+    fpath = frames_path(cache, dataset, split)
+    if not (path / "zarr.json").exists() or not (fpath / "zarr.json").exists():
+        return None
+    try:
+        group = store.open_group(path, mode="r")
+        frames_fp = store.open_group(fpath, mode="r").attrs.get("fingerprint")
+    except (store.DamagedStore, OSError):
+        return None
+    attrs = group.attrs
+    recorded = dict(attrs.get("model_spec") or {})
+    params = dict(attrs.get("params") or {})
+    if (not attrs.get("fingerprint") or attrs.get("frames_fingerprint") != frames_fp
+            or params.get("precision") != precision or params.get("batch_size") != batch_size
+            or (recorded.get("name"), recorded.get("pretrained"), recorded.get("quick_gelu"))
+            != (spec.name, spec.pretrained, spec.quick_gelu)
+            or not same_model(spec, dict(attrs.get("model") or {})) or store.pending_blocks(group)):
+        return None
+    summary = store.summarize(group, path, max_failures=None)
+    summary["errors"] = []
+    return summary
 
 
 # Parameters of a feature store that describe the model itself, not how it was run.

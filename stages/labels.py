@@ -8,8 +8,8 @@ import numpy as np
 
 from pipeline import store
 from pipeline.cachefs import as_path
-from pipeline.errors import PipelineError
-from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.errors import DamagedStore, PipelineError
+from pipeline.models.clip import ModelSpec, load_clip, same_model
 from pipeline.models.text import encode_with_clip, encode_with_hf, encoder_tag, resolve_templates
 from pipeline.progress import Progress, say
 
@@ -34,12 +34,37 @@ def class_names_of(cache: Path, dataset: str) -> tuple[list[str], str]:
     return names, store.fingerprint({"class_names": names})
 
 
+def _already_done(cache: Path, dataset: str, encoder: str, spec: ModelSpec, class_names: list[str],
+                  templates: list[str]) -> tuple[Path, np.ndarray] | None:
+    """The stored CLIP label embeddings when this run would write exactly them again (same class names,
+    templates and model files), checked without loading the model; else None."""
+    if encoder != "clip":
+        return None
+    path = labels_path(cache, dataset, encoder_tag(encoder, spec.tag))
+    if not (path / "zarr.json").exists():
+        return None
+    try:
+        group = store.open_group(path, mode="r")
+        attrs = group.attrs
+        identity = dict(attrs.get("encoder") or {})
+        if (not attrs.get("fingerprint") or list(attrs.get("class_names") or []) != class_names
+                or list(attrs.get("templates") or []) != templates or not same_model(spec, identity)
+                or (spec.quick_gelu is not None and identity.get("quick_gelu") != spec.quick_gelu)):
+            return None
+        return path, np.asarray(group["embeddings"][:])
+    except (DamagedStore, OSError, KeyError):
+        return None
+
+
 def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str = "cpu",
         replace_mismatched: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray]:
     class_names, names_fp = class_names_of(cache, dataset)
     templates = resolve_templates(template)
     if encoder != "clip" and not encoder.startswith("hf:"):
         raise PipelineError(f"--encoder must be 'clip' or 'hf:NAME_OR_PATH', not {encoder!r}")
+    done = _already_done(cache, dataset, encoder, spec, class_names, templates)
+    if done is not None:  # a no-op re-run: no model to load
+        return done
     say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...")
     with Progress(len(templates), f"labels {dataset} ({len(class_names)} classes)", quiet, unit="template") as bar:
         if encoder == "clip":

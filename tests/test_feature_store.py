@@ -251,3 +251,33 @@ def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
     assert "missing file" in results[1]["error"]
     with pytest.raises(PipelineError, match="at least two label names"):
         predict_stage.run([video], ["only"], ModelSpec(f"local-dir:{tiny_clip}"))
+
+
+def test_a_no_op_rerun_of_extract_loads_no_model(extracted, tmp_path, monkeypatch):
+    """Everything is cached already: frames, features and labels are left as they are, and neither
+    stage loads the model (minutes for a ViT-L on a cold disk); a changed model file does load it."""
+    import stages.features
+    import stages.labels
+
+    cache, tiny = extracted
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    world = Path(zarr.open_group(str(work / "frames" / "toy" / "train"), mode="r").attrs["params"]["root"])
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(stages.features, "load_clip", no_load)
+    monkeypatch.setattr(stages.labels, "load_clip", no_load)
+    args = ["extract", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4",
+            "--height", "32", "--width", "32", "--block-size", "4", "--model", f"local-dir:{tiny}",
+            "--model-key", "tiny-clip", "--cache", str(work), "--quiet"]
+    out = run_inproc(*args)
+    assert "features toy/train: 60 videos, 60 ok" in out and "labels toy: 12 classes" in out
+    edited = tmp_path / "edited" / "tiny-clip"
+    shutil.copytree(tiny, edited)
+    config = json.loads((edited / "open_clip_config.json").read_text())
+    config["preprocess_cfg"]["mean"] = [0.4, 0.4, 0.4]
+    (edited / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run_inproc(*[a if a != f"local-dir:{tiny}" else f"local-dir:{edited}" for a in args])

@@ -73,14 +73,30 @@ class ModelSpec:
 
 
 @functools.lru_cache(maxsize=64)
-def _short_sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha256(path)[:8]
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
+
+
+def cached_file_sha256(path: str) -> str:
+    """A file's sha256, computed once per file version (size, mtime) in a process."""
+    st = os.stat(path)
+    return _sha256_of_version(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def _short_sha256(path: str) -> str:
-    """The first 8 hex digits of a file's sha256, computed once per file version in a process."""
-    st = os.stat(path)
-    return _short_sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    return cached_file_sha256(path)[:8]
+
+
+def same_model(spec: ModelSpec, identity: dict) -> bool:
+    """Whether ``identity`` (recorded by :func:`load_clip`) is still that of ``spec``'s files, checked
+    without loading the model: name, tag, and the sha256 of the weights and config files. (The
+    activation and preprocessing follow from these and from the spec's flags, compared by the caller.)"""
+    weights, config = _weights_file(spec), _config_file(spec)
+    name = spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}"
+    pretrained = spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None
+    return (identity.get("name") == name and identity.get("pretrained") == pretrained
+            and identity.get("weights_sha256") == (cached_file_sha256(weights) if weights else None)
+            and identity.get("config_sha256") == (cached_file_sha256(config) if config else None))
 
 
 @dataclass
@@ -205,8 +221,8 @@ def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
     identity = {
         "name": spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}",
         "pretrained": spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None,
-        "weights_sha256": file_sha256(weights) if weights else None,
-        "config_sha256": file_sha256(config) if config else None,
+        "weights_sha256": cached_file_sha256(weights) if weights else None,
+        "config_sha256": cached_file_sha256(config) if config else None,
         "quick_gelu": force_quick_gelu or _uses_quick_gelu(model),
         "image_size": int(size),
         "embed_dim": int(model.visual.output_dim),
