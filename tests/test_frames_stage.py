@@ -276,18 +276,61 @@ def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
     assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 320, 3)
 
 
-def test_profile_pipelines_are_valid_dvc_stages():
+def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     import shutil
 
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    return subprocess.run([dvc, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_profile_pipelines_are_valid_dvc_stages_and_stay_out_of_the_demos_status():
     root = Path(__file__).parents[1]
-    out = subprocess.run([dvc, "stage", "list", "data/profiles/dvc.yaml"], cwd=root, capture_output=True, text=True)
+    out = _dvc("stage", "list", cwd=root / "data" / "profiles")
     assert out.returncode == 0, out.stderr
-    for profile in ("k400", "k600", "ucf101", "hmdb51", "anet"):
+    for profile in ("k400", "k600", "ucf101", "hmdb51", "anet", "custom"):
         for stage in ("frames", "features", "labels", "heads", "evaluate"):
-            assert f"data/profiles/dvc.yaml:{stage}@{profile}" in out.stdout
+            assert f"{stage}@{profile}" in out.stdout
     for stage in ("finetune-k400", "evaluate-k400-run", "transfer@ucf101", "transfer@k600"):
-        assert f"data/profiles/dvc.yaml:{stage}" in out.stdout
+        assert stage in out.stdout
+    demo = _dvc("stage", "list", cwd=root)  # the root project: the demo only
+    assert demo.returncode == 0 and "frames@k400" not in demo.stdout and "world" in demo.stdout
+
+
+def test_a_custom_profile_chain_runs_and_depends_on_its_videos(tmp_path, template):
+    """data/profiles/custom.yaml with your own folder: `dvc repro frames@custom` in the profiles project,
+    then a new video marks it changed."""
+    import shutil
+
+    import yaml
+
+    root = Path(__file__).parents[1]
+    repo = tmp_path / "repo"
+    for name in ("pipeline", "stages"):
+        shutil.copytree(root / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    profiles = repo / "data" / "profiles"
+    shutil.copytree(root / "data" / "profiles", profiles, ignore=shutil.ignore_patterns("cache", "tmp"))
+    videos = tmp_path / "my videos"
+    for cls in ("jump", "run"):
+        for i in range(3):
+            copy_video(template, videos / cls / f"{cls} {i}.mp4")
+    datasets = yaml.safe_load((profiles / "datasets.yaml").read_text())
+    datasets["datasets"]["custom"]["root"] = str(videos)
+    (profiles / "datasets.yaml").write_text(yaml.safe_dump(datasets))
+    custom = yaml.safe_load((profiles / "custom.yaml").read_text())
+    custom["frames"].update(cache_frames=2, height=16, width=24, workers=1)
+    custom["data"]["val_fraction"] = 0.34
+    (profiles / "custom.yaml").write_text(yaml.safe_dump(custom))
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    proc = _dvc("repro", "frames@custom", cwd=profiles)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    stored = zarr.open_group(str(profiles / "cache" / "frames" / "custom" / "train"), mode="r")
+    assert stored["status"].shape[0] == 4  # 2 of 6 videos held out as val
+    assert "changed" not in _dvc("status", "frames@custom", cwd=profiles).stdout
+    copy_video(template, videos / "run" / "run 3.mp4")
+    status = _dvc("status", "frames@custom", cwd=profiles).stdout
+    assert "frames@custom" in status and "modified" in status and str(videos) in status
 
 
 def test_k400_profile_holds_the_papers_finetuning_recipe():
