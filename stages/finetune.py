@@ -38,7 +38,7 @@ from pipeline.models.classifier import (
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.temporal import build_temporal
 from pipeline.models.text import encoder_tag
-from pipeline.progress import Progress
+from pipeline.progress import Progress, say
 from pipeline.sampling import sample_rng, segment_indices, view_positions
 from pipeline.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
 
@@ -368,6 +368,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     t_cache = int(train_group.attrs["spec"]["num_frames"])
     if frames > t_cache:
         raise PipelineError(f"--frames {frames} > the {t_cache} frames stored per video")
+    if distributed.is_main() and not quiet:
+        say(f"loading {spec.name} ...")
     clip = load_clip(spec)
     weights, head_fp = head_weights(cache, dataset, spec.tag, head, encoder, len(names), clip.embed_dim, cfg.seed)
     torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
