@@ -224,9 +224,12 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
                                      default_text="--lr")
     weight_decay: float = knob(0.2, "AdamW weight decay.")
     warmup_epochs: float = knob(5.0, "Linear warm-up epochs.")
-    min_lr: float = knob(5e-6, "Cosine floor of the learning rate.")
+    min_lr: float = knob(0.0, "Cosine floor of the learning rate (the official code decays to 0).")
     layers: int = knob(6, "T-Trans layers.", type="POSITIVE")
-    t1d_init: str = knob("identity", "TokenT1D initialisation.", type=("identity", "shift"))
+    ttrans_init: str = knob("official", "T-Trans as the official code builds it, or 'tap': this project's variant "
+                                        "that starts exactly as TAP.", type=("official", "tap"))
+    t1d_init: str = knob("shift", "TokenT1D initialisation: the official partial shift, or the identity.",
+                         type=("shift", "identity"))
     crop_scale: tuple[float, float] = knob((0.08, 1.0), "RandomResizedCrop area range.", nargs=2,
                                            type=float)
     flip: float = knob(0.5, "Horizontal flip probability.", type="PROBABILITY")

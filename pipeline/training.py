@@ -126,16 +126,17 @@ def lr_at(step: int, total: int, warmup: int, base: float, floor: float) -> floa
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig, lr_of: Callable[[str], float | tuple[float, float]]) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; each parameter's lr from ``lr_of(name)``, which may also
-    return (lr, weight decay) for parameters with their own decay (a trained text tower)."""
+    """AdamW groups: each parameter's lr from ``lr_of(name)``, which may also return (lr, weight decay) for
+    parameters with their own decay (a trained text tower). Weight decay applies to every trained
+    parameter, biases, norms, positions, TokenT1D and the logit scale included, as in the official
+    code (its two AdamW groups share one weight_decay)."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         rule = lr_of(name)
         lr, wd = rule if isinstance(rule, tuple) else (rule, cfg.weight_decay)
-        no_decay = p.ndim < 2 or any(k in name for k in ("position", "class_embedding", "logit_scale", "t1d"))
-        groups.setdefault((lr, 0.0 if no_decay else wd), []).append(p)
+        groups.setdefault((lr, wd), []).append(p)
     return [{"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
@@ -241,6 +242,7 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
     lr_of = lr_of or (lambda name: cfg.lr)
     model.to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg, lr_of), lr=cfg.lr, betas=cfg.betas)
+    logit_scales = [p for name, p in model.named_parameters() if name.endswith("logit_scale") and p.requires_grad]
     autocast, scaler = autocast_for(device, cfg.amp)
     n = epoch_length or len(train_set)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -309,6 +311,9 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
                 scaler.update()
             else:
                 opt.step()
+            with torch.no_grad():  # open_clip's rule: the forward pass never clamps (its gradient stays intact)
+                for scale in logit_scales:
+                    scale.clamp_(0, math.log(100))
             if ddp:
                 dist.all_reduce(step_loss)
             state["global_step"] += 1

@@ -281,7 +281,7 @@ def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cf
 def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg: TrainConfig, *,
         encoder: str | None = None, run_name: str | None = None, frames: int = 8, shots: int | None = None,
         layers: int = 6, replace_mismatched: bool = False, quiet: bool = False, device: str | None = None,
-        objective: Objective = Objective(), spec: ModelSpec | None = None) -> dict:
+        objective: Objective = Objective(), spec: ModelSpec | None = None, ttrans_init: str = "official") -> dict:
     """Frozen backbone: the temporal module (and a projection) on cached frame features."""
     if temporal == "tokent1d":
         raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
@@ -305,10 +305,12 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     record = {"stage": "finetune", "backbone": "frozen", "train": train_group.attrs["fingerprint"],
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
+              "ttrans_init": ttrans_init if temporal == "ttrans" else None,
               "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
     torch.manual_seed(cfg.seed)
-    model = FrameFeatureClassifier(build_temporal(temporal, width, layers=layers, max_frames=frames),
+    model = FrameFeatureClassifier(build_temporal(temporal, width, layers=layers, max_frames=frames,
+                                                  ttrans_init=ttrans_init),
                                    CosineHead(weights, learnable=head == "learnable"), width, project=temporal == "tap")
     temporal_lr = cfg.temporal_lr or cfg.lr
 
@@ -347,16 +349,17 @@ def open_frames(cache: Path, dataset: str, split: str):
 
 
 def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, frames: int, layers: int,
-                t1d_init: str, grad_checkpointing: bool = False):
+                t1d_init: str, grad_checkpointing: bool = False, ttrans_init: str = "official"):
     """The loaded open_clip model's visual tower wrapped as a video classifier against ``head_rows``."""
     head = CosineHead(head_rows, learnable=learnable, logit_scale=float(clip.model.logit_scale.detach()))
     return build_video_classifier(clip.model.visual, clip.embed_dim, head, temporal, frames, layers, t1d_init,
-                                  grad_checkpointing)
+                                  grad_checkpointing, ttrans_init=ttrans_init)
 
 
 def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: str, cfg: TrainConfig, *,
              augment: AugmentConfig = AugmentConfig(), encoder: str | None = None, run_name: str | None = None,
-             frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "identity",
+             frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "shift",
+             ttrans_init: str = "official",
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
              device: str | None = None, objective: Objective = Objective()) -> dict:
     """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
@@ -373,7 +376,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     clip = load_clip(spec)
     weights, head_fp = head_weights(cache, dataset, spec.tag, head, encoder, len(names), clip.embed_dim, cfg.seed)
     torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
-    model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing)
+    model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing,
+                        ttrans_init)
     norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
     rows, labels = usable_rows(train_group)
     epoch_length = None
@@ -392,6 +396,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
               "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
+              "ttrans_init": ttrans_init if temporal == "ttrans" else None,
               "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
     temporal_lr = cfg.temporal_lr or cfg.lr
@@ -400,7 +405,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     def lr_of(name: str) -> float:
         if name.startswith("temporal.") or ".t1d." in name:
             return temporal_lr
-        return backbone_lr if name.startswith("visual.") else cfg.lr
+        # the official code trains CLIP's logit scale with the encoder (its `clip_params` group)
+        return backbone_lr if name.startswith("visual.") or name.endswith("logit_scale") else cfg.lr
 
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec.absolute()),
@@ -435,12 +441,13 @@ def load_run(cache: Path, run_name: str):
     if info["backbone"] == "frozen":
         width = int(video_state["projection.weight"].shape[1]) if "projection.weight" in video_state else rows.shape[1]
         model = FrameFeatureClassifier(build_temporal(info["temporal"], width, layers=info["layers"],
-                                                      max_frames=info["frames"]),
+                                                      max_frames=info["frames"],
+                                                      ttrans_init=info.get("ttrans_init") or "tap"),
                                        CosineHead(rows, learnable=info["head"] == "learnable"), width,
                                        project="projection.weight" in video_state)
     else:
         model = build_model(clip, rows, info["head"] == "learnable", info["temporal"], info["frames"], info["layers"],
-                            info.get("t1d_init") or "identity")
+                            info.get("t1d_init") or "identity", ttrans_init=info.get("ttrans_init") or "tap")
     if contrastive:
         model, _, _ = with_objective(model, objective, info["head"], clip, info["class_names"], lambda name: 0.0)
     model.load_state_dict(state)

@@ -103,7 +103,7 @@ def test_frozen_backbone_training_learns_and_reports(imported):
 
 def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
     x = torch.randn(3, 5, 32)
-    tt = TemporalTransformer(32, layers=2, max_frames=8)
+    tt = TemporalTransformer(32, layers=2, max_frames=8, init="tap")
     assert torch.allclose(tt(x), TemporalMeanPool()(x), atol=1e-6)
 
     feats = write_external_features(tmp_path, {"train": 16, "val": 6}, order_classes=True)
@@ -116,11 +116,15 @@ def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
               "learnable",
               "--cache", str(cache), "-q"]
     run_inproc(*common, "--temporal", "tap", "--run-name", "tap")
-    run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--run-name", "tt")
+    # the official T-Trans starts from random output projections and needs a larger lr on this toy (measured:
+    # at 3e-3 it is still at TAP's 83.3 after 15 epochs, at 1e-2 it reaches 100); the "tap" variant learns at 3e-3
+    run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--lr", "1e-2", "--run-name", "tt")
+    run_inproc(*common, "--temporal", "ttrans", "--layers", "2", "--ttrans-init", "tap", "--run-name", "tt-tap")
     tap = json.loads((cache / "runs" / "tap" / "metrics.json").read_text())["val_top1"]
     ttrans = json.loads((cache / "runs" / "tt" / "metrics.json").read_text())["val_top1"]
+    ttrans_tap = json.loads((cache / "runs" / "tt-tap" / "metrics.json").read_text())["val_top1"]
     # classes 0 and 1 hold the same frames in opposite order: TAP cannot separate them (<= 5/6 of 100%)
-    assert tap <= 100 * 5 / 6 + 1e-6 and ttrans > tap
+    assert tap <= 100 * 5 / 6 + 1e-6 and ttrans > tap and ttrans_tap > tap
 
 
 class ToySet:

@@ -23,7 +23,9 @@ class CosineHead(nn.Module):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         v = video / video.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         h = self.weight / self.weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return self.logit_scale.exp().clamp(max=100.0) * v @ h.t()
+        # No clamp here: it would zero the scale's gradient at exp(s) = 100. The training loop clamps
+        # the parameter after each step instead, as open_clip does.
+        return self.logit_scale.exp() * v @ h.t()
 
 
 class FrameFeatureClassifier(nn.Module):
@@ -83,8 +85,8 @@ class VideoClassifier(nn.Module):
 
 
 def build_video_classifier(visual: nn.Module, width: int, head: CosineHead, temporal: str, frames: int,
-                           layers: int = 6, t1d_init: str = "identity",
-                           grad_checkpointing: bool = False) -> VideoClassifier:
+                           layers: int = 6, t1d_init: str = "shift",
+                           grad_checkpointing: bool = False, ttrans_init: str = "official") -> VideoClassifier:
     """The full fine-tuning model around an open_clip visual tower (modified in place for TokenT1D)."""
     from .temporal import TemporalMeanPool, TemporalTransformer, insert_token_t1d
 
@@ -92,7 +94,7 @@ def build_video_classifier(visual: nn.Module, width: int, head: CosineHead, temp
     if temporal in ("tap", "tokent1d"):
         module: nn.Module = TemporalMeanPool()
     elif temporal == "ttrans":
-        module = TemporalTransformer(width, layers=layers, max_frames=frames)
+        module = TemporalTransformer(width, layers=layers, max_frames=frames, init=ttrans_init)
     else:
         raise ValueError(f"unknown temporal module {temporal!r} (tap, ttrans, tokent1d)")
     if grad_checkpointing and hasattr(visual, "set_grad_checkpointing"):
@@ -144,7 +146,7 @@ class TextTowerHead(nn.Module):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         v = video / video.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         h = self.weight / self.weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return self.logit_scale.exp().clamp(max=100.0) * v @ h.t()
+        return self.logit_scale.exp() * v @ h.t()  # clamped after each step, not here
 
 
 class ContrastiveVideoText(nn.Module):
@@ -174,4 +176,4 @@ class ContrastiveVideoText(nn.Module):
         head = self.video.head
         text = head.class_embeddings(labels) if isinstance(head, TextTowerHead) else head.weight[labels]
         norm = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # noqa: E731
-        return norm(video.float()), norm(text.float()), head.logit_scale.clamp(max=math.log(100.0))
+        return norm(video.float()), norm(text.float()), head.logit_scale  # clamped after each step

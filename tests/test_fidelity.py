@@ -1,0 +1,112 @@
+"""Paper fidelity: the modules and the optimiser as the official code (whwu95/Text4Vis) builds them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from test_training import ToySet
+
+from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
+from pipeline.models.temporal import QuickGELU, TemporalTransformer, TokenT1D, TokenT1DBlock
+from pipeline.training import TrainConfig, param_groups, train
+
+
+def reference_shift(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The official TokenT1D at its initialisation, by hand: on the CLS token only, a quarter of the
+    channels take frame t+1's value, a quarter frame t-1's (zero past the ends), the rest stay."""
+    bt, _, width = x.shape
+    fold = width // 4
+    cls = x[:, 0].reshape(bt // frames, frames, width)
+    out = cls.clone()
+    out[:, :, :2 * fold] = 0
+    out[:, :-1, :fold] = cls[:, 1:, :fold]
+    out[:, 1:, fold:2 * fold] = cls[:, :-1, fold:2 * fold]
+    y = x.clone()
+    y[:, 0] = out.reshape(bt, width)
+    return y
+
+
+def test_token_t1d_is_the_official_shift_before_attention_and_again_before_the_mlp():
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    width, frames, videos, tokens = 16, 4, 2, 5
+    block = ResidualAttentionBlock(width, 2)
+    wrapped = TokenT1DBlock(block, width, "shift")
+    wrapped.frames = frames
+    x = torch.randn(videos * frames, tokens, width)
+    with torch.no_grad():
+        ref = reference_shift(x, frames)
+        ref = ref + block.attention(q_x=block.ln_1(ref))
+        ref = reference_shift(ref, frames)
+        ref = ref + block.mlp(block.ln_2(ref))
+        got = wrapped(x)
+    assert torch.allclose(got, ref, atol=1e-6)
+    # the patch tokens never mix over time, and the identity init leaves the block as it was
+    assert not torch.allclose(got, block(x), atol=1e-3)
+    same = TokenT1DBlock(block, width, "identity")
+    same.frames = frames
+    with torch.no_grad():
+        assert torch.allclose(same(x), block(x), atol=1e-6)
+    assert TokenT1D(width).conv.weight[:, 0].sum(dim=1).eq(1).all()  # default: the shift, each channel one tap
+
+
+def test_ttrans_is_the_official_module():
+    torch.manual_seed(0)
+    width, frames = 64, 8
+    m = TemporalTransformer(width, layers=1, max_frames=frames).eval()
+    block = m.encoder.layers[0]
+    assert m.position.shape == (77, width) and m.position.requires_grad  # learned, CLIP's context length
+    assert block.norm1.eps == block.norm2.eps == 1e-12 and isinstance(block.activation, QuickGELU)
+    assert block.norm_first and block.self_attn.num_heads == width // 64
+    for linear in (block.linear1, block.linear2, block.self_attn.out_proj):
+        assert 0.017 < float(linear.weight.detach().std()) < 0.023 and not linear.bias.any()
+    x = torch.randn(3, frames, width)
+    with torch.no_grad():
+        y = x + m.position[:frames]
+        h = block.norm1(y)
+        y = y + block.self_attn(h, h, h, need_weights=False)[0]
+        y = y + block.linear2(block.activation(block.linear1(block.norm2(y))))
+        assert torch.allclose(m(x), (y + x).mean(dim=1), atol=1e-5)  # residual around the blocks, then TAP
+        tap = TemporalTransformer(width, layers=1, max_frames=frames, init="tap").eval()
+        assert torch.allclose(tap(x), x.mean(dim=1), atol=1e-6)  # the named variant starts exactly as TAP
+
+
+def test_the_logit_scale_gradient_survives_at_100_and_the_step_clamps_it(tmp_path):
+    head = CosineHead(torch.randn(5, 8), learnable=False, logit_scale=math.log(100.0))
+    loss = F.cross_entropy(head(torch.randn(4, 8)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert head.logit_scale.grad is not None and float(head.logit_scale.grad.abs()) > 0
+
+    # a real run whose every step pushes the scale up (an objective that rewards a larger scale): the
+    # training loop clamps it at ln 100 after each step
+    torch.manual_seed(0)
+    data = ToySet()
+    model = FrameFeatureClassifier(TemporalTransformer(16, layers=1, max_frames=8), CosineHead(
+        torch.randn(6, 16), learnable=True, logit_scale=math.log(100.0) - 1e-3), 16, project=False)
+
+    def larger_scale(net, x, y):
+        return F.cross_entropy(net(x), y) * 0 - net.head.logit_scale
+
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=5e-2, warmup_epochs=0, min_lr=0.0, weight_decay=0.0)
+    train(model, data, data, cfg, tmp_path / "run", "fp", objective=larger_scale)
+    assert abs(float(model.head.logit_scale.detach()) - math.log(100.0)) < 1e-6
+
+
+def test_weight_decay_reaches_every_trained_parameter_as_in_the_official_code():
+    model = FrameFeatureClassifier(TemporalTransformer(16, layers=1, max_frames=8),
+                                   CosineHead(torch.randn(6, 16), learnable=False), 16, project=False)
+    groups = param_groups(model, TrainConfig(weight_decay=0.2), lambda name: 1e-3)
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.2 for p in g["params"]}
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert {"head.logit_scale", "temporal.position"} <= set(trained)
+    assert all(id(p) in decayed for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_schedule_decays_to_zero_by_default():
+    from pipeline.training import lr_at
+
+    cfg = TrainConfig()
+    assert cfg.min_lr == 0.0 and lr_at(999, 1000, 10, cfg.lr, cfg.min_lr) < 1e-9
