@@ -759,9 +759,14 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
 
     ds = need_dataset(s)
     workers = s.workers if s.workers is not None else (0 if s.frozen_backbone else 4)
+    # the paper's few-shot preset (App. B.1): --shots K alone gives its epochs; an --epochs flag still wins
+    epochs = s.few_shot_epochs if (s.shots and s.few_shot_epochs and ctx.flags.get("epochs") is None) else s.epochs
+    if s.init_from and s.frozen_backbone:
+        raise PipelineError("--init-from starts the visual encoder from a run: it needs full fine-tuning "
+                            "(not --frozen-backbone)")
     with settings_errors():
         cfg = TrainConfig(
-            epochs=s.epochs, batch_size=s.global_batch_size, micro_batch=s.micro_batch, lr=s.lr,
+            epochs=epochs, batch_size=s.global_batch_size, micro_batch=s.micro_batch, lr=s.lr,
             backbone_lr_ratio=s.backbone_lr_ratio, temporal_lr=s.temporal_lr, weight_decay=s.weight_decay,
             warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, checkpoint_every=s.checkpoint_every, amp=s.amp,
             workers=workers)
@@ -786,7 +791,7 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
                                             run_name=run_name, **common)
             else:
                 result = finetune_stage.run_full(ctx.cache, ds, spec, s.head, s.temporal, cfg, augment=augment,
-                                                 t1d_init=s.t1d_init, run_name=run_name,
+                                                 t1d_init=s.t1d_init, run_name=run_name, init_from=s.init_from,
                                                  grad_checkpointing=s.grad_checkpointing, **common)
             results.append(result)
     finally:

@@ -359,7 +359,7 @@ def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, f
 def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: str, cfg: TrainConfig, *,
              augment: AugmentConfig = AugmentConfig(), encoder: str | None = None, run_name: str | None = None,
              frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "shift",
-             ttrans_init: str = "official",
+             ttrans_init: str = "official", init_from: str | None = None,
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
              device: str | None = None, objective: Objective = Objective()) -> dict:
     """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
@@ -378,6 +378,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
     model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing,
                         ttrans_init)
+    start = init_from_run(model, cache, init_from) if init_from else None
     norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
     rows, labels = usable_rows(train_group)
     epoch_length = None
@@ -396,7 +397,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
               "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
-              "ttrans_init": ttrans_init if temporal == "ttrans" else None,
+              "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
               "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
     temporal_lr = cfg.temporal_lr or cfg.lr
@@ -416,6 +417,30 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     with store.reader_lock(*(p for p in (train_path, val_path) if p is not None)):
         return _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
                           epoch_length, dev, replace_mismatched, quiet, objective_fn)
+
+
+def init_from_run(model: torch.nn.Module, cache: Path, source: str) -> dict:
+    """Copy the visual encoder (TokenT1D included) and the temporal module of fine-tuned run ``source`` into
+    ``model`` (transfer, Tables 2 and 5); the head stays this run's. Returns what the new run records of
+    its start. Refused, naming a difference, when the architectures differ."""
+    run_dir = run_path(cache, source)
+    if not (run_dir / "run.json").is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise PipelineError(f"--init-from {source!r}: no fine-tuned run of that name with a checkpoint under "
+                            f"{run_dir.parent}")
+    info = json.loads((run_dir / "run.json").read_text())
+    state = load_checkpoint(run_dir / CHECKPOINT)["model"]
+    if any(k.startswith("video.") for k in state):  # a contrastive run: its video model
+        state = {k.removeprefix("video."): v for k, v in state.items() if k.startswith("video.")}
+    parts = ("visual.", "temporal.")
+    taken = {k: v for k, v in state.items() if k.startswith(parts)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(parts)}
+    differ = sorted(set(taken) ^ set(own)) or [k for k in own if own[k].shape != taken[k].shape]
+    if differ:
+        raise PipelineError(f"--init-from {source}: its encoder or temporal module differs from this run's "
+                            f"({info.get('backbone')} {info.get('temporal')} vs this run; first difference: "
+                            f"{differ[0]}); use the same model, --temporal and --layers")
+    model.load_state_dict(taken, strict=False)
+    return {"run": source, "fingerprint": info.get("fingerprint")}
 
 
 def load_run(cache: Path, run_name: str):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_inproc
+from test_frames_stage import run_cli
 
 from pipeline.clips import FrameClipSet, Normalization, usable_rows
 from pipeline.evaluation import multilabel_metrics
@@ -257,3 +258,37 @@ def test_contrastive_objective_offline_online_and_gathered(ft_cache):
     g, loc = load_state(cache, "c2-gather"), load_state(cache, "c2-local")
     key = "video.visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert not torch.allclose(g[key], loc[key], atol=1e-6)
+
+
+def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_architectures(ft_cache, extracted,
+                                                                                             tmp_path):
+    from stages import finetune as finetune_stage
+
+    cache, m = ft_cache
+    run_inproc(*common(m, "src", "--head", "clip-text", "--temporal", "ttrans", "--layers", "1"))
+    source = load_state(cache, "src")
+    clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
+    model = finetune_stage.build_model(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
+    start = finetune_stage.init_from_run(model, cache, "src")
+    mine = model.state_dict()
+    copied = [k for k in source if k.startswith(("visual.", "temporal."))]
+    assert copied and all(torch.equal(mine[k], source[k]) for k in copied)
+    assert start["run"] == "src" and start["fingerprint"]
+    # through the CLI: another head, the same architecture -> trains and records where it started
+    run_inproc(*common(m, "dst", "--head", "random", "--temporal", "ttrans", "--layers", "1", "--init-from", "src"))
+    info = json.loads((cache / "runs" / "dst" / "run.json").read_text())
+    assert info["init_from"] == start
+    proc = run_cli(*common(m, "bad", "--head", "random", "--temporal", "tokent1d", "--init-from", "src"), check=False)
+    assert proc.returncode == 2 and "differs from this run's" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shots_alone_gives_the_profiles_few_shot_epochs(ft_cache, tmp_path):
+    cache, m = ft_cache
+    params = tmp_path / "p.yaml"
+    params.write_text("finetune:\n  few_shot_epochs: 2\n")
+    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--shots", "1",
+            "--global-batch-size", "4", "--warmup-epochs", "0", "-q", "--params", str(params)]
+    run_inproc(*base, "--run-name", "fs")
+    assert json.loads((cache / "runs" / "fs" / "run.json").read_text())["config"]["epochs"] == 2
+    run_inproc(*base, "--epochs", "1", "--run-name", "fs1")  # a flag still wins
+    assert json.loads((cache / "runs" / "fs1" / "run.json").read_text())["config"]["epochs"] == 1
