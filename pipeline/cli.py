@@ -638,7 +638,8 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
         result = evaluate_stage.run_trained(
             ctx.cache, s.run_name, dataset=s.dataset, split=s.split, views=parse_views(s.views),
             batch_size=s.batch_size, workers=s.workers, device=s.device, out=Path(s.out) if s.out else None,
-            quiet=ctx.quiet, progress=not as_json)  # machine output: nothing but the JSON
+            quiet=ctx.quiet, progress=not as_json,  # machine output: nothing but the JSON
+            protocols=tuple(s.protocols), subset_files=list(s.subsets))
     finally:
         main = distributed.is_main()
         distributed.teardown()
@@ -651,6 +652,12 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
     click.echo(f"run {result['run']} (trained on {result['trained_on']}, {result['head']} head) on "
                f"{result['dataset']}/{result['split']}, {result['views']} views, {result['videos']} videos: "
                + ", ".join(f"{k} {result[k]:.2f}" for k in keys))
+    for protocol in ("half", "subsets"):
+        if protocol in result:
+            r = result[protocol]
+            click.echo(f"  {protocol}: " + ", ".join(f"{k} {r[k]:.2f} +- {r[k + '_std']:.2f}"
+                                                  for k in ("top1", "top5", "mean_class"))
+                       + f" over {len(r['runs'])} {'draws' if protocol == 'half' else 'subsets'}")
 
 
 @command("export", S.ExportSettings)

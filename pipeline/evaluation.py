@@ -54,37 +54,38 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, flo
             "top5": 100 * float(hits.any(axis=1).mean()), "videos": int(len(targets)), "classes": int(present.size)}
 
 
-def restricted(features: np.ndarray, labels: np.ndarray, head: np.ndarray, classes: np.ndarray) -> dict[str, float]:
-    """Metrics over the videos of ``classes``, choosing among those classes only."""
+def restricted(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+    """Metrics over the videos of ``classes``, choosing among those classes only (``logits`` [n, C] score
+    every class: a head restricted to some rows scores those columns, whether cosine or a run's)."""
     keep = np.isin(labels, classes)
-    remap = np.full(head.shape[0], -1)
+    remap = np.full(logits.shape[1], -1)
     remap[classes] = np.arange(classes.size)
-    return metrics(cosine_logits(features[keep], head[classes]), remap[labels[keep]])
+    return metrics(logits[keep][:, classes], remap[labels[keep]])
 
 
-def half_classes(features: np.ndarray, labels: np.ndarray, head: np.ndarray, seeds=range(10)) -> dict:
+def half_classes(logits: np.ndarray, labels: np.ndarray, seeds=range(10)) -> dict:
     """The paper's UCF*/HMDB*/ANet* protocol: half of the classes drawn per seed; mean and std over seeds."""
-    c = head.shape[0]
+    c = logits.shape[1]
     if c < 4:
         warnings.warn(f"the half-classes protocol on {c} classes scores {c // 2} class(es) per draw: "
                       "its numbers say little (it is meant for UCF101, HMDB51, ActivityNet)", stacklevel=2)
     runs = []
     for seed in seeds:
         classes = np.sort(np.random.default_rng(seed).permutation(c)[: c // 2])
-        runs.append(restricted(features, labels, head, classes))
+        runs.append(restricted(logits, labels, classes))
     return summarize_runs(runs) | {"seeds": list(seeds), "classes_per_draw": c // 2}
 
 
-def subsets(features: np.ndarray, labels: np.ndarray, head: np.ndarray, class_names: list[str],
-            subset_names: list[list[str]]) -> dict:
-    """User-supplied class subsets (e.g. Kinetics-600's three splits of new classes), averaged."""
+def subsets(logits: np.ndarray, labels: np.ndarray, class_names: list[str], subset_names: list[list[str]]) -> dict:
+    """User-supplied class subsets (e.g. Kinetics-600's three splits of 160 of its 220 new classes, scored among
+    those 160 only: the 400 classes seen in training never compete), averaged."""
     index = {n: i for i, n in enumerate(class_names)}
     runs = []
     for names in subset_names:
         missing = [n for n in names if n not in index]
         if missing:
             raise PipelineError(f"class {missing[0]!r} of a subset is not a class of this dataset")
-        runs.append(restricted(features, labels, head, np.array(sorted(index[n] for n in names))))
+        runs.append(restricted(logits, labels, np.array(sorted(index[n] for n in names))))
     return summarize_runs(runs) | {"subsets": len(runs)}
 
 

@@ -25,9 +25,31 @@ def read_subsets(files: list[str]) -> list[list[str]]:
         path = Path(f)
         if not path.is_file():
             raise PipelineError(f"subset file not found: {path}")
-        names = [n.strip() for line in path.read_text().splitlines() for n in line.split(",") if n.strip()]
-        subsets.append([n for n in names if n.lower() not in ("name", "class", "label")])
+        names = []
+        for line in path.read_text().splitlines():
+            fields = [n.strip() for n in line.split(",") if n.strip()]
+            if len(fields) == 2 and fields[0].isdigit():  # the official `id,name` split CSVs
+                fields = fields[1:]
+            names += [n for n in fields if n.lower() not in ("id", "name", "class", "label")]
+        subsets.append(names)
     return subsets
+
+
+def score_protocols(logits: np.ndarray, labels: np.ndarray, names: list[str], protocols, subset_files) -> dict:
+    """{protocol: metrics} for logits [n, C] over ``names`` (an untuned head's or a fine-tuned run's)."""
+    result = {}
+    for protocol in protocols:
+        if protocol == "full":
+            result["full"] = evaluation.metrics(logits, labels)
+        elif protocol == "half":
+            result["half"] = evaluation.half_classes(logits, labels)
+        elif protocol == "subsets":
+            if not subset_files:
+                raise PipelineError("--protocol subsets needs --subsets FILE (one file per class subset)")
+            result["subsets"] = evaluation.subsets(logits, labels, names, read_subsets(list(subset_files)))
+        else:
+            raise PipelineError(f"unknown protocol {protocol!r}; choose full, half or subsets")
+    return result
 
 
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
@@ -54,17 +76,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
         feats, labels = feats[keep], labels[keep]
     result: dict = {"dataset": dataset, "split": split, "head": kind, "head_dataset": source, "model": model_tag,
                     "encoder": enc_tag, "videos_without_head_class": dropped}
-    for protocol in protocols:
-        if protocol == "full":
-            result["full"] = evaluation.metrics(evaluation.cosine_logits(feats, head), labels)
-        elif protocol == "half":
-            result["half"] = evaluation.half_classes(feats, labels, head)
-        elif protocol == "subsets":
-            if not subset_files:
-                raise PipelineError("--protocol subsets needs --subsets FILE (one file per class subset)")
-            result["subsets"] = evaluation.subsets(feats, labels, head, head_names, read_subsets(list(subset_files)))
-        else:
-            raise PipelineError(f"unknown protocol {protocol!r}; choose full, half or subsets")
+    result.update(score_protocols(evaluation.cosine_logits(feats, head), labels, head_names, protocols, subset_files))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
@@ -73,7 +85,8 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
-                out: Path | None = None, quiet: bool = False, progress: bool = True) -> dict:
+                out: Path | None = None, quiet: bool = False, progress: bool = True,
+                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = ()) -> dict:
     """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
     classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
     import torch
@@ -126,6 +139,11 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     scores = evaluation.multilabel_metrics(logits, y) if y.ndim == 2 else evaluation.metrics(logits, y)
     result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
               "trained_on": info["dataset"], "head": info["head"], **scores}
+    others = [p for p in protocols if p != "full"]
+    if others:  # zero-shot protocols on the run's logits: a class subset scores its own columns only
+        if y.ndim == 2:
+            raise PipelineError("the half and subsets protocols need single-label videos (not a multi-label set)")
+        result.update(score_protocols(logits, y, list(group.attrs["class_names"]), others, subset_files))
     if out is not None and distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))

@@ -137,7 +137,7 @@ def test_warm_up_longer_than_the_run_and_half_protocol_on_few_classes_warn(api_c
     rng = np.random.default_rng(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        half_classes(rng.standard_normal((6, 4)), np.array([0, 1, 2, 0, 1, 2]), rng.standard_normal((3, 4)))
+        half_classes(rng.standard_normal((6, 3)), np.array([0, 1, 2, 0, 1, 2]))
     assert any("scores 1 class(es) per draw" in str(w.message) for w in caught)
 
 

@@ -121,9 +121,10 @@ def test_metrics_on_a_constructed_example():
     assert np.allclose(evaluation.cosine_logits(feats, head), np.eye(2))
     with pytest.raises(PipelineError, match="head width 3 differs from the feature width 2"):
         evaluation.cosine_logits(feats, np.ones((2, 3)))
-    # restricted to classes {1, 2}: video of class 1 chooses among those only
-    r = evaluation.restricted(np.array([[0.0, 1.0, 0.2]]), np.array([1]), np.eye(3), np.array([1, 2]))
+    # restricted to classes {1, 2}: a video of class 1 chooses among those only (class 0 scores higher)
+    r = evaluation.restricted(np.array([[2.0, 1.0, 0.2]]), np.array([1]), np.array([1, 2]))
     assert r["top1"] == 100.0 and r["classes"] == 1
+    assert evaluation.restricted(np.array([[2.0, 1.0, 0.2]]), np.array([1]), np.array([0, 1, 2]))["top1"] == 0.0
 
 
 def test_orthogonal_head_rejects_more_classes_than_dimensions():

@@ -292,3 +292,40 @@ def test_shots_alone_gives_the_profiles_few_shot_epochs(ft_cache, tmp_path):
     assert json.loads((cache / "runs" / "fs" / "run.json").read_text())["config"]["epochs"] == 2
     run_inproc(*base, "--epochs", "1", "--run-name", "fs1")  # a flag still wins
     assert json.loads((cache / "runs" / "fs1" / "run.json").read_text())["config"]["epochs"] == 1
+
+
+def test_zero_shot_protocols_on_a_fine_tuned_run_score_only_the_chosen_classes(ft_cache, tmp_path):
+    """`evaluate --run-name R --protocol subsets` (the K600 protocol: 160 of its new classes per split, the
+    trained ones never competing) and `--protocol half` work on a fine-tuned run's logits."""
+    cache, m = ft_cache
+    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--epochs", "1",
+            "--global-batch-size", "8", "--warmup-epochs", "0", "-q"]
+    run_inproc(*base, "--run-name", "zs")
+    names = json.loads((cache / "runs" / "zs" / "run.json").read_text())["class_names"]
+    split1, split2 = tmp_path / "split1.csv", tmp_path / "split2.csv"
+    split1.write_text("id,name\n" + "".join(f"{i},{n}\n" for i, n in enumerate(names[:4])))  # the official format
+    split2.write_text("\n".join(names[4:9]) + "\n")
+    out = run_inproc("evaluate", "--run-name", "zs", "--cache", str(cache), "--protocol", "full", "--protocol", "half",
+                     "--protocol", "subsets", "--subsets", str(split1), "--subsets", str(split2), "--json")
+    result = json.loads(out[out.index("{"):])
+    runs = result["subsets"]["runs"]
+    assert [r["classes"] for r in runs] == [4, 5] and result["subsets"]["subsets"] == 2
+    assert runs[0]["videos"] < result["videos"] and 0 <= result["subsets"]["top1"] <= 100
+    assert result["half"]["classes_per_draw"] == 6 and len(result["half"]["runs"]) == 10
+    # scored among the subset only: its top-1 is at least the full-label-set top-1 on the same videos
+    assert all(r["top5"] == 100.0 for r in runs[:1])  # 4 classes: every class is in the top 5
+
+
+def test_official_k600_split_files_read_as_160_new_class_names():
+    from stages.evaluate import read_subsets
+
+    lists = Path(__file__).resolve().parents[2] / "shared" / "text4vis-lists" / "k600"
+    if not lists.is_dir():
+        pytest.skip("../shared/text4vis-lists is absent")
+    splits = read_subsets([str(lists / f"k160_labels_split{i}.csv") for i in (1, 2, 3)])
+    assert [len(s) for s in splits] == [160, 160, 160]
+    assert all(not n.isdigit() for s in splits for n in s) and "acting in play" in splits[0]
+    k400 = Path(__file__).resolve().parents[2] / "shared" / "text4vis-lists" / "labels" / "kinetics_400_labels.csv"
+    if k400.is_file():
+        seen = set(read_subsets([str(k400)])[0])
+        assert not any(n in seen for s in splits for n in s)  # the K600 protocol never scores a K400 class

@@ -292,7 +292,7 @@ def test_profile_pipelines_are_valid_dvc_stages_and_stay_out_of_the_demos_status
     for profile in ("k400", "k600", "ucf101", "hmdb51", "anet", "custom"):
         for stage in ("frames", "features", "labels", "heads", "evaluate"):
             assert f"{stage}@{profile}" in out.stdout
-    for stage in ("finetune-k400", "evaluate-k400-run", "transfer@ucf101", "transfer@k600"):
+    for stage in ("finetune-k400", "evaluate-k400-run", "transfer@ucf101", "transfer-k600"):
         assert stage in out.stdout
     demo = _dvc("stage", "list", cwd=root)  # the root project: the demo only
     assert demo.returncode == 0 and "frames@k400" not in demo.stdout and "world" in demo.stdout
