@@ -648,7 +648,7 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    keys = ["mAP", "top1", "top5"] if "mAP" in result else ["top1", "top5", "mean_class"]
+    keys = ["mAP", "mAP_official", "top1", "top5"] if "mAP" in result else ["top1", "top5", "mean_class"]
     click.echo(f"run {result['run']} (trained on {result['trained_on']}, {result['head']} head) on "
                f"{result['dataset']}/{result['split']}, {result['views']} views, {result['videos']} videos: "
                + ", ".join(f"{k} {result[k]:.2f}" for k in keys))

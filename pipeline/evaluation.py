@@ -50,8 +50,32 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, flo
     k = min(5, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     hits = np.take_along_axis(targets, top, axis=1)
-    return {"mAP": 100 * float(np.mean(ap)), "top1": 100 * float(hits[:, 0].mean()),
+    return {"mAP": 100 * float(np.mean(ap)), "mAP_official": official_anet_map(scores, targets),
+            "top1": 100 * float(hits[:, 0].mean()),
             "top5": 100 * float(hits.any(axis=1).mean()), "videos": int(len(targets)), "classes": int(present.size)}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def official_anet_map(logits: np.ndarray, targets: np.ndarray) -> float:
+    """ActivityNet mAP as the official code computes it (whwu95/Text4Vis test_anet.py + utils.mean_average_precision):
+    class probabilities softmax(softmax(logits)) (its evaluation applies softmax, then the mAP function again),
+    then torchnet's mAPMeter: per class, the mean precision at each positive of the videos ranked by that
+    class's probability, averaged over every class (0 for a class without positives), in percent.
+    ``logits``: scale x cosine (the official 100 x cos); ``targets``: multi-hot (the official lists give one
+    label a video; a second label of ours counts as a positive too)."""
+    probs = _softmax(_softmax(logits.astype(np.float64)))
+    targets = targets.astype(bool)
+    ap = np.zeros(probs.shape[1])
+    ranks = np.arange(1, probs.shape[0] + 1)
+    for k in range(probs.shape[1]):
+        truth = targets[np.argsort(-probs[:, k], kind="stable"), k]
+        if truth.any():
+            ap[k] = float((np.cumsum(truth) / ranks)[truth].sum() / truth.sum())
+    return 100 * float(ap.mean())
 
 
 def restricted(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> dict[str, float]:

@@ -110,3 +110,28 @@ def test_the_schedule_decays_to_zero_by_default():
 
     cfg = TrainConfig()
     assert cfg.min_lr == 0.0 and lr_at(999, 1000, 10, cfg.lr, cfg.min_lr) < 1e-9
+
+
+def test_activitynet_map_as_the_official_code_next_to_ours():
+    import numpy as np
+
+    from pipeline.evaluation import multilabel_metrics, official_anet_map
+
+    rng = np.random.default_rng(0)
+    targets = np.zeros((40, 5), dtype=bool)
+    targets[np.arange(40), rng.integers(0, 5, 40)] = True
+    logits = 100 * rng.uniform(-0.2, 0.3, (40, 5)) + 10 * targets
+    # the official path by hand: softmax twice, then torchnet's per-class AP averaged over all classes
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p = np.exp(p - p.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    aps = []
+    for k in range(5):
+        order = np.argsort(-p[:, k], kind="stable")
+        hits = targets[order, k]
+        precision = np.cumsum(hits) / np.arange(1, 41)
+        aps.append(precision[hits].mean())
+    assert abs(official_anet_map(logits, targets) - 100 * np.mean(aps)) < 1e-9
+    both = multilabel_metrics(logits, targets)
+    assert {"mAP", "mAP_official"} <= set(both) and 0 < both["mAP_official"] <= 100
