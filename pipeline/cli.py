@@ -778,7 +778,8 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, checkpoint_every=s.checkpoint_every, amp=s.amp,
             workers=workers)
         augment = AugmentConfig(crop_scale=tuple(s.crop_scale), flip=s.flip, grayscale=s.grayscale,
-                                randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]))
+                                randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]),
+                                randaugment_per_frame=s.randaugment_per_frame)
     spec = model_spec(ctx, s, dataset=ds)
     goal = finetune_stage.Objective(kind=s.objective, batch_gather=s.batch_gather, text=s.text, text_lr=s.text_lr,
                                     text_weight_decay=s.text_weight_decay, template=s.text_template)

@@ -22,13 +22,17 @@ from .settings import FinetuneSettings as _F  # the defaults
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Clip-level augmentation (one draw for all frames of a clip). Defaults: the paper's recipe."""
+    """Training augmentation. Defaults: the official K400 ViT-B/16 run's (its logged train transforms:
+    `GroupTransform(RandAugment(2, 9))` first, on each frame separately, then `GroupScale`,
+    `GroupRandomSizedCrop`, `GroupRandomHorizontalFlip`, `GroupRandomGrayscale(p=0.2)`, each one draw per
+    clip). RandAugment per clip instead: ``randaugment_per_frame=False``."""
 
     crop_scale: tuple[float, float] = _F.crop_scale  # RandomResizedCrop area range
     flip: float = _F.flip  # horizontal flip probability (0 where left/right is part of the label)
     grayscale: float = _F.grayscale  # grayscale probability (0 where colour is part of the label)
     randaugment_ops: int = _F.randaugment[0]  # RandAugment N (0: off)
     randaugment_magnitude: int = _F.randaugment[1]  # RandAugment M
+    randaugment_per_frame: bool = _F.randaugment_per_frame  # the official GroupTransform: its own draw per frame
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
@@ -57,18 +61,35 @@ def _mode(name: str):
         name, InterpolationMode.BICUBIC)
 
 
+class PerFrame(torch.nn.Module):
+    """Apply ``transform`` to each frame of a clip separately (its own random draw each): the official
+    `GroupTransform`."""
+
+    def __init__(self, transform) -> None:  # noqa: ANN001
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, clip: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.transform(frame) for frame in clip])
+
+
 def train_transform(norm: Normalization, aug: AugmentConfig):
-    """uint8 [T, 3, H, W] -> float [T, 3, S, S]; v2 draws one set of parameters per call, i.e. per clip."""
+    """uint8 [T, 3, H, W] -> float [T, 3, S, S]. v2 draws one set of parameters per call, i.e. per clip;
+    RandAugment comes first, per frame (the official order) unless ``randaugment_per_frame`` is off."""
     from torchvision.transforms import v2
 
-    steps = [v2.RandomResizedCrop(norm.image_size, scale=aug.crop_scale, interpolation=_mode(norm.interpolation),
-                                  antialias=True)]
+    steps = []
+    randaugment = v2.RandAugment(aug.randaugment_ops, aug.randaugment_magnitude) if aug.randaugment_ops else None
+    if randaugment is not None and aug.randaugment_per_frame:
+        steps.append(PerFrame(randaugment))
+    steps.append(v2.RandomResizedCrop(norm.image_size, scale=aug.crop_scale,
+                                      interpolation=_mode(norm.interpolation), antialias=True))
     if aug.flip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.flip))
     if aug.grayscale > 0:
         steps.append(v2.RandomGrayscale(aug.grayscale))
-    if aug.randaugment_ops > 0:
-        steps.append(v2.RandAugment(aug.randaugment_ops, aug.randaugment_magnitude))
+    if randaugment is not None and not aug.randaugment_per_frame:
+        steps.append(randaugment)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(norm.mean), list(norm.std))]
     return v2.Compose(steps)
 

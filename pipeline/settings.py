@@ -241,6 +241,9 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     grayscale: float = knob(0.2, "Grayscale probability.", type="PROBABILITY")
     randaugment: tuple[int, int] = knob((2, 9),
                                         "RandAugment N M (0 0: off).", nargs=2, type=int)
+    randaugment_per_frame: bool = knob(True, "RandAugment draws its operations for each frame (the official "
+                                             "GroupTransform, applied first) or once per clip.",
+                                       toggle="randaugment-per-frame/--randaugment-per-clip")
     amp: bool = knob(True, "Mixed precision on GPU (bf16, or fp16 with a scaler).", toggle="amp/--no-amp")
     grad_checkpointing: bool = knob(False, "Recompute activations to save memory.", is_flag=True)
     workers: int | None = knob(None, "Data-loader processes per process.", type="COUNT",

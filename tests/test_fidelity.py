@@ -135,3 +135,21 @@ def test_activitynet_map_as_the_official_code_next_to_ours():
     assert abs(official_anet_map(logits, targets) - 100 * np.mean(aps)) < 1e-9
     both = multilabel_metrics(logits, targets)
     assert {"mAP", "mAP_official"} <= set(both) and 0 < both["mAP_official"] <= 100
+
+
+def test_randaugment_comes_first_and_draws_per_frame_as_the_official_group_transform():
+    from pipeline.clips import AugmentConfig, Normalization, PerFrame, train_transform
+
+    norm = Normalization(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    frame = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    clip = frame.expand(8, -1, -1, -1).clone()  # 8 identical frames
+    fixed = dict(crop_scale=(1.0, 1.0), flip=0.0, grayscale=0.0, randaugment_ops=2, randaugment_magnitude=9)
+    per_frame = train_transform(norm, AugmentConfig(**fixed))
+    per_clip = train_transform(norm, AugmentConfig(**fixed, randaugment_per_frame=False))
+    assert isinstance(per_frame.transforms[0], PerFrame)  # before the crop, as logged
+    torch.manual_seed(0)
+    out = per_frame(clip)
+    assert len({tuple(f.flatten()[:64].tolist()) for f in out}) > 1  # frames got their own operations
+    torch.manual_seed(0)
+    same = per_clip(clip)
+    assert all(torch.equal(same[0], f) for f in same)  # one draw for the clip: identical frames stay identical
