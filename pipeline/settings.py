@@ -66,7 +66,7 @@ class DataSource(DatasetName):
     dataset: str | None = knob(
         None, "Name of the dataset in the cache [default: the format, or the csv/folder's stem].", short="-d")
     format: str | None = knob(None, "Dataset format (adapter): k400 | k600 | k700 | ucf101 | hmdb51 | anet | csv | "
-                                    "folder.", type="FORMATS")
+                                    "folder | imagefolder.", type="FORMATS")
     root: str | None = knob(None, "Dataset root folder (or a CSV file).")
     split_id: int = knob(1, "Official split for UCF101/HMDB51.", type="SPLIT_ID")
     untrimmed: bool = knob(False, "Kinetics: cut [time_start, time_end] out of full-length videos.",
@@ -80,7 +80,7 @@ class DataSource(DatasetName):
         if self.format is None and self.dataset in DATASETS:
             self.format = self.dataset  # `--dataset ucf101` alone: the format, and its name in the cache
         if self.dataset is None and self.format:
-            stem = PurePath(str(self.root or "")).stem if self.format in ("csv", "folder") else ""
+            stem = PurePath(str(self.root or "")).stem if self.format in ("csv", "folder", "imagefolder") else ""
             self.dataset = stem or self.format
 
 

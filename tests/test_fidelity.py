@@ -153,3 +153,38 @@ def test_randaugment_comes_first_and_draws_per_frame_as_the_official_group_trans
     torch.manual_seed(0)
     same = per_clip(clip)
     assert all(torch.equal(same[0], f) for f in same)  # one draw for the clip: identical frames stay identical
+
+
+def test_an_image_folder_runs_frames_features_finetune_evaluate(tmp_path, tiny_clip):
+    """App. A: ImageNet-style train/<wnid>/*.JPEG as one-frame videos through the same stages."""
+    import json
+
+    import numpy as np
+    from conftest import run_inproc
+    from PIL import Image
+
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    colours = {"n001": (220, 30, 30), "n002": (30, 200, 40), "n003": (40, 40, 210)}
+    for split, count in (("train", 6), ("val", 2)):
+        for wnid, rgb in colours.items():
+            (root / split / wnid).mkdir(parents=True)
+            for k in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / wnid / f"{wnid}_{k}.JPEG", quality=90)
+    (root / "LOC_synset_mapping.txt").write_text("n001 red thing, crimson\nn002 green thing\nn003 blue thing\n")
+    cache = str(tmp_path / "cache")
+    m = ["--model", f"local-dir:{tiny_clip}", "--cache", cache]
+    out = run_inproc("frames", "--format", "imagefolder", "--root", str(root), "--cache-frames", "1", "--height",
+                     "32", "--width", "32", "--cache", cache, "-q")
+    assert "images/train: 18 videos, 18 ok" in out and "images/val: 6 videos, 6 ok" in out
+    run_inproc("features", "-d", "images", *m, "-q")
+    run_inproc("labels", "-d", "images", *m, "--template", "a photo of a {}")
+    run_inproc("heads", "-d", "images", *m, "--head", "clip-text")
+    run_inproc("finetune", "-d", "images", *m, "--frames", "1", "--epochs", "1", "--global-batch-size", "6",
+               "--warmup-epochs", "0", "--flip", "0", "--grayscale", "0", "--randaugment", "0", "0", "--workers", "0",
+               "--run-name", "img", "-q")
+    info = json.loads((tmp_path / "cache" / "runs" / "img" / "run.json").read_text())
+    assert info["class_names"] == ["red thing", "green thing", "blue thing"] and info["frames"] == 1
+    result = json.loads(run_inproc("evaluate", "--run-name", "img", "--cache", cache, "--json"))
+    assert result["videos"] == 6 and 0 <= result["top1"] <= 100

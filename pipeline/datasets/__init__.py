@@ -6,13 +6,13 @@ import os
 
 from ..errors import PipelineError
 from .activitynet import load_activitynet
-from .generic import load_csv, load_folder
+from .generic import load_csv, load_folder, load_imagefolder
 from .hmdb51 import load_hmdb51
 from .kinetics import load_kinetics
 from .manifest import Manifest, VideoRecord
 from .ucf101 import load_ucf101
 
-DATASETS = ("k400", "k600", "k700", "ucf101", "hmdb51", "anet", "csv", "folder")
+DATASETS = ("k400", "k600", "k700", "ucf101", "hmdb51", "anet", "csv", "folder", "imagefolder")
 
 __all__ = ["DATASETS", "Manifest", "VideoRecord", "load_manifest"]
 
@@ -39,4 +39,6 @@ def load_manifest(dataset: str, root: str | None, *, split_id: int = 1, untrimme
         return load_activitynet(root)
     if dataset == "csv":
         return load_csv(name or "csv", root)
+    if dataset == "imagefolder":
+        return load_imagefolder(name or "imagefolder", root)
     return load_folder(name or "folder", root)

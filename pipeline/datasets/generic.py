@@ -92,3 +92,39 @@ def load_folder(name: str, root: str) -> Manifest:
                     ))
     return Manifest(dataset=name, class_names=[readable_snake(f) for f in folders], records=records,
                     root=str(base))
+
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+# Class-name files an ImageNet-style folder may hold: "<folder> <name>[, <other names>]" a line.
+NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
+
+
+def load_imagefolder(name: str, root: str) -> Manifest:
+    """Images as one-frame videos (App. A): ``<root>/{train,val,test}/<class>/<image>`` (ImageNet's layout,
+    ``train/<wnid>/*.JPEG``) or ``<root>/<class>/<image>``. Class names: the first name after the folder
+    in ``LOC_synset_mapping.txt`` / ``synset_words.txt`` / ``classes.txt`` at the root, else the folder."""
+    base = require_dir(root, f"{name} root")
+    split_dirs = [s for s in ("train", "val", "test") if (base / s).is_dir()]
+    layout = [(s, base / s) for s in split_dirs] if split_dirs else [("train", base)]
+    folders = sorted({d.name for _, top in layout for d in top.iterdir() if d.is_dir()})
+    if not folders:
+        raise PipelineError(f"no class folders under {base} (an ImageNet val/ folder must be sorted into "
+                            "val/<wnid>/ first)")
+    mapping: dict[str, str] = {}
+    for file in NAME_FILES:
+        if (base / file).is_file():
+            for line in read_text(base / file, "class-name file").splitlines():
+                key, _, names = line.strip().partition(" ")
+                if key and names:
+                    mapping[key] = names.split(",")[0].strip()
+            break
+    index = {f: i for i, f in enumerate(folders)}
+    records = []
+    for split, top in layout:
+        for folder in sorted(d.name for d in top.iterdir() if d.is_dir()):
+            for f in sorted(os.listdir(top / folder)):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    records.append(VideoRecord(video_id=f"{split}/{folder}/{os.path.splitext(f)[0]}",
+                                               path=str(top / folder / f), label=index[folder], split=split))
+    return Manifest(dataset=name, class_names=[mapping.get(f) or readable_snake(f) for f in folders],
+                    records=records, root=str(base))
