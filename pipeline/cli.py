@@ -784,7 +784,7 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
     goal = finetune_stage.Objective(kind=s.objective, batch_gather=s.batch_gather, text=s.text, text_lr=s.text_lr,
                                     text_weight_decay=s.text_weight_decay, template=s.text_template)
     common = dict(encoder=s.encoder, frames=s.frames, shots=s.shots or None, layers=s.layers, device=s.device,
-                  ttrans_init=s.ttrans_init,
+                  ttrans_init=s.ttrans_init, coop_ctx=s.coop_ctx, coop_lr=s.coop_lr,
                   replace_mismatched=s.replace_mismatched, quiet=ctx.quiet, objective=goal)
     seeds = list(s.seed)
     if len(seeds) > 1 and not s.run_name:

@@ -181,7 +181,8 @@ class LdaSettings(HeadsSettings):
 @dataclass
 class EvaluateSettings(ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "evaluate"
-    head: str = knob("clip-text", "Head kind (untuned evaluation).", type=HEADS)
+    head: str = knob("clip-text", "Head kind (untuned evaluation; coop: the prompts a `finetune --head coop` run "
+                                  "learned).", type=(*HEADS, "coop"))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
     split: str = knob("val", "Split to evaluate.")
     protocols: list[str] = knob(["full"], "full label set; half of the classes x 10 seeds; user subsets "
@@ -202,8 +203,11 @@ class EvaluateSettings(ModelChoice, DatasetName):
 @dataclass
 class FinetuneSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "finetune"
-    head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline.",
-                     type=(*HEADS, "learnable"))
+    head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline; coop = learnable "
+                                  "prompt context in the frozen CLIP text tower (Table A.4).",
+                     type=(*HEADS, "learnable", "coop"))
+    coop_ctx: int = knob(16, "CoOp: learnable context vectors in front of the class name.", type="POSITIVE")
+    coop_lr: float | None = knob(None, "CoOp: the context vectors' learning rate.", default_text="--lr")
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
     temporal: str = knob("tap", "Temporal module.", type=("tap", "ttrans", "tokent1d"))
     frozen_backbone: bool = knob(False, "Train only the temporal module (and projection) on cached features.",

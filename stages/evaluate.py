@@ -102,12 +102,13 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     dataset = dataset or info["dataset"]
     temporal, spatial = views
     if dataset != info["dataset"]:
-        if info["head"] not in ("clip-text", "text"):
+        if info["head"] not in ("clip-text", "text", "coop"):
             raise PipelineError(f"run {run_name!r} has a {info['head']} head, fitted to {info['dataset']}'s classes; "
                                 "zero-shot transfer to another dataset needs a text head (clip-text or text)")
         from pipeline.models.classifier import TextTowerHead
+        from pipeline.models.coop import CoOpHead
 
-        if isinstance(model.head, TextTowerHead):  # a trained text tower embeds the new class names itself
+        if isinstance(model.head, (TextTowerHead, CoOpHead)):  # the run's text tower embeds the new class names
             from .labels import class_names_of
 
             model.head.set_classes(class_names_of(cache, dataset)[0])

@@ -36,6 +36,7 @@ from pipeline.models.classifier import (
     build_video_classifier,
 )
 from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.models.coop import CoOpHead
 from pipeline.models.temporal import build_temporal
 from pipeline.models.text import encoder_tag
 from pipeline.progress import Progress, say
@@ -125,6 +126,8 @@ def load_split(group) -> tuple[np.ndarray, np.ndarray]:
 def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: str | None, n_classes: int,
                  width: int, seed: int) -> tuple[torch.Tensor, str]:
     """The head's rows and fingerprint: from the cache, or random for the learnable (vision-only) head."""
+    if head == "coop":  # rows come from the text tower and the learned context (CoOpHead)
+        return torch.zeros(n_classes, width), "coop"
     if head == "learnable":
         # its own stream of the run seed (not the same draws as any other seeded choice of the run)
         rng = np.random.default_rng([seed, HEAD_SEED_STREAM])
@@ -281,7 +284,8 @@ def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cf
 def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg: TrainConfig, *,
         encoder: str | None = None, run_name: str | None = None, frames: int = 8, shots: int | None = None,
         layers: int = 6, replace_mismatched: bool = False, quiet: bool = False, device: str | None = None,
-        objective: Objective = Objective(), spec: ModelSpec | None = None, ttrans_init: str = "official") -> dict:
+        objective: Objective = Objective(), spec: ModelSpec | None = None, ttrans_init: str = "official",
+        coop_ctx: int = 16, coop_lr: float | None = None) -> dict:
     """Frozen backbone: the temporal module (and a projection) on cached frame features."""
     if temporal == "tokent1d":
         raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
@@ -306,6 +310,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
               "ttrans_init": ttrans_init if temporal == "ttrans" else None,
+              **_coop_record(head, coop_ctx, coop_lr, cfg),
               "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
     torch.manual_seed(cfg.seed)
@@ -315,16 +320,27 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     temporal_lr = cfg.temporal_lr or cfg.lr
 
     def lr_of(name: str) -> float:
+        if name == "head.ctx":
+            return coop_lr or cfg.lr
         return temporal_lr if name.startswith("temporal.") else cfg.lr
 
-    clip = load_clip(spec) if objective.text == "online" and objective.kind == "contrastive" and spec else None
+    online = objective.text == "online" and objective.kind == "contrastive"
+    if head == "coop" and spec is None:
+        raise PipelineError("--head coop trains prompts in CLIP's text tower: these features need their model "
+                            "(imported features have none)")
+    clip = load_clip(spec) if (online or head == "coop") and spec else None
+    if head == "coop":
+        model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
     model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
     val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
     info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
             "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
             "model_spec": asdict(spec.absolute()) if spec else None}
-    return _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
-                      cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
+    result = _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
+                        cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
+    if head == "coop":
+        _write_coop_head(cache, dataset, model_tag, model, names, fp)
+    return result
 
 
 def _shots_used(labels: np.ndarray, n_classes: int) -> dict:
@@ -359,7 +375,8 @@ def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, f
 def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: str, cfg: TrainConfig, *,
              augment: AugmentConfig = AugmentConfig(), encoder: str | None = None, run_name: str | None = None,
              frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "shift",
-             ttrans_init: str = "official", init_from: str | None = None,
+             ttrans_init: str = "official", init_from: str | None = None, coop_ctx: int = 16,
+             coop_lr: float | None = None,
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
              device: str | None = None, objective: Objective = Objective()) -> dict:
     """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
@@ -379,6 +396,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing,
                         ttrans_init)
     start = init_from_run(model, cache, init_from) if init_from else None
+    if head == "coop":
+        model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
     norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
     rows, labels = usable_rows(train_group)
     epoch_length = None
@@ -398,12 +417,15 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
               "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
               "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
+              **_coop_record(head, coop_ctx, coop_lr, cfg),
               "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
     temporal_lr = cfg.temporal_lr or cfg.lr
     backbone_lr = cfg.lr * cfg.backbone_lr_ratio
 
     def lr_of(name: str) -> float:
+        if name == "head.ctx":
+            return coop_lr or cfg.lr
         if name.startswith("temporal.") or ".t1d." in name:
             return temporal_lr
         # the official code trains CLIP's logit scale with the encoder (its `clip_params` group)
@@ -415,8 +437,27 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
             "shots_per_class": _shots_used(labels, len(names)) if shots else None}
     # Shared locks on the frame stores for the whole run: neither can be rebuilt while we train on it.
     with store.reader_lock(*(p for p in (train_path, val_path) if p is not None)):
-        return _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
-                          epoch_length, dev, replace_mismatched, quiet, objective_fn)
+        result = _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
+                            epoch_length, dev, replace_mismatched, quiet, objective_fn)
+    if head == "coop":
+        _write_coop_head(cache, dataset, spec.tag, model, names, fp)
+    return result
+
+
+def _coop_record(head: str, coop_ctx: int, coop_lr: float | None, cfg: TrainConfig) -> dict:
+    return {"coop_ctx": coop_ctx, "coop_lr": coop_lr or cfg.lr} if head == "coop" else {}
+
+
+def _write_coop_head(cache: Path, dataset: str, model_tag: str, model, names: list[str], run_fp: str) -> None:
+    """The trained prompts' rows as the cached `coop` head: evaluated and reused frozen like any other."""
+    from .heads import write_head
+
+    if not distributed.is_main():
+        return
+    model.eval()
+    rows = model.head.weight.detach().cpu().numpy()
+    write_head(cache, dataset, model_tag, "coop", rows, names, {"stage": "heads", "kind": "coop", "run": run_fp},
+               replace_mismatched=True)
 
 
 def init_from_run(model: torch.nn.Module, cache: Path, source: str) -> dict:
@@ -458,8 +499,9 @@ def load_run(cache: Path, run_name: str):
     contrastive = objective.kind == "contrastive"
     video_state = {k.removeprefix("video."): v for k, v in state.items()} if contrastive else state
     online = contrastive and objective.text == "online"
-    clip = load_clip(ModelSpec(**info["model_spec"])) if (info["backbone"] == "full" or online) else None
-    if online:  # the head is the trained text tower: placeholder rows of the video width until loaded
+    coop = info["head"] == "coop"
+    clip = load_clip(ModelSpec(**info["model_spec"])) if (info["backbone"] == "full" or online or coop) else None
+    if online or coop:  # the head is the text tower: placeholder rows of the video width until loaded
         rows = torch.zeros(len(info["class_names"]), clip.embed_dim)
     else:
         rows = video_state["head.weight"]
@@ -473,6 +515,8 @@ def load_run(cache: Path, run_name: str):
     else:
         model = build_model(clip, rows, info["head"] == "learnable", info["temporal"], info["frames"], info["layers"],
                             info.get("t1d_init") or "identity", ttrans_init=info.get("ttrans_init") or "tap")
+    if coop:
+        model.head = CoOpHead(clip.model, clip.tokenizer, info["class_names"], info["coop_ctx"])
     if contrastive:
         model, _, _ = with_objective(model, objective, info["head"], clip, info["class_names"], lambda name: 0.0)
     model.load_state_dict(state)

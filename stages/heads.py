@@ -76,17 +76,26 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
         extra["sample_video_id"] = group["video_id"][:][rows[picked]]
     else:
         raise PipelineError(f"unknown head kind {kind!r}")
+    path = write_head(cache, dataset, model_tag, kind, head, class_names, record, replace_mismatched=replace_mismatched,
+                      enc_tag=enc_tag, extra=extra, seed=seed)
+    return path, head, class_names
+
+
+def write_head(cache: Path, dataset: str, model_tag: str, kind: str, head: np.ndarray, class_names: list[str],
+               record: dict, *, replace_mismatched: bool, enc_tag: str | None = None, extra: dict | None = None,
+               seed: int = 0) -> Path:
+    """Store ``head`` [C, D] as the ``kind`` head of ``dataset``; ``record`` is what made it (its fingerprint)."""
     path = heads_path(cache, dataset, model_tag, kind, enc_tag if kind == "text" else None)
 
     def init(g):
         store.create_small(g, "head", head.astype(np.float32))
-        for name, values in extra.items():
+        for name, values in (extra or {}).items():
             store.create_column(g, name, np.asarray(values, dtype=object))
         g.attrs.update({"stage": "heads", "dataset": dataset, "split": "-", "kind": kind, "class_names": class_names,
                         "model_tag": model_tag, "encoder_tag": enc_tag, "width": int(head.shape[1]),
-                        "seed": seed, "rows": c})
+                        "seed": seed, "rows": len(class_names)})
 
     with store.writer_lock(path):
         store.open_output(path, store.fingerprint(record), {k: v for k, v in record.items() if k != "stage"},
                           replace_mismatched=replace_mismatched, init=init)
-    return path, head, class_names
+    return path

@@ -31,6 +31,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
 
     from pipeline.clips import Normalization, eval_views
     from pipeline.models.classifier import TextTowerHead
+    from pipeline.models.coop import CoOpHead
     from pipeline.models.text import encode_with_hf
     from pipeline.sampling import segment_indices
 
@@ -43,7 +44,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     if labels:
         if len(labels) < 2:
             raise PipelineError("give at least two label names (--labels 'a,b' or --labels-file)")
-        if isinstance(model.head, TextTowerHead):  # contrastive run with a trained text tower
+        if isinstance(model.head, (TextTowerHead, CoOpHead)):  # the run's text tower embeds the labels itself
             model.head.set_classes(labels)
         elif info["head"] == "clip-text":
             rows = encode_with_clip(clip, labels, resolve_templates(template), device)
@@ -52,7 +53,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
         else:
             raise PipelineError(f"run {run_name!r} has a {info['head']} head with rows only for its own classes; "
                                 "leave out --labels to use them")
-        if not isinstance(model.head, TextTowerHead):
+        if not isinstance(model.head, (TextTowerHead, CoOpHead)):
             model.head.weight = torch.from_numpy(rows).float()
     else:
         labels = list(info["class_names"])

@@ -329,3 +329,65 @@ def test_official_k600_split_files_read_as_160_new_class_names():
     if k400.is_file():
         seen = set(read_subsets([str(k400)])[0])
         assert not any(n in seen for s in splits for n in s)  # the K600 protocol never scores a K400 class
+
+
+def test_coop_trains_its_context_not_the_text_tower_and_writes_a_reusable_head(ft_cache, extracted):
+    """Table A.4: learnable prompt context in the frozen CLIP text tower, trained with the video side."""
+    from pipeline.models.coop import CoOpHead
+
+    cache, m = ft_cache
+    clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
+    names = ["a small red disc", "a large blue ring"]
+    head = CoOpHead(clip.model, clip.tokenizer, names, n_ctx=4)
+    # with the context set to the embedding of the placeholder word, the rows are exactly encode_text's
+    x_id = int(head.tokens[0, 1])
+    with torch.no_grad():
+        head.ctx.copy_(clip.model.token_embedding.weight[x_id].expand(4, -1))
+        assert torch.allclose(head.class_embeddings(), clip.model.encode_text(head.tokens), atol=1e-5)
+
+    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "coop", "--coop-ctx", "4", "--coop-lr", "1e-2",
+            "--frames", "2", "--epochs", "1", "--global-batch-size", "8", "--warmup-epochs", "0", "-q"]
+    run_inproc(*base, "--run-name", "coop")
+    state = load_state(cache, "coop")
+    tower = load_clip(ModelSpec(f"local-dir:{extracted[1]}")).model.state_dict()
+    text_keys = [k for k in state if k.startswith("head.text.")]
+    assert text_keys and all(torch.equal(state[k], tower[k.removeprefix("head.text.")]) for k in text_keys)
+    info = json.loads((cache / "runs" / "coop" / "run.json").read_text())
+    assert info["coop_ctx"] == 4 and info["coop_lr"] == 1e-2 and state["head.ctx"].shape[0] == 4
+    # the learned prompts are a cached head like any other: untuned evaluation reads it
+    import zarr
+
+    cached = zarr.open_group(str(cache / "heads" / "toy" / "tiny-clip" / "coop"), mode="r")
+    assert cached["head"].shape[0] == 12 and cached.attrs["kind"] == "coop"
+    out = run_inproc("evaluate", "-d", "toy", *m, "--head", "coop", "--json")
+    assert json.loads(out[out.index("{"):])["head"] == "coop"
+    result = json.loads(run_inproc("evaluate", "--run-name", "coop", "--cache", str(cache), "--json"))
+    assert result["head"] == "coop" and 0 <= result["top1"] <= 100
+
+
+def test_coop_context_vectors_are_what_training_changes(extracted, tmp_path):
+    from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
+    from pipeline.models.coop import CoOpHead
+    from pipeline.models.temporal import TemporalMeanPool
+    from pipeline.training import TrainConfig, train
+
+    clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
+    width = clip.embed_dim
+    names = ["a small red disc", "a large blue ring", "a small green plus"]
+    model = FrameFeatureClassifier(TemporalMeanPool(), CosineHead(torch.zeros(3, width), learnable=False), width,
+                                   project=False)
+    model.head = CoOpHead(clip.model, clip.tokenizer, names, n_ctx=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Toy:
+        def __len__(self):
+            return 12
+
+        def item(self, i, epoch, train):
+            x = torch.randn(2, width, generator=torch.Generator().manual_seed(i))
+            return (x if train else x[None]), torch.as_tensor(i % 3)
+
+    train(model, Toy(), None, TrainConfig(epochs=2, batch_size=6, lr=1e-2, warmup_epochs=0), tmp_path / "r", "fp")
+    after = model.state_dict()
+    assert not torch.equal(before["head.ctx"], after["head.ctx"])
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("head.text."))

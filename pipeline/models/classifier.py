@@ -8,6 +8,14 @@ import torch
 from torch import nn
 
 
+def cosine_scores(video: torch.Tensor, rows: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """exp(s) * cos(video, rows). No clamp here: it would zero the scale's gradient at exp(s) = 100; the
+    training loop clamps the parameter after each step instead, as open_clip does."""
+    v = video / video.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    h = rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return logit_scale.exp() * v @ h.t()
+
+
 class CosineHead(nn.Module):
     """logits = exp(s) * cos(video, head rows). A frozen head is a buffer; ``learnable`` is a parameter."""
 
@@ -21,11 +29,7 @@ class CosineHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=learn_scale)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        v = video / video.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        h = self.weight / self.weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        # No clamp here: it would zero the scale's gradient at exp(s) = 100. The training loop clamps
-        # the parameter after each step instead, as open_clip does.
-        return self.logit_scale.exp() * v @ h.t()
+        return cosine_scores(video, self.weight, self.logit_scale)
 
 
 class FrameFeatureClassifier(nn.Module):
@@ -144,9 +148,7 @@ class TextTowerHead(nn.Module):
         return super().train(mode)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        v = video / video.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        h = self.weight / self.weight.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        return self.logit_scale.exp() * v @ h.t()  # clamped after each step, not here
+        return cosine_scores(video, self.weight, self.logit_scale)
 
 
 class ContrastiveVideoText(nn.Module):
