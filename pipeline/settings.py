@@ -409,7 +409,6 @@ def coerce(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
     """A params-file value as the field's type, or a one-line error."""
     from .errors import PipelineError
 
-    default = default_of(f)
     k: Knob = f.metadata["knob"]
     if k.multiple:
         items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -441,7 +440,6 @@ def coerce(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
             return float(value)  # PyYAML reads 5e-5 (no dot) as text
     except (TypeError, ValueError):
         pass
-    del default
     names = {bool: "true or false", int: "an integer", float: "a number"}
     raise PipelineError(f"{where} in the params file must be {names[kind]}, not {value!r}")
 

@@ -93,20 +93,22 @@ def test_loss_falls_on_a_learnable_task(ft_cache):
     assert len(losses) == 24 and np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4])
 
 
-def test_token_t1d_is_the_identity_at_initialisation(extracted):
+def test_token_t1d_identity_init_keeps_the_encoder_and_shift_init_shifts(extracted):
     clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
     head = CosineHead(torch.randn(5, clip.embed_dim), learnable=False)
     x = torch.randn(2, 4, 3, 32, 32)
     with torch.no_grad():
         plain = build_video_classifier(load_clip(ModelSpec(f"local-dir:{extracted[1]}")).model.visual,
                                        clip.embed_dim, head, "tap", 4)(x)
-        t1d = build_video_classifier(clip.model.visual, clip.embed_dim, head, "tokent1d", 4)(x)
+        t1d = build_video_classifier(clip.model.visual, clip.embed_dim, head, "tokent1d", 4, t1d_init="identity")(x)
     assert torch.allclose(plain, t1d, atol=1e-5)
     tokens = torch.randn(2 * 4, 3, 16)
     shifted = TokenT1D(16, "shift")(tokens, 4)
     assert torch.equal(shifted[:, 1:], tokens[:, 1:])  # patch tokens untouched
-    cls = tokens[:, 0].view(2, 4, 16)
-    assert torch.equal(shifted[:, 0].view(2, 4, 16)[:, 1:, :2], cls[:, :-1, :2])  # 1/8 of channels: previous frame
+    cls, out = tokens[:, 0].view(2, 4, 16), shifted[:, 0].view(2, 4, 16)
+    assert torch.equal(out[:, :-1, :4], cls[:, 1:, :4])  # the official shift: 1/4 of channels from the next frame
+    assert torch.equal(out[:, 1:, 4:8], cls[:, :-1, 4:8])  # 1/4 from the previous frame
+    assert torch.equal(out[:, :, 8:], cls[:, :, 8:])  # the rest stay
 
 
 def wait_for_step(history: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
