@@ -513,8 +513,9 @@ def labels(ctx: Context, s: S.LabelsSettings) -> None:
     ds = need_dataset(s)
     path, emb = labels_stage.run(ctx.cache, ds, s.encoder, s.template, model_spec(ctx, s, dataset=ds),
                                  device=default_device(s.device), replace_mismatched=s.replace_mismatched,
-                                 quiet=ctx.quiet)
-    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
+                                 quiet=ctx.quiet, class_names_file=s.class_names)
+    names = f" (class names from {s.class_names})" if s.class_names else ""
+    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]}{names} -> {path}")
 
 
 def _heads(ctx: Context, s: S.HeadsSettings, kind: str) -> None:
@@ -608,7 +609,8 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"{result['dataset']}/{result['split']}  head {result['head']} ({result['head_dataset']})  "
-               f"model {result['model']}")
+               f"model {result['model']}"
+               + (f"  class names from {result['class_names_file']}" if result.get("class_names_file") else ""))
     click.echo(f"  {'protocol':<10} {'top-1':>14} {'top-5':>14} {'mean class':>14}")
     for protocol in chosen:
         r = result[protocol]

@@ -142,6 +142,10 @@ class LabelsSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "labels"
     encoder: str = knob("clip", "'clip' (the model's text tower) or 'hf:NAME_OR_PATH' (mean pooling).")
     template: str = knob("paper", "paper ('a video of a person {}.'), bare, kinetics28, a file, or a text with {}.")
+    class_names: str | None = knob(None, "Embed these class names instead of the dataset's readable ones: a file, "
+                                         "one a line in the dataset's class order, or the official code's id,name "
+                                         "lists (lists/kinetics_400_labels.csv ...), so numbers compare with the "
+                                         "paper's.", type="FILE")
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
 
 

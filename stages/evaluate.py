@@ -15,7 +15,7 @@ from pipeline.progress import Progress
 
 from .heads import open_features
 from .inputs import open_fresh, require_fresh
-from .paths import heads_path
+from .paths import heads_path, labels_path
 
 
 def read_subsets(files: list[str]) -> list[list[str]]:
@@ -52,6 +52,15 @@ def score_protocols(logits: np.ndarray, labels: np.ndarray, names: list[str], pr
     return result
 
 
+def _names_file(cache: Path, dataset: str, hgroup) -> str | None:  # noqa: ANN001
+    """The class-names file a text head's embeddings were made from (None: the dataset's own names)."""
+    tag = hgroup.attrs.get("encoder_tag")
+    path = labels_path(cache, dataset, tag) if tag else None
+    if path is None or not (path / "zarr.json").exists():
+        return None
+    return store.open_group(path, mode="r").attrs.get("class_names_file")
+
+
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
         out: Path | None = None) -> dict:
@@ -75,7 +84,8 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
         keep = labels >= 0
         feats, labels = feats[keep], labels[keep]
     result: dict = {"dataset": dataset, "split": split, "head": kind, "head_dataset": source, "model": model_tag,
-                    "encoder": enc_tag, "videos_without_head_class": dropped}
+                    "encoder": enc_tag, "videos_without_head_class": dropped,
+                    "class_names_file": _names_file(cache, source, hgroup)}
     result.update(score_protocols(evaluation.cosine_logits(feats, head), labels, head_names, protocols, subset_files))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

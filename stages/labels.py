@@ -35,7 +35,7 @@ def class_names_of(cache: Path, dataset: str) -> tuple[list[str], str]:
 
 
 def _already_done(cache: Path, dataset: str, encoder: str, spec: ModelSpec, class_names: list[str],
-                  templates: list[str]) -> tuple[Path, np.ndarray] | None:
+                  templates: list[str], prompt_names: list[str]) -> tuple[Path, np.ndarray] | None:
     """The stored CLIP label embeddings when this run would write exactly them again (same class names,
     templates and model files), checked without loading the model; else None."""
     if encoder != "clip":
@@ -49,6 +49,7 @@ def _already_done(cache: Path, dataset: str, encoder: str, spec: ModelSpec, clas
         identity = dict(attrs.get("encoder") or {})
         if (not attrs.get("fingerprint") or list(attrs.get("class_names") or []) != class_names
                 or list(attrs.get("templates") or []) != templates or not same_model(spec, identity)
+                or list(attrs.get("prompt_names") or attrs.get("class_names") or []) != prompt_names
                 or (spec.quick_gelu is not None and identity.get("quick_gelu") != spec.quick_gelu)):
             return None
         return path, np.asarray(group["embeddings"][:])
@@ -56,13 +57,34 @@ def _already_done(cache: Path, dataset: str, encoder: str, spec: ModelSpec, clas
         return None
 
 
+def read_class_names(path: str | Path, expected: int) -> list[str]:
+    """Class names to embed from a file: one a line, or the official code's ``id,name`` CSV (ordered by id)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"class-names file not found: {p}")
+    lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if lines and lines[0].lower().replace(" ", "") in ("id,name", "name"):
+        lines = lines[1:]
+    rows = [line.split(",", 1) for line in lines]
+    if rows and all(len(r) == 2 and r[0].strip().isdigit() for r in rows):
+        names = [name.strip() for _, name in sorted(rows, key=lambda r: int(r[0]))]
+    else:
+        names = lines
+    if len(names) != expected:
+        raise PipelineError(f"{p} lists {len(names)} class names; the dataset has {expected} (in its class order)")
+    return names
+
+
 def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str = "cpu",
-        replace_mismatched: bool = False, quiet: bool = False) -> tuple[Path, np.ndarray]:
+        replace_mismatched: bool = False, quiet: bool = False,
+        class_names_file: str | None = None) -> tuple[Path, np.ndarray]:
     class_names, names_fp = class_names_of(cache, dataset)
+    # the names the text encoder reads: the dataset's readable ones, or a list given (the official code's)
+    prompt_names = read_class_names(class_names_file, len(class_names)) if class_names_file else class_names
     templates = resolve_templates(template)
     if encoder != "clip" and not encoder.startswith("hf:"):
         raise PipelineError(f"--encoder must be 'clip' or 'hf:NAME_OR_PATH', not {encoder!r}")
-    done = _already_done(cache, dataset, encoder, spec, class_names, templates)
+    done = _already_done(cache, dataset, encoder, spec, class_names, templates, prompt_names)
     if done is not None:  # a no-op re-run: no model to load
         return done
     say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...")
@@ -70,19 +92,22 @@ def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec,
         if encoder == "clip":
             clip = load_clip(spec, device)
             identity = {"encoder": "clip", **clip.identity}
-            embeddings = encode_with_clip(clip, class_names, templates, device, bar.update)
+            embeddings = encode_with_clip(clip, prompt_names, templates, device, bar.update)
         else:
-            embeddings, identity = encode_with_hf(encoder[3:], class_names, templates, device, bar.update)
+            embeddings, identity = encode_with_hf(encoder[3:], prompt_names, templates, device, bar.update)
     tag = encoder_tag(encoder, spec.tag)
     path = labels_path(cache, dataset, tag)
     record = {"stage": "labels", "class_names": names_fp, "templates": templates, "encoder": identity}
+    if prompt_names != class_names:
+        record["prompt_names"] = store.fingerprint({"names": prompt_names})
     params = {"encoder": encoder, "templates": templates, **identity}
 
     def init(group):
         store.create_small(group, "embeddings", embeddings)
         group.attrs.update({"stage": "labels", "dataset": dataset, "split": "-", "class_names": class_names,
                             "templates": templates, "encoder": identity, "encoder_tag": tag,
-                            "model_tag": spec.tag, "width": int(embeddings.shape[1])})
+                            "model_tag": spec.tag, "width": int(embeddings.shape[1]), "prompt_names": prompt_names,
+                            "class_names_file": str(Path(class_names_file).resolve()) if class_names_file else None})
 
     with store.writer_lock(path):
         store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched, init=init)

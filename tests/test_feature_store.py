@@ -282,3 +282,32 @@ def test_a_no_op_rerun_of_extract_loads_no_model(extracted, tmp_path, monkeypatc
     (edited / "open_clip_config.json").write_text(json.dumps(config))
     with pytest.raises(AssertionError, match="the model was loaded"):
         run_inproc(*[a if a != f"local-dir:{tiny}" else f"local-dir:{edited}" for a in args])
+
+
+def test_class_names_file_embeds_the_official_lists_names_and_is_named_in_the_output(extracted, tmp_path):
+    """`labels --class-names FILE` (e.g. the official code's lists/ucf_labels.csv: `id,name`, CamelCase names):
+    the text encoder reads those names, the head keeps the dataset's class order, evaluate names the file."""
+    from pipeline.models.clip import ModelSpec, load_clip
+    from pipeline.models.text import encode_with_clip, resolve_templates
+
+    cache, tiny = extracted
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    names = list(zarr.open_group(str(work / "frames" / "toy" / "train"), mode="r").attrs["class_names"])
+    official = [n.title().replace(" ", "") for n in names]  # "ASmallRedDisc": another spelling, same order
+    listing = tmp_path / "names.csv"
+    listing.write_text("id,name\n" + "".join(f"{i},{n}\n" for i, n in reversed(list(enumerate(official)))))
+    m = ["--model", f"local-dir:{tiny}", "--cache", str(work)]
+    out = run_inproc("labels", "-d", "toy", *m, "--class-names", str(listing), "--replace-mismatched")
+    assert f"class names from {listing}" in out
+    stored = zarr.open_group(str(work / "labels" / "toy" / "clip-tiny-clip"), mode="r")
+    clip = load_clip(ModelSpec(f"local-dir:{tiny}"))
+    expected = encode_with_clip(clip, official, resolve_templates("paper"), "cpu")  # ordered by id, not by line
+    assert np.allclose(stored["embeddings"][:], expected, atol=1e-5)
+    assert list(stored.attrs["class_names"]) == names and list(stored.attrs["prompt_names"]) == official
+    run_inproc("heads", "-d", "toy", *m, "--head", "clip-text", "--replace-mismatched")
+    table = run_inproc("evaluate", "-d", "toy", *m, "--head", "clip-text")
+    assert f"class names from {listing.resolve()}" in table
+    (tmp_path / "short.txt").write_text("only one\n")
+    proc = run_cli("labels", "-d", "toy", *m, "--class-names", str(tmp_path / "short.txt"), check=False)
+    assert proc.returncode == 2 and "lists 1 class names; the dataset has 12" in proc.stderr
