@@ -64,8 +64,13 @@ def _names_file(cache: Path, dataset: str, hgroup) -> str | None:  # noqa: ANN00
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
         out: Path | None = None) -> dict:
-    group = open_features(cache, dataset, model_tag, split)
-    feats, labels, _ = video_features(group)
+    # --split all: every video of the dataset (the official whole-dataset zero-shot lists of UCF101 / HMDB51)
+    from .paths import splits_of
+
+    chosen = splits_of(cache, "features", dataset, model_tag) if split == "all" else [split]
+    parts = [video_features(open_features(cache, dataset, model_tag, s))[:2] for s in chosen]
+    feats, labels = np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
+    group = open_features(cache, dataset, model_tag, chosen[0])
     names = list(group.attrs["class_names"])
     enc_tag = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
     source = head_dataset or dataset

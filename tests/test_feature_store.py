@@ -311,3 +311,16 @@ def test_class_names_file_embeds_the_official_lists_names_and_is_named_in_the_ou
     (tmp_path / "short.txt").write_text("only one\n")
     proc = run_cli("labels", "-d", "toy", *m, "--class-names", str(tmp_path / "short.txt"), check=False)
     assert proc.returncode == 2 and "lists 1 class names; the dataset has 12" in proc.stderr
+
+
+def test_split_all_evaluates_every_video_of_the_dataset(extracted, tmp_path):
+    cache, tiny = extracted[0], extracted[1]
+    shutil.copytree(cache, tmp_path / "cache")
+    m = ["--model", f"local-dir:{tiny}", "--cache", str(tmp_path / "cache")]
+    run_inproc("heads", "-d", "toy", *m, "--head", "clip-text", "--replace-mismatched")
+    whole = json.loads(run_inproc("evaluate", "-d", "toy", *m, "--head", "clip-text", "--split", "all", "--json"))
+    parts = [json.loads(run_inproc("evaluate", "-d", "toy", *m, "--head", "clip-text", "--split", s, "--json"))
+             for s in ("train", "val")]
+    assert whole["full"]["videos"] == sum(p["full"]["videos"] for p in parts) == 84
+    hits = sum(p["full"]["top1"] * p["full"]["videos"] for p in parts) / 84
+    assert abs(whole["full"]["top1"] - hits) < 1e-9
