@@ -770,6 +770,8 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
     workers = s.workers if s.workers is not None else (0 if s.frozen_backbone else 4)
     # the paper's few-shot preset (App. B.1): --shots K alone gives its epochs; an --epochs flag still wins
     epochs = s.few_shot_epochs if (s.shots and s.few_shot_epochs and ctx.flags.get("epochs") is None) else s.epochs
+    if s.hard_templates and s.frozen_backbone:
+        raise PipelineError("--hard-templates needs full fine-tuning (the CLIP text tower embeds each template)")
     if s.init_from and s.frozen_backbone:
         raise PipelineError("--init-from starts the visual encoder from a run: it needs full fine-tuning "
                             "(not --frozen-backbone)")
@@ -802,6 +804,7 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             else:
                 result = finetune_stage.run_full(ctx.cache, ds, spec, s.head, s.temporal, cfg, augment=augment,
                                                  t1d_init=s.t1d_init, run_name=run_name, init_from=s.init_from,
+                                                 hard_templates=s.hard_templates,
                                                  grad_checkpointing=s.grad_checkpointing, **common)
             results.append(result)
     finally:

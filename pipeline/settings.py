@@ -212,6 +212,9 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
                      type=(*HEADS, "learnable", "coop"))
     coop_ctx: int = knob(16, "CoOp: learnable context vectors in front of the class name.", type="POSITIVE")
     coop_lr: float | None = knob(None, "CoOp: the context vectors' learning rate.", default_text="--lr")
+    hard_templates: str | None = knob(None, "Multiple hard templates (Table A.4): CLIP-text rows of one of these "
+                                            "templates (kinetics28, a file, ...) drawn per step; evaluation uses "
+                                            "their ensemble. Full fine-tuning, --head clip-text.")
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
     temporal: str = knob("tap", "Temporal module.", type=("tap", "ttrans", "tokent1d"))
     frozen_backbone: bool = knob(False, "Train only the temporal module (and projection) on cached features.",

@@ -32,13 +32,14 @@ from pipeline.models.classifier import (
     ContrastiveVideoText,
     CosineHead,
     FrameFeatureClassifier,
+    TemplateDrawHead,
     TextTowerHead,
     build_video_classifier,
 )
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.coop import CoOpHead
 from pipeline.models.temporal import build_temporal
-from pipeline.models.text import encoder_tag
+from pipeline.models.text import encode_with_clip, encoder_tag, resolve_templates
 from pipeline.progress import Progress, say
 from pipeline.sampling import sample_rng, segment_indices, view_positions
 from pipeline.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
@@ -376,7 +377,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
              augment: AugmentConfig = AugmentConfig(), encoder: str | None = None, run_name: str | None = None,
              frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "shift",
              ttrans_init: str = "official", init_from: str | None = None, coop_ctx: int = 16,
-             coop_lr: float | None = None,
+             coop_lr: float | None = None, hard_templates: str | None = None,
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
              device: str | None = None, objective: Objective = Objective()) -> dict:
     """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
@@ -398,6 +399,13 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     start = init_from_run(model, cache, init_from) if init_from else None
     if head == "coop":
         model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
+    templates = None
+    if hard_templates:
+        if head != "clip-text":
+            raise PipelineError("--hard-templates draws CLIP-text rows per step: use it with --head clip-text")
+        templates = resolve_templates(hard_templates)
+        bank = torch.stack([torch.from_numpy(encode_with_clip(clip, names, [t], "cpu")) for t in templates])
+        model.head = TemplateDrawHead(bank, float(clip.model.logit_scale.detach()))
     norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
     rows, labels = usable_rows(train_group)
     epoch_length = None
@@ -417,7 +425,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
               "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
               "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
-              **_coop_record(head, coop_ctx, coop_lr, cfg),
+              **_coop_record(head, coop_ctx, coop_lr, cfg), **({"hard_templates": templates} if templates else {}),
               "config": _fingerprinted(cfg), "objective": objective.record()}
     fp = store.fingerprint(record)
     temporal_lr = cfg.temporal_lr or cfg.lr
@@ -517,6 +525,8 @@ def load_run(cache: Path, run_name: str):
                             info.get("t1d_init") or "identity", ttrans_init=info.get("ttrans_init") or "tap")
     if coop:
         model.head = CoOpHead(clip.model, clip.tokenizer, info["class_names"], info["coop_ctx"])
+    if info.get("hard_templates"):
+        model.head = TemplateDrawHead(torch.zeros(len(info["hard_templates"]), *rows.shape))
     if contrastive:
         model, _, _ = with_objective(model, objective, info["head"], clip, info["class_names"], lambda name: 0.0)
     model.load_state_dict(state)

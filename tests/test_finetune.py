@@ -393,3 +393,28 @@ def test_coop_context_vectors_are_what_training_changes(extracted, tmp_path):
     after = model.state_dict()
     assert not torch.equal(before["head.ctx"], after["head.ctx"])
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("head.text."))
+
+
+def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_ensemble(ft_cache, tmp_path):
+    from pipeline.models.classifier import TemplateDrawHead
+
+    bank = torch.randn(3, 4, 8)
+    head = TemplateDrawHead(bank)
+    video = torch.randn(2, 8)
+    torch.manual_seed(0)
+    drawn = {tuple(head(video).flatten().tolist()) for _ in range(12)}
+    assert len(drawn) > 1  # training passes use different templates
+    head.eval()
+    normed = bank / bank.norm(dim=-1, keepdim=True)
+    assert torch.allclose(head.weight, normed.mean(0)) and torch.equal(head(video), head(video))
+
+    cache, m = ft_cache
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {}.\na video of a {}.\n{}, a shape.\n")
+    run_inproc(*common(m, "hard", "--head", "clip-text", "--hard-templates", str(templates)))
+    info = json.loads((cache / "runs" / "hard" / "run.json").read_text())
+    assert info["hard_templates"] == ["a photo of a {}.", "a video of a {}.", "{}, a shape."]
+    state = load_state(cache, "hard")
+    assert state["head.bank"].shape[:2] == (3, 12)
+    result = json.loads(run_inproc("evaluate", "--run-name", "hard", "--cache", str(cache), "--json"))
+    assert 0 <= result["top1"] <= 100

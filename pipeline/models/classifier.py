@@ -32,6 +32,25 @@ class CosineHead(nn.Module):
         return cosine_scores(video, self.weight, self.logit_scale)
 
 
+class TemplateDrawHead(nn.Module):
+    """The paper's "multiple hard templates" (Table A.4): frozen class embeddings of K prompt templates
+    [K, C, D]; each training forward pass scores against one template drawn at random (torch's generator,
+    so a resumed run draws the same), evaluation against their ensemble (the normalised mean)."""
+
+    def __init__(self, bank: torch.Tensor, logit_scale: float = math.log(100.0)) -> None:
+        super().__init__()
+        bank = bank.float() / bank.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        self.register_buffer("bank", bank)
+        self.register_buffer("weight", bank.mean(dim=0))  # the ensemble, for evaluation and the width
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            k = int(torch.randint(self.bank.shape[0], ()))
+            return cosine_scores(video, self.bank[k], self.logit_scale)
+        return cosine_scores(video, self.weight, self.logit_scale)
+
+
 class FrameFeatureClassifier(nn.Module):
     """Classifier over cached frame features [B, T, D] (the frozen-backbone setting).
 
