@@ -506,11 +506,12 @@ def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
 def describe(cls: type, resolved: Resolved) -> list[str]:
     """The resolved settings, one line each, with where each value came from."""
     lines = []
+    width = max(len(flag_of(f)) for f in settings_fields(cls)) + 2
     for f in settings_fields(cls):
         value = getattr(resolved.values, f.name)
         if isinstance(value, (list, tuple)):
             shown = " ".join(map(str, value)) or "-"
         else:
             shown = "-" if value is None else str(value)
-        lines.append(f"  {flag_of(f):<22} {shown:<36} {resolved.sources[f.name]}")
+        lines.append(f"  {flag_of(f):<{width}} {shown:<36} {resolved.sources[f.name]}")
     return lines

@@ -126,3 +126,12 @@ def test_the_readme_lists_every_command_and_every_renamed_flag_exists():
     flags = set(re.findall(r"^\| `(--[a-z-]+)`", table, re.M))
     every = {opt for c in cli.commands.values() for p in c.params for opt in getattr(p, "opts", [])}
     assert flags and flags <= every, flags - every
+
+
+def test_every_command_has_help_and_every_settings_command_a_config(workdir):
+    for name in cli.commands:
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, name
+    for name, cls in S.COMMANDS.items():
+        rows = config_lines(invoke("config", name).output)
+        assert {S.flag_of(f) for f in S.settings_fields(cls)} == set(rows), name
