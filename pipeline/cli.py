@@ -669,7 +669,7 @@ def export(ctx: Context, s: S.ExportSettings, old_format: str | None) -> None:
 
     \b
     Keys: frames    `frames` uint8 [N, T, H, W, 3], `frame_index`, `timestamp`, `video_id`, `label`,
-                    `status` (1 ok, 2 failed), `reason`
+                    `status` (1 ok, 2 failed), `reason`, `box` (y0, y1, x0, x1 of each video's pixels)
           features  `features` float16 [N, T, D], `video_id`, `label`, `status`, `reason`
           labels    `embeddings` float32 [C, D_text]
           head      `head` float32 [C, D]

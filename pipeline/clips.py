@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from .framestore import read_frames
+from .framestore import read_frames, video_box
 from .sampling import sample_rng, segment_indices, view_positions
 from .settings import FinetuneSettings as _F  # the defaults
 
@@ -143,10 +143,11 @@ class FrameClipSet(torch.utils.data.Dataset):
         row = int(self.rows[index])
         t_cache = group["frames"].shape[1]
         label = torch.as_tensor(self.labels[index])
+        y0, y1, x0, x1 = video_box(group, row)  # the video's own pixels: padding never enters a crop
         if train:
             rng = sample_rng(self.seed, epoch, index)
             picks = segment_indices(t_cache, self.frames, rng)
-            clip = torch.from_numpy(read_frames(group, row, picks)).permute(0, 3, 1, 2)
+            clip = torch.from_numpy(read_frames(group, row, picks)[:, y0:y1, x0:x1]).permute(0, 3, 1, 2)
             if self._transform is None:
                 self._transform = train_transform(self.norm, self.aug)
             with torch.random.fork_rng(devices=[]):
@@ -154,7 +155,7 @@ class FrameClipSet(torch.utils.data.Dataset):
                 return self._transform(clip), label
         temporal, spatial = self.views
         picks = np.concatenate([segment_indices(t_cache, self.frames, position=p) for p in view_positions(temporal)])
-        frames = torch.from_numpy(read_frames(group, row, picks)).permute(0, 3, 1, 2)
+        frames = torch.from_numpy(read_frames(group, row, picks)[:, y0:y1, x0:x1]).permute(0, 3, 1, 2)
         views = [eval_views(frames[c * self.frames:(c + 1) * self.frames], self.norm, spatial) for c in range(temporal)]
         return torch.cat(views), label
 

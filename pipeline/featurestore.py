@@ -151,8 +151,14 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
     ok = np.flatnonzero(status_in == OK)
     if ok.size:
         frames = read_frames(frames_group, rows)[ok]  # [k, T, H, W, 3]
-        emb = encode_frames(frames.reshape(-1, *frames.shape[2:]), clip, device, batch_size)
-        feats[ok] = emb.reshape(ok.size, t, d).astype(np.float16)
+        boxes = (frames_group["box"][rows][ok] if "box" in frames_group
+                 else np.tile([0, frames.shape[2], 0, frames.shape[3]], (ok.size, 1)))
+        # each video's own pixels only (no padding); videos sharing a box (usually all) share batches
+        for y0, y1, x0, x1 in np.unique(boxes, axis=0):
+            same = np.flatnonzero((boxes == (y0, y1, x0, x1)).all(axis=1))
+            own = frames[same][:, :, y0:y1, x0:x1]
+            emb = encode_frames(own.reshape(-1, *own.shape[2:]), clip, device, batch_size)
+            feats[ok[same]] = emb.reshape(same.size, t, d).astype(np.float16)
     group["features"][rows] = feats
     return store.BlockResult(block, status, reasons)
 

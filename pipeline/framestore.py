@@ -100,6 +100,9 @@ def init_frame_store(group: zarr.Group, manifest: Manifest, split: str, spec: Fr
     store.create_per_video(group, "frame_index", n, block_size, (t,), "int32")
     store.create_per_video(group, "timestamp", n, block_size, (t,), "float64")
     store.create_per_video(group, "source_frames", n, block_size, (), "int32")
+    # (y0, y1, x0, x1) of each video's own pixels in the H x W box: a video narrower than the box is padded,
+    # never stretched; readers crop to it (training crops, evaluation views and features see no padding)
+    store.create_per_video(group, "box", n, block_size, (4,), "int16")
     missing = np.array([not r.path for r in records], bool)
     store.create_bookkeeping(group, n, block_size, failed=missing,
                              reasons=np.full(n, MISSING_REASON, dtype=object))
@@ -139,6 +142,7 @@ def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
     index = np.zeros((m, spec.num_frames), np.int32)
     stamps = np.zeros((m, spec.num_frames), np.float64)
     counts = np.zeros(m, np.int32)
+    boxes = np.tile(np.array([0, spec.height, 0, spec.width], np.int16), (m, 1))
     status = np.full(m, OK, np.int8)
     reasons = np.array([""] * m, dtype=object)
     for j in range(m):
@@ -152,11 +156,25 @@ def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
         else:
             frames[j] = clip.frames
         index[j], stamps[j], counts[j] = clip.frame_index, clip.timestamp, clip.source_frames
+        if clip.box is not None:
+            boxes[j] = clip.box
     group["frames"][rows] = frames
     group["frame_index"][rows] = index
     group["timestamp"][rows] = stamps
     group["source_frames"][rows] = counts
+    if "box" in group:  # stores made before boxes were recorded have none
+        group["box"][rows] = boxes
     return store.BlockResult(block, status, reasons)
+
+
+def video_box(group: zarr.Group, row: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a video's own pixels in its stored frames (the whole box for stores made before
+    boxes were recorded)."""
+    if "box" not in group:
+        spec = group.attrs["spec"]
+        return 0, int(spec["height"]), 0, int(spec["width"])
+    y0, y1, x0, x1 = (int(v) for v in group["box"][row])
+    return y0, y1, x0, x1
 
 
 def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray | None = None) -> np.ndarray:

@@ -115,7 +115,9 @@ class FramesSettings(Replace, DataSource):
     cache_frames: int = knob(16, "Frames kept per video in the store, T_cache.", type="POSITIVE",
                              old_flags=("--num-frames",), old_keys=("num_frames",))
     height: int = knob(256, "Output box height; the short side scales to it.", type="POSITIVE")
-    width: int = knob(320, "Output box width (centre crop or pad).", type="POSITIVE")
+    width: int = knob(456, "Output box width: 16:9 at a short side of 256, so a video keeps its whole frame "
+                           "(narrower ones are padded and their box recorded; wider ones centre-cropped).",
+                      type="POSITIVE")
     interpolation: str = knob("AREA", "swscale filter.", type="INTERPOLATIONS")
     seek: str = knob("exact", "'keyframes' decodes keyframes only: fast, approximate.", type="SEEK_MODES")
     codec: str = knob("jpeg", "Stored frame encoding: JPEG bytes, or lossless uint8 + zstd.",

@@ -59,6 +59,8 @@ class Clip:
     frame_index: np.ndarray  # int32 [T]: index of each kept frame in the video (or segment)
     timestamp: np.ndarray  # float64 [T]: its presentation time in seconds
     source_frames: int  # frames the video (or segment) holds, as decoded or estimated
+    box: tuple[int, int, int, int] | None = None  # (y0, y1, x0, x1): the video's pixels in the H x W box (the
+    # rest is padding); None: the whole box
 
 def segment_centres(n: int, t: int) -> np.ndarray:
     """Indices of the centre frames of ``t`` equal segments of ``n`` frames (TSN test sampling).
@@ -217,6 +219,7 @@ def _decode_planned(path: str, spec: FrameSpec, start: float, end: float, thread
     targets = segment_centres(n, spec.num_frames)
     wanted = {stamps[i] for i in targets.tolist()}
     images: dict[int, np.ndarray] = {}
+    box = None
     container, stream = _open(path, threads, spec.max_pixels)
     with container:
         ctx = stream.codec_context
@@ -228,7 +231,7 @@ def _decode_planned(path: str, spec: FrameSpec, start: float, end: float, thread
                 ctx.skip_frame = mode = want
             for frame in stream.decode(packet):
                 if frame.pts in wanted and frame.pts not in images:
-                    images[frame.pts] = to_rgb_box(frame, spec)
+                    images[frame.pts], box = rgb_in_box(frame, spec)
             if len(images) == len(wanted):
                 break
     if len(images) != len(wanted):
@@ -240,6 +243,7 @@ def _decode_planned(path: str, spec: FrameSpec, start: float, end: float, thread
         frame_index=targets.astype(np.int32),
         timestamp=np.array([p * tb for p in chosen], np.float64),
         source_frames=n,
+        box=box,
     )
 
 
@@ -281,19 +285,20 @@ def _decode_exact(path: str, spec: FrameSpec, start: float, end: float, threads:
         index = np.zeros(spec.num_frames, np.int32)
         stamps = np.zeros(spec.num_frames, np.float64)
         k = 0  # next target to fill
+        box = None
         seen = 0
         for i, t, frame in _frames_in(container, stream, s, e):
             seen = i + 1
             if i < targets[k]:
                 continue
-            image = to_rgb_box(frame, spec)
+            image, box = rgb_in_box(frame, spec)
             while k < len(targets) and targets[k] <= i:
                 frames[k], index[k], stamps[k] = image, i, t
                 k += 1
             if k == len(targets):
                 break
     if k == len(targets):
-        return Clip(frames, index, stamps, declared)
+        return Clip(frames, index, stamps, declared, box)
     if known_count is None and seen >= spec.min_decoded_fraction * declared and seen > 0:
         return None  # metadata over-counted a little: resample over the frames that exist
     if seen == 0:
@@ -311,8 +316,10 @@ def _decode_keyframes(path: str, spec: FrameSpec, start: float, end: float, thre
         duration = (count / rate) if count else None
         stream.codec_context.skip_frame = "NONKEY"
         keyframes: list[tuple[float, np.ndarray]] = []
+        box = None
         for _, t, frame in _frames_in(container, stream, s, e):
-            keyframes.append((t, to_rgb_box(frame, spec)))
+            image, box = rgb_in_box(frame, spec)
+            keyframes.append((t, image))
     if not keyframes:
         raise DecodeError("no decodable keyframes")
     if duration is None:
@@ -323,7 +330,7 @@ def _decode_keyframes(path: str, spec: FrameSpec, start: float, end: float, thre
     frames = np.stack([keyframes[j][1] for j in nearest])
     stamps = times[nearest]
     index = np.round((stamps - s) * rate).astype(np.int32)
-    return Clip(frames, index, stamps, count or round(duration * rate))
+    return Clip(frames, index, stamps, count or round(duration * rate), box)
 
 
 def box_size(width: int, height: int, box_h: int) -> tuple[int, int]:
@@ -334,6 +341,11 @@ def box_size(width: int, height: int, box_h: int) -> tuple[int, int]:
 
 def to_rgb_box(frame: av.VideoFrame, spec: FrameSpec) -> np.ndarray:
     """Upright RGB uint8 [H, W, 3]: short side to H by swscale, then centre crop / pad to W."""
+    return rgb_in_box(frame, spec)[0]
+
+
+def rgb_in_box(frame: av.VideoFrame, spec: FrameSpec) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(:func:`to_rgb_box`'s image, the (y0, y1, x0, x1) box of the video's own pixels in it)."""
     rotation = (frame.rotation or 0) % 360
     quarter = rotation in (90, 270)
     shown_w, shown_h = (frame.height, frame.width) if quarter else (frame.width, frame.height)
@@ -345,7 +357,10 @@ def to_rgb_box(frame: av.VideoFrame, spec: FrameSpec) -> np.ndarray:
     if rotation:
         # DISPLAYMATRIX rotation is counterclockwise; np.rot90 with k>0 also turns counterclockwise.
         image = np.rot90(image, k=rotation // 90)
-    return _crop_or_pad(image, spec.height, spec.width)
+    ih, iw = image.shape[:2]
+    dy, dx = max(0, (spec.height - ih) // 2), max(0, (spec.width - iw) // 2)
+    box = (dy, dy + min(spec.height, ih), dx, dx + min(spec.width, iw))
+    return _crop_or_pad(image, spec.height, spec.width), box
 
 
 def _crop_or_pad(image: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from pipeline.models.text import encoder_tag
 from .inputs import open_fresh
 from .paths import features_path, frames_path, heads_path, labels_path
 
-FRAME_ARRAYS = ("frames", "frame_index", "timestamp", "video_id", "label", "status", "reason")
+FRAME_ARRAYS = ("frames", "frame_index", "timestamp", "video_id", "label", "status", "reason", "box")
 FEATURE_ARRAYS = ("features", "video_id", "label", "status", "reason")
 
 
@@ -25,7 +25,7 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
         raise PipelineError(f"--what {what} needs --model")
     if what == "frames":
         group = open_fresh(cache, frames_path(cache, dataset, split), f"frame store for {dataset}/{split}")
-        arrays = {name: group[name] for name in FRAME_ARRAYS}
+        arrays = {name: group[name] for name in FRAME_ARRAYS if name in group}
         arrays["frames"] = DecodedFrames(group)  # uint8, whatever the store's codec
     elif what == "features":
         group = open_fresh(cache, features_path(cache, dataset, model_tag, split), f"features of {dataset}/{split}")

@@ -14,6 +14,14 @@ from pipeline.progress import Progress, say
 from pipeline.video import DecodeError, FrameSpec, decode_clip
 
 
+def own_pixels(clip) -> np.ndarray:  # noqa: ANN001
+    """A decoded clip's frames cropped to the video's own pixels (as the stores' readers do)."""
+    if clip.box is None:
+        return clip.frames
+    y0, y1, x0, x1 = clip.box
+    return np.ascontiguousarray(clip.frames[:, y0:y1, x0:x1])
+
+
 def _top(logits: np.ndarray, labels: list[str], top: int) -> list[tuple[str, float]]:
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
@@ -63,7 +71,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     results = []
     for video in Progress.over(videos, "predict", quiet):
         try:
-            stored = decode_clip(video, frame_spec).frames
+            stored = own_pixels(decode_clip(video, frame_spec))
         except DecodeError as e:
             results.append({"video": video, "error": str(e)})
             continue
@@ -91,7 +99,7 @@ def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str 
     results = []
     for video in Progress.over(videos, "predict", quiet):
         try:
-            clip_frames = decode_clip(video, frame_spec).frames
+            clip_frames = own_pixels(decode_clip(video, frame_spec))
         except DecodeError as e:
             results.append({"video": video, "error": str(e)})
             continue

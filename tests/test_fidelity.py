@@ -188,3 +188,44 @@ def test_an_image_folder_runs_frames_features_finetune_evaluate(tmp_path, tiny_c
     assert info["class_names"] == ["red thing", "green thing", "blue thing"] and info["frames"] == 1
     result = json.loads(run_inproc("evaluate", "--run-name", "img", "--cache", cache, "--json"))
     assert result["videos"] == 6 and 0 <= result["top1"] <= 100
+
+
+def test_the_frame_store_keeps_each_videos_whole_frame_and_its_box(tmp_path):
+    """Short side to the box height at the video's own aspect ratio: a 16:9 video keeps its whole width (not a
+    256 x 320 centre crop), a 4:3 one is padded; the box of each video's pixels is recorded and every reader
+    (training crops, evaluation views, features) sees only those pixels."""
+    import numpy as np
+    import zarr
+    from conftest import run_inproc
+    from videos import write_video
+
+    from pipeline.clips import FrameClipSet, Normalization
+    from pipeline.framestore import read_frames, video_box
+
+    root = tmp_path / "clips"
+    write_video(root / "a" / "wide.mp4", n_frames=8, width=96, height=54)  # 16:9 -> 57 x 32
+    write_video(root / "b" / "narrow.mp4", n_frames=8, width=64, height=48)  # 4:3 -> 43 x 32
+    cache = tmp_path / "cache"
+    run_inproc("frames", "--format", "folder", "--root", str(root), "--dataset", "v", "--cache-frames", "2",
+               "--height", "32", "--width", "64", "--cache", str(cache), "-q")
+    group = zarr.open_group(str(cache / "frames" / "v" / "train"), mode="r")
+    ids = [str(v) for v in group["video_id"][:]]
+    wide, narrow = ids.index("train/a/wide"), ids.index("train/b/narrow")
+    assert video_box(group, wide) == (0, 32, 3, 60) and video_box(group, narrow) == (0, 32, 10, 53)
+    frames = read_frames(group, narrow)
+    # padding (black, up to JPEG ringing next to the edge) around the video's own pixels
+    assert frames[:, :, :8].mean() < 4 and frames[:, :, 55:].mean() < 4 and frames[:, :, 12:51].mean() > 20
+
+    # evaluation: 3 crops spanning the video's own width (short side to S, left / centre / right)
+    s = 16
+    norm = Normalization(s, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    views = FrameClipSet(str(cache / "frames" / "v" / "train"), np.array([wide]), np.array([0]), 2, norm, 0,
+                         views=(1, 3)).item(0, 0, False)[0]
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    own = torch.from_numpy(read_frames(group, wide)[:, 0:32, 3:60]).permute(0, 3, 1, 2)
+    resized = F.resize(own, [s], interpolation=F.InterpolationMode.BILINEAR, antialias=True).float() / 255
+    assert resized.shape[-1] == 28
+    assert torch.allclose(views[0], resized[..., :, :s], atol=1e-6)  # the left crop starts at the video's left edge
+    assert torch.allclose(views[2], resized[..., :, -s:], atol=1e-6)  # the right crop ends at its right edge

@@ -273,7 +273,7 @@ def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
                   "--cache", str(tmp_path / "c"), "-q")
     assert "ucf101/train: 6 videos, 6 ok" in out.stdout
     g = zarr.open_group(str(tmp_path / "c" / "frames" / "ucf101" / "train"), mode="r")
-    assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 320, 3)
+    assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 456, 3)
 
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
