@@ -235,6 +235,6 @@ def test_no_params_ignores_the_repositorys_params_file(tmp_path, template):
     run_cli(*args, "--no-params", "--cache", str(tmp_path / "without"), cwd=repo)
     spec = lambda c: pipeline.open_frames(tmp_path / c / "frames" / "folder" / "train").attrs["spec"]  # noqa: E731
     assert (spec("with")["height"], spec("with")["width"]) == (64, 64)
-    assert (spec("without")["height"], spec("without")["width"]) == (256, 320)
+    assert (spec("without")["height"], spec("without")["width"]) == (256, 456)
     proc = run_cli(*args, "--no-params", "--params", "x.yaml", "--cache", str(tmp_path / "c"), cwd=repo, check=False)
     assert proc.returncode == 2 and "exclude each other" in proc.stderr

@@ -260,7 +260,7 @@ def test_real_data_profiles_are_valid(profile):
         return r.values
 
     frames = resolved(S.FramesSettings)
-    assert frames.cache_frames >= 32 and (frames.height, frames.width) == (256, 320)  # 4 clips x 8, 3-crop room
+    assert frames.cache_frames >= 32 and (frames.height, frames.width) == (256, 456)  # 4 clips x 8, whole 16:9 frames
     FrameCodec(frames.codec, frames.jpeg_quality)
     assert frames.format == frames.dataset == profile
     assert resolved(S.FeaturesSettings).model == "ViT-B-16"
