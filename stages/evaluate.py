@@ -20,9 +20,11 @@ from .paths import heads_path, labels_path
 
 def read_subsets(files: list[str]) -> list[list[str]]:
     """One subset per file: class names one a line or comma-separated (K600-style split CSVs)."""
+    from pipeline.officiallists import resolve_list
+
     subsets = []
     for f in files:
-        path = Path(f)
+        path = resolve_list(f)  # a path, or text4vis:k600/k160_labels_split1.csv (downloaded once)
         if not path.is_file():
             raise PipelineError(f"subset file not found: {path}")
         names = []

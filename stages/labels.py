@@ -57,9 +57,18 @@ def _already_done(cache: Path, dataset: str, encoder: str, spec: ModelSpec, clas
         return None
 
 
+def _named(class_names_file: str | None) -> str | None:
+    """How the store records a class-names file: its absolute path, or the text4vis: name as given."""
+    if not class_names_file or class_names_file.startswith("text4vis:"):
+        return class_names_file
+    return str(Path(class_names_file).resolve())
+
+
 def read_class_names(path: str | Path, expected: int) -> list[str]:
     """Class names to embed from a file: one a line, or the official code's ``id,name`` CSV (ordered by id)."""
-    p = Path(path)
+    from pipeline.officiallists import resolve_list
+
+    p = resolve_list(str(path))  # a path, or text4vis:kinetics_400_labels.csv (downloaded once)
     if not p.is_file():
         raise PipelineError(f"class-names file not found: {p}")
     lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
@@ -107,7 +116,7 @@ def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec,
         group.attrs.update({"stage": "labels", "dataset": dataset, "split": "-", "class_names": class_names,
                             "templates": templates, "encoder": identity, "encoder_tag": tag,
                             "model_tag": spec.tag, "width": int(embeddings.shape[1]), "prompt_names": prompt_names,
-                            "class_names_file": str(Path(class_names_file).resolve()) if class_names_file else None})
+                            "class_names_file": _named(class_names_file)})
 
     with store.writer_lock(path):
         store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched, init=init)

@@ -229,3 +229,37 @@ def test_the_frame_store_keeps_each_videos_whole_frame_and_its_box(tmp_path):
     assert resized.shape[-1] == 28
     assert torch.allclose(views[0], resized[..., :, :s], atol=1e-6)  # the left crop starts at the video's left edge
     assert torch.allclose(views[2], resized[..., :, -s:], atol=1e-6)  # the right crop ends at its right edge
+
+
+def test_official_lists_download_once_from_the_repository_and_fail_in_one_line_offline(tmp_path, monkeypatch):
+    """`--subsets text4vis:k600/k160_labels_split1.csv` (or `--class-names text4vis:...`) fetches the official
+    file on first use; here a local server stands in for GitHub, serving ../shared's copy."""
+    import functools
+    import http.server
+    import threading
+    from pathlib import Path
+
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from pipeline.officiallists import resolve_list
+
+    lists = Path(__file__).resolve().parents[2] / "shared" / "text4vis-lists"
+    if not (lists / "k600" / "k160_labels_split1.csv").is_file():
+        pytest.skip("../shared/text4vis-lists is absent")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(lists))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIPELINE_TEXT4VIS_URL", f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setenv("PIPELINE_LISTS_CACHE", str(tmp_path / "lists"))
+    try:
+        got = resolve_list("text4vis:k600/k160_labels_split1.csv")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got.read_bytes() == (lists / "k600" / "k160_labels_split1.csv").read_bytes()
+    assert resolve_list("text4vis:k600/k160_labels_split1.csv") == got  # cached: no server needed any more
+    with pytest.raises(PipelineError, match="could not download .*offline\\? pass the file from a clone"):
+        resolve_list("text4vis:k600/k160_labels_split2.csv")
+    with pytest.raises(PipelineError, match="under the official lists/ folder"):
+        resolve_list("text4vis:../secret")
