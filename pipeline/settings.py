@@ -190,7 +190,7 @@ class EvaluateSettings(ModelChoice, DatasetName):
     head: str = knob("clip-text", "Head kind (untuned evaluation; coop: the prompts a `finetune --head coop` run "
                                   "learned).", type=(*HEADS, "coop"))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
-    split: str = knob("val", "Split to evaluate; 'all': every stored split, i.e. the whole dataset (untuned heads).")
+    split: str = knob("val", "Split to evaluate; 'all': every stored split, i.e. the whole dataset.")
     protocols: list[str] = knob(["full"], "full label set; half of the classes x 10 seeds; user subsets "
                                           "(repeatable).", flag="--protocol", multiple=True,
                                 type=("full", "half", "subsets"))

@@ -15,7 +15,7 @@ from pipeline.progress import Progress
 
 from .heads import open_features
 from .inputs import open_fresh, require_fresh
-from .paths import heads_path, labels_path
+from .paths import heads_path, labels_path, splits_of
 
 
 def read_subsets(files: list[str]) -> list[list[str]]:
@@ -67,8 +67,6 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
         out: Path | None = None) -> dict:
     # --split all: every video of the dataset (the official whole-dataset zero-shot lists of UCF101 / HMDB51)
-    from .paths import splits_of
-
     chosen = splits_of(cache, "features", dataset, model_tag) if split == "all" else [split]
     parts = [video_features(open_features(cache, dataset, model_tag, s))[:2] for s in chosen]
     feats, labels = np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
@@ -109,7 +107,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     import torch
 
     from pipeline import distributed
-    from pipeline.clips import FrameClipSet, Normalization, usable_rows
+    from pipeline.clips import ConcatClipSet, FrameClipSet, Normalization, usable_rows
     from pipeline.training import predict, rank_and_world
 
     from .finetune import CachedFeatureSet, load_run, open_frames
@@ -135,19 +133,26 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
                                          f"{info['head']} head of {dataset} (run `pipeline heads -d {dataset}` first)")
             require_fresh(cache, hgroup, f"{info['head']} head of {dataset}")
             model.head.weight = torch.from_numpy(hgroup["head"][:]).float()
-    if info["backbone"] == "frozen":
-        if spatial != 1:
-            raise PipelineError("a frozen-backbone run evaluates cached features: spatial views need the frame "
-                                "store and a fully fine-tuned run (use --views Cx1)")
-        group = open_features(cache, dataset, info["model_tag"], split)
-        rows, labels = usable_rows(group)
-        data = CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal)
-    else:
-        group, path = open_frames(cache, dataset, split)
-        rows, labels = usable_rows(group, multilabel="targets" in group)
-        data = FrameClipSet(str(path), rows, labels, info["frames"],
-                            Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
-                            views=(temporal, spatial))
+    frozen = info["backbone"] == "frozen"
+    if frozen and spatial != 1:
+        raise PipelineError("a frozen-backbone run evaluates cached features: spatial views need the frame "
+                            "store and a fully fine-tuned run (use --views Cx1)")
+    # --split all: every video of the dataset (the official whole-dataset zero-shot lists)
+    stored = splits_of(cache, "features", dataset, info["model_tag"]) if frozen else splits_of(cache, "frames",
+                                                                                              dataset)
+    parts = []
+    for one in (stored if split == "all" else [split]):
+        if frozen:
+            group = open_features(cache, dataset, info["model_tag"], one)
+            rows, labels = usable_rows(group)
+            parts.append(CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal))
+        else:
+            group, path = open_frames(cache, dataset, one)
+            rows, labels = usable_rows(group, multilabel="targets" in group)
+            parts.append(FrameClipSet(str(path), rows, labels, info["frames"],
+                                      Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
+                                      views=(temporal, spatial)))
+    data = parts[0] if len(parts) == 1 else ConcatClipSet(parts)
     model.to(dev)
     rank, world = rank_and_world()
     # Rank 0's share of the clips (every rank scores about as many): hours at Kinetics size with 4x3 views.
