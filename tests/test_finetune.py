@@ -423,9 +423,9 @@ def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_e
 def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache):
     cache, m = ft_cache
     base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--epochs", "1",
-            "--global-batch-size", "8", "--warmup-epochs", "0", "-q", "--run-name", "whole"]
+            "--global-batch-size", "8", "--warmup-epochs", "0", "-q", "--run-name", "all-splits"]
     run_inproc(*base)
-    results = {split: json.loads(run_inproc("evaluate", "--run-name", "whole", "--cache", str(cache), "--split",
+    results = {split: json.loads(run_inproc("evaluate", "--run-name", "all-splits", "--cache", str(cache), "--split",
                                             split, "--json")) for split in ("train", "val", "all")}
     assert results["all"]["videos"] == results["train"]["videos"] + results["val"]["videos"] == 84
     hits = sum(results[s]["top1"] * results[s]["videos"] for s in ("train", "val")) / 84
