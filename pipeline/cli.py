@@ -96,7 +96,10 @@ class SettingOption(click.Option):
         default = S.default_of(self.field)
         text = k.default_text or (None if default is None or default is False else _shown(default))
         try:
-            found, value, where, _ = Params(load_params(None), k.section or self.settings_cls.SECTION).lookup(
+            with warnings.catch_warnings():  # a deprecated params file is reported when a command runs
+                warnings.simplefilter("ignore")
+                params = load_params(None)
+            found, value, where, _ = Params(params, k.section or self.settings_cls.SECTION).lookup(
                 self.field.name, k.old_keys)
         except PipelineError:
             found = False

@@ -128,6 +128,8 @@ class FrameClipSet(torch.utils.data.Dataset):
         self._group: zarr.Group | None = None
         self._pid = -1
         self._transform = None
+        self._boxes: np.ndarray | None = None
+        self._boxes_pid = -1
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -138,12 +140,20 @@ class FrameClipSet(torch.utils.data.Dataset):
             self._group, self._pid = zarr.open_group(self.store_path, mode="r"), os.getpid()
         return self._group
 
+    def box(self, row: int) -> tuple[int, int, int, int]:
+        # the whole box column, read once per process: one small read, not one per clip
+        if self._boxes is None or self._boxes_pid != os.getpid():
+            group = self.group()
+            self._boxes = group["box"][:] if "box" in group else None
+            self._boxes_pid = os.getpid()
+        return video_box(self.group(), row) if self._boxes is None else tuple(int(v) for v in self._boxes[row])
+
     def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.group()
         row = int(self.rows[index])
         t_cache = group["frames"].shape[1]
         label = torch.as_tensor(self.labels[index])
-        y0, y1, x0, x1 = video_box(group, row)  # the video's own pixels: padding never enters a crop
+        y0, y1, x0, x1 = self.box(row)  # the video's own pixels: padding never enters a crop
         if train:
             rng = sample_rng(self.seed, epoch, index)
             picks = segment_indices(t_cache, self.frames, rng)

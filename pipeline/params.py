@@ -35,6 +35,11 @@ def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
         raise PipelineError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise PipelineError(f"params file {p} must hold a mapping of command names to keys")
+    if isinstance(data.get("data"), dict) and "name" in data["data"]:  # read as before by upgrade_data_group
+        import warnings
+
+        warnings.warn(f"params file {p}: keys data.dataset (the format) and data.name are deprecated: write "
+                      "data.format and data.dataset (the name in the cache)", stacklevel=2)
     return data
 
 
@@ -78,20 +83,11 @@ class Params:
         return other
 
 
-_WARNED: set[int] = set()
-
-
 def upgrade_data_group(data: dict) -> dict:
     """The ``data`` group in today's spelling. Before 0.3 ``data.dataset`` was the format and ``data.name``
     the cache name; such a file still reads the same (``--format`` / ``--dataset`` now)."""
     if not isinstance(data, dict) or "name" not in data:
         return data
-    import warnings
-
-    if id(data) not in _WARNED:  # once per file, not once per command group read
-        _WARNED.add(id(data))
-        warnings.warn("params keys data.dataset (the format) and data.name are deprecated: write data.format and "
-                      "data.dataset (the name in the cache)", stacklevel=3)
     upgraded = {k: v for k, v in data.items() if k != "name"}
     upgraded.setdefault("format", data.get("dataset"))
     upgraded["dataset"] = data["name"]

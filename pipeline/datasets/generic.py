@@ -72,24 +72,28 @@ def load_csv(name: str, root: str) -> Manifest:
     return Manifest(dataset=name, class_names=class_names, records=records, root=str(path.parent))
 
 
-def load_folder(name: str, root: str) -> Manifest:
-    """``<root>/<class>/<video>`` or ``<root>/{train,val,test}/<class>/<video>``."""
-    base = require_dir(root, f"{name} root")
+def class_folders(base: Path, extensions: tuple[str, ...], hint: str = "") -> tuple[list[str], list[VideoRecord]]:
+    """(class folder names, records) of ``<base>/<class>/<file>`` or ``<base>/{train,val,test}/<class>/<file>``."""
     split_dirs = [s for s in ("train", "val", "test") if (base / s).is_dir()]
     layout = [(s, base / s) for s in split_dirs] if split_dirs else [("train", base)]
     folders = sorted({d.name for _, top in layout for d in top.iterdir() if d.is_dir()})
     if not folders:
-        raise PipelineError(f"no class folders under {base}")
+        raise PipelineError(f"no class folders under {base}{hint}")
     index = {f: i for i, f in enumerate(folders)}
     records = []
     for split, top in layout:
         for folder in sorted(d.name for d in top.iterdir() if d.is_dir()):
             for f in sorted(os.listdir(top / folder)):
-                if f.lower().endswith(VIDEO_EXTENSIONS):
-                    records.append(VideoRecord(
-                        video_id=f"{split}/{folder}/{os.path.splitext(f)[0]}",
-                        path=str(top / folder / f), label=index[folder], split=split,
-                    ))
+                if f.lower().endswith(extensions):
+                    records.append(VideoRecord(video_id=f"{split}/{folder}/{os.path.splitext(f)[0]}",
+                                               path=str(top / folder / f), label=index[folder], split=split))
+    return folders, records
+
+
+def load_folder(name: str, root: str) -> Manifest:
+    """``<root>/<class>/<video>`` or ``<root>/{train,val,test}/<class>/<video>``."""
+    base = require_dir(root, f"{name} root")
+    folders, records = class_folders(base, VIDEO_EXTENSIONS)
     return Manifest(dataset=name, class_names=[readable_snake(f) for f in folders], records=records,
                     root=str(base))
 
@@ -104,12 +108,8 @@ def load_imagefolder(name: str, root: str) -> Manifest:
     ``train/<wnid>/*.JPEG``) or ``<root>/<class>/<image>``. Class names: the first name after the folder
     in ``LOC_synset_mapping.txt`` / ``synset_words.txt`` / ``classes.txt`` at the root, else the folder."""
     base = require_dir(root, f"{name} root")
-    split_dirs = [s for s in ("train", "val", "test") if (base / s).is_dir()]
-    layout = [(s, base / s) for s in split_dirs] if split_dirs else [("train", base)]
-    folders = sorted({d.name for _, top in layout for d in top.iterdir() if d.is_dir()})
-    if not folders:
-        raise PipelineError(f"no class folders under {base} (an ImageNet val/ folder must be sorted into "
-                            "val/<wnid>/ first)")
+    folders, records = class_folders(base, IMAGE_EXTENSIONS, " (an ImageNet val/ folder must be sorted into "
+                                                            "val/<wnid>/ first)")
     mapping: dict[str, str] = {}
     for file in NAME_FILES:
         if (base / file).is_file():
@@ -118,13 +118,5 @@ def load_imagefolder(name: str, root: str) -> Manifest:
                 if key and names:
                     mapping[key] = names.split(",")[0].strip()
             break
-    index = {f: i for i, f in enumerate(folders)}
-    records = []
-    for split, top in layout:
-        for folder in sorted(d.name for d in top.iterdir() if d.is_dir()):
-            for f in sorted(os.listdir(top / folder)):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    records.append(VideoRecord(video_id=f"{split}/{folder}/{os.path.splitext(f)[0]}",
-                                               path=str(top / folder / f), label=index[folder], split=split))
     return Manifest(dataset=name, class_names=[mapping.get(f) or readable_snake(f) for f in folders],
                     records=records, root=str(base))

@@ -125,7 +125,28 @@ def build_video_classifier(visual: nn.Module, width: int, head: CosineHead, temp
     return VideoClassifier(visual, module, head, width, blocks)
 
 
-class TextTowerHead(nn.Module):
+class TextRowsHead(nn.Module):
+    """A head whose rows come from CLIP's text tower (``class_embeddings()``): recomputed at every training
+    call, cached while in eval mode; ``weight`` is the rows as they are now, without gradient."""
+
+    _rows: torch.Tensor | None = None
+
+    def class_embeddings(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self.training or self._rows is None:
+            with torch.no_grad():
+                self._rows = self.class_embeddings().float()
+        return self._rows
+
+    def train(self, mode: bool = True):
+        self._rows = None
+        return super().train(mode)
+
+
+class TextTowerHead(TextRowsHead):
     """The CLIP text tower as a head: rows = text embeddings of the class prompts, computed by the tower.
 
     Used by the contrastive objective with ``--text online``: the tower trains, and evaluation
@@ -144,7 +165,6 @@ class TextTowerHead(nn.Module):
         self.tokenizer, self.template = tokenizer, template
         self.register_buffer("tokens", tokenizer([template.format(n) for n in class_names]), persistent=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
-        self._rows: torch.Tensor | None = None
 
     def set_classes(self, class_names: list[str]) -> None:
         """Classify among other class names (zero-shot on another dataset, or your own labels)."""
@@ -154,17 +174,6 @@ class TextTowerHead(nn.Module):
     def class_embeddings(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.tokens if classes is None else self.tokens[classes]
         return self.text.encode_text(tokens)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        if self.training or self._rows is None:
-            with torch.no_grad():
-                self._rows = self.class_embeddings().float()
-        return self._rows
-
-    def train(self, mode: bool = True):
-        self._rows = None
-        return super().train(mode)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return cosine_scores(video, self.weight, self.logit_scale)

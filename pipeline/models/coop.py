@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .classifier import cosine_scores
+from .classifier import TextRowsHead, cosine_scores
 
 
-class CoOpHead(nn.Module):
+class CoOpHead(TextRowsHead):
     """Head rows = CLIP text embeddings of "[SOS] ctx_1 .. ctx_n <class name>. [EOS]", where the n context
     vectors are trained (with the video side, at their own lr) and every weight of the text tower is frozen.
 
@@ -29,7 +29,6 @@ class CoOpHead(nn.Module):
         self.ctx = nn.Parameter(torch.empty(n_ctx, width).normal_(std=0.02))  # CoOp's initialisation
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
         self.register_buffer("tokens", self._tokens(class_names), persistent=False)
-        self._rows: torch.Tensor | None = None
 
     def _tokens(self, class_names: list[str]) -> torch.Tensor:
         tokens = self.tokenizer([" ".join(["X"] * self.n_ctx) + f" {name}." for name in class_names])
@@ -55,18 +54,6 @@ class CoOpHead(nn.Module):
         if isinstance(t.text_projection, nn.Linear):
             return t.text_projection(x)
         return x @ t.text_projection
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The rows as they are now (no gradient): the width, evaluation, and the head written to the cache."""
-        if self.training or self._rows is None:
-            with torch.no_grad():
-                self._rows = self.class_embeddings().float()
-        return self._rows
-
-    def train(self, mode: bool = True):
-        self._rows = None
-        return super().train(mode)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         rows = self.class_embeddings().float() if self.training else self.weight
