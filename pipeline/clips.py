@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from .framestore import read_frames, video_box
+from .framestore import read_frames, read_stored, video_box
 from .sampling import sample_rng, segment_indices, view_positions
 from .settings import FinetuneSettings as _F  # the defaults
 
@@ -119,7 +119,8 @@ class FrameClipSet(torch.utils.data.Dataset):
     """
 
     def __init__(self, store_path: str, rows: np.ndarray, labels: np.ndarray, frames: int, norm: Normalization,
-                 seed: int, aug: AugmentConfig | None = None, views: tuple[int, int] = (1, 1)) -> None:
+                 seed: int, aug: AugmentConfig | None = None, views: tuple[int, int] = (1, 1),
+                 batched: bool = False) -> None:
         labels = np.asarray(labels)
         # class indices as int64 (what cross-entropy takes); multi-hot targets [n, C] as they are
         self.store_path, self.rows = str(store_path), np.asarray(rows)
@@ -130,6 +131,10 @@ class FrameClipSet(torch.utils.data.Dataset):
         self._transform = None
         self._boxes: np.ndarray | None = None
         self._boxes_pid = -1
+        # batched: items are the stored bytes of a clip's frames plus its drawn parameters, and
+        # :meth:`finish` decodes and augments a whole batch on the training device (pipeline.batchclips)
+        self.batched = batched
+        self._drawer = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -138,6 +143,9 @@ class FrameClipSet(torch.utils.data.Dataset):
         # Opened per process: a zarr handle must not cross a fork into DataLoader workers.
         if self._group is None or self._pid != os.getpid():
             self._group, self._pid = zarr.open_group(self.store_path, mode="r"), os.getpid()
+            # opening an array reads its metadata: once per process, not once per clip
+            self._frames_array = self._group["frames"]
+            self._raw = self._group.attrs["codec"]["name"] == "raw"
         return self._group
 
     def box(self, row: int) -> tuple[int, int, int, int]:
@@ -151,9 +159,11 @@ class FrameClipSet(torch.utils.data.Dataset):
     def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.group()
         row = int(self.rows[index])
-        t_cache = group["frames"].shape[1]
+        t_cache = self._frames_array.shape[1]
         label = torch.as_tensor(self.labels[index])
         y0, y1, x0, x1 = self.box(row)  # the video's own pixels: padding never enters a crop
+        if self.batched:
+            return self.items([index], epoch, train)[0]
         if train:
             rng = sample_rng(self.seed, epoch, index)
             picks = segment_indices(t_cache, self.frames, rng)
@@ -170,6 +180,49 @@ class FrameClipSet(torch.utils.data.Dataset):
         return torch.cat(views), label
 
 
+    def items(self, indices: list[int], epoch: int, train: bool) -> list[tuple]:
+        """Several clips at once. The batched path's worker share: one coordinate read of the stored bytes of every
+        chosen frame of the batch (zarr's per-call cost paid once a batch, not once a clip), and each clip's
+        augmentation drawn from its own stream, in the order the per-clip path draws."""
+        if not self.batched:
+            return [self.item(i, epoch, train) for i in indices]
+        from .batchclips import ClipDrawer, EncodedClip
+
+        group = self.group()
+        t_cache = self._frames_array.shape[1]
+        rows = [int(self.rows[i]) for i in indices]
+        picks, seeds = [], []
+        for i in indices:
+            if train:
+                rng = sample_rng(self.seed, epoch, i)  # the per-clip path's stream: same frames, same draws
+                picks.append(segment_indices(t_cache, self.frames, rng))
+                seeds.append(int(rng.integers(2**62)))
+            else:
+                picks.append(np.concatenate([segment_indices(t_cache, self.frames, position=p)
+                                             for p in view_positions(self.views[0])]))
+        stored = read_stored(group, np.repeat(rows, [len(p) for p in picks]), np.concatenate(picks),
+                             self._frames_array)
+        if train and self._drawer is None:
+            self._drawer = ClipDrawer(self.norm.image_size, self.aug)
+        out, lo = [], 0
+        for k, (i, row) in enumerate(zip(indices, rows, strict=True)):
+            mine, lo = stored[lo:lo + len(picks[k])], lo + len(picks[k])
+            box = self.box(row)
+            draw = self._drawer.draw(len(mine), box[1] - box[0], box[3] - box[2], seeds[k]) if train else None
+            frames = (torch.from_numpy(mine) if self._raw
+                      else [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in mine])
+            out.append((EncodedClip(frames, box, draw), torch.as_tensor(self.labels[i])))
+        return out
+
+    def finish(self, batch: list, device: torch.device | str, train: bool) -> torch.Tensor:
+        """The device's share of the batched path: a batch of :meth:`item` inputs -> model inputs on ``device``."""
+        from .batchclips import eval_batch, train_batch
+
+        if train:
+            return train_batch(batch, device, self.norm, self.aug)
+        return eval_batch(batch, device, self.norm, self.frames, self.views)
+
+
 class ConcatClipSet:
     """Several clip sets as one (evaluation over every split of a dataset)."""
 
@@ -183,6 +236,16 @@ class ConcatClipSet:
     def item(self, index: int, epoch: int, train: bool):
         k = int(np.searchsorted(self.offsets, index, side="right") - 1)
         return self.parts[k].item(index - int(self.offsets[k]), epoch, train)
+
+    def items(self, indices: list[int], epoch: int, train: bool) -> list[tuple]:
+        return [self.item(i, epoch, train) for i in indices]
+
+    @property
+    def batched(self) -> bool:
+        return any(getattr(p, "batched", False) for p in self.parts)
+
+    def finish(self, batch: list, device: torch.device | str, train: bool) -> torch.Tensor:
+        return self.parts[0].finish(batch, device, train)  # the parts share frames, views and normalisation
 
 
 def usable_rows(group: zarr.Group, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -198,6 +198,29 @@ def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray 
     return np.stack(flat).reshape(*stored.shape, *shape, 3)
 
 
+def read_stored(group: zarr.Group, rows: np.ndarray, frame_indices: np.ndarray,
+                frames: zarr.Array | None = None) -> np.ndarray:
+    """The stored form of frames (``rows[k]``, ``frame_indices[k]``), undecoded, in one coordinate read: JPEG
+    bytes [k] (object), or uint8 [k, H, W, 3] for a raw store.
+
+    The batched clip path reads a whole batch's chosen frames this way and decodes them later, on the
+    training device; ``frames``: the store's ``frames`` array, when the caller keeps it open.
+    """
+    frames = group["frames"] if frames is None else frames
+    t = frames.shape[1]
+    points, inverse = np.unique(np.asarray(rows, np.int64) * t + np.asarray(frame_indices), return_inverse=True)
+    try:
+        stored = frames.get_coordinate_selection((points // t, points % t))[inverse]
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise DamagedStore(f"array 'frames' of {group.store_path} cannot be read "
+                           f"({' '.join(str(e).split())[:120]}): run `pipeline verify --repair`") from None
+    if stored.dtype == object:
+        empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
+        if empty.any():
+            _refuse_missing_frames(group, int(np.asarray(rows)[empty][0]), np.ones(1, bool))
+    return stored
+
+
 def _refuse_missing_frames(group: zarr.Group, rows: slice | int, empty: np.ndarray) -> None:
     """Empty bytes are right for a failed video; for a decoded one they mean a lost shard."""
     if isinstance(rows, slice):

@@ -105,10 +105,32 @@ class _EpochView(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         return (index, *self.data.item(int(index), self.epoch, self.train))
 
+    def __getitems__(self, indices: list[int]) -> list:  # the DataLoader fetches a batch's items in one call
+        items = getattr(self.data, "items", None)
+        if items is None:
+            return [self[i] for i in indices]
+        return [(i, *pair) for i, pair in zip(indices, items([int(i) for i in indices], self.epoch, self.train),
+                                               strict=True)]
+
+
+def _collate(items: list) -> tuple:
+    """Stack tensors; keep the batched path's encoded clips as a list (their device decodes them)."""
+    if isinstance(items[0][1], torch.Tensor):
+        return torch.utils.data.default_collate(items)
+    index, inputs, labels = zip(*items, strict=True)
+    return torch.as_tensor(index), list(inputs), torch.utils.data.default_collate(list(labels))
+
 
 def _loader(data: ClipSet, epoch: int, train: bool, batches: Sequence[Sequence[int]], workers: int, pin: bool):
     return torch.utils.data.DataLoader(_EpochView(data, epoch, train), batch_sampler=batches, num_workers=workers,
-                                       pin_memory=pin, persistent_workers=False)
+                                       pin_memory=pin, persistent_workers=False, collate_fn=_collate)
+
+
+def to_device(data: ClipSet, x, device: torch.device, train: bool) -> torch.Tensor:  # noqa: ANN001
+    """A loader batch as model inputs on ``device``: a set on the batched path decodes and augments it there."""
+    if isinstance(x, list):
+        return data.finish(x, device, train)
+    return x.to(device, non_blocking=True)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -170,9 +192,10 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
     autocast, _ = autocast_for(device, amp)
     out_idx, out_logits, out_labels = [], [], []
     for idx, x, y in _loader(data, 0, False, batches, workers, device.type == "cuda"):
+        x = to_device(data, x, device, False)
         b, v = x.shape[:2]
         with autocast:
-            emb = model.embed(x.to(device, non_blocking=True).flatten(0, 1)).float()
+            emb = model.embed(x.flatten(0, 1)).float()
         video = F.normalize(emb.view(b, v, -1), dim=-1).mean(dim=1)
         out_logits.append(model.head(video).float().cpu())
         out_idx.append(idx)
@@ -299,7 +322,7 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
             step_loss = torch.zeros((), dtype=torch.float64)
             for k, (_, weight) in enumerate(plan):
                 _, x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_device(train_set, x, device, True), y.to(device, non_blocking=True)
                 sync = k == len(plan) - 1
                 with (net.no_sync() if ddp and not sync else contextlib.nullcontext()), autocast:
                     # weight * world: DDP averages over ranks, so the sum is the global batch's mean loss

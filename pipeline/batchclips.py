@@ -1,0 +1,192 @@
+"""The device half of the batched clip path: JPEG decode and clip augmentation a whole batch at a time.
+
+Loader workers only read the bytes of a clip's T frames and draw its augmentation parameters
+(:func:`draw_clip`, from the clip's own seeded stream, as the per-clip path does); the training
+process then decodes the batch with ``torchvision.io.decode_jpeg`` on its device (batched nvJPEG on
+a GPU) and applies RandAugment, RandomResizedCrop, flip, grayscale and normalisation to the whole
+batch there (:func:`train_batch`, :func:`eval_batch`). The same code runs on ``device="cpu"``.
+
+Parameters are drawn as torchvision's transforms draw them, in the per-clip path's order, under the
+same seed: the batched path makes the same choices as :func:`pipeline.clips.train_transform` (the
+crop by RandomResizedCrop's own ``make_params``; RandAugment's two draws per operation replayed over
+its own operation table, a test holding both paths equal). RandAugment operations are applied with
+torchvision's own kernel dispatch to every frame that drew the same operation at once (the per-frame RandAugment of the
+official recipe costs a handful of batched kernels, not one call per frame). On the CPU both paths
+decode with libjpeg-turbo and call the same kernels: tests hold them equal within interpolation
+tolerance (batched convolutions may round a pixel differently); nvJPEG's IDCT differs from
+libjpeg-turbo's by a grey level or two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1 of a video's own pixels in its stored frames
+Ops = tuple[tuple[str, float], ...]  # one RandAugment draw: (operation, signed magnitude) per layer
+
+
+@dataclass(frozen=True)
+class ClipDraw:
+    """Every random choice of one training clip's augmentation."""
+
+    randaugment: tuple[Ops, ...]  # per frame (the official GroupTransform) or one for the whole clip
+    per_frame: bool
+    crop: tuple[int, int, int, int]  # RandomResizedCrop's top, left, height, width inside the box
+    flip: bool
+    grayscale: bool
+
+
+@dataclass
+class EncodedClip:
+    """What a loader worker hands over: the stored bytes of T frames, the video's box and (training) its draw."""
+
+    frames: list[torch.Tensor] | torch.Tensor  # JPEG bytes per frame (uint8, 1-D), or raw uint8 [T, H, W, 3]
+    box: Box
+    draw: ClipDraw | None = None
+
+    def pin_memory(self) -> EncodedClip:  # called by the DataLoader's pin-memory thread
+        frames = ([f.pin_memory() for f in self.frames] if isinstance(self.frames, list)
+                  else self.frames.pin_memory())
+        return EncodedClip(frames, self.box, self.draw)
+
+
+class _RandAugmentDraws:
+    """torchvision's RandAugment draws, made as its ``forward`` makes them (one ``randint`` for the operation, one
+    ``rand`` for the sign of a signed magnitude), without applying anything; magnitudes cached per frame size."""
+
+    def __init__(self, ops: int, magnitude: int) -> None:
+        self.ra = v2.RandAugment(ops, magnitude)
+        self.space = list(self.ra._AUGMENTATION_SPACE.items())
+        self._table: dict[tuple[int, int], list[tuple[str, float | None, bool]]] = {}
+
+    def table(self, height: int, width: int) -> list[tuple[str, float | None, bool]]:
+        if (height, width) not in self._table:
+            ra = self.ra
+            self._table[(height, width)] = [
+                (name, None if (m := fn(ra.num_magnitude_bins, height, width)) is None else float(m[ra.magnitude]),
+                 signed) for name, (fn, signed) in self.space]
+        return self._table[(height, width)]
+
+    def draw(self, height: int, width: int) -> Ops:
+        table, drawn = self.table(height, width), []
+        for _ in range(self.ra.num_ops):
+            name, magnitude, signed = table[int(torch.randint(len(table), ()))]
+            if magnitude is None:
+                magnitude = 0.0
+            elif signed and torch.rand(()) <= 0.5:
+                magnitude = -magnitude
+            drawn.append((name, magnitude))
+        return tuple(drawn)
+
+
+class ClipDrawer:
+    """Draws :class:`ClipDraw` s with the per-clip path's transforms and random calls, in its order."""
+
+    def __init__(self, image_size: int, aug) -> None:  # noqa: ANN001 - pipeline.clips.AugmentConfig
+        self.aug = aug
+        self.randaugment = (_RandAugmentDraws(aug.randaugment_ops, aug.randaugment_magnitude)
+                            if aug.randaugment_ops else None)
+        self.crop = v2.RandomResizedCrop(image_size, scale=aug.crop_scale, antialias=True)
+        self.size = image_size
+
+    def draw(self, frames: int, height: int, width: int, seed: int) -> ClipDraw:
+        aug, ra = self.aug, self.randaugment
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # the CPU stream torch.manual_seed(seed) sets
+            ops: tuple[Ops, ...] = ()
+            if ra is not None and aug.randaugment_per_frame:
+                ops = tuple(ra.draw(height, width) for _ in range(frames))
+            # a zero-stride probe: the crop reads only its shape
+            c = self.crop.make_params([torch.zeros((), dtype=torch.uint8).expand(frames, 3, height, width)])
+            # v2's random-apply transforms: applied unless torch.rand(1) >= p (drawn only where p > 0)
+            flip = aug.flip > 0 and bool(torch.rand(1) < aug.flip)
+            gray = aug.grayscale > 0 and bool(torch.rand(1) < aug.grayscale)
+            if ra is not None and not aug.randaugment_per_frame:  # after the crop: on S x S frames
+                ops = (ra.draw(self.size, self.size),)
+        return ClipDraw(ops, aug.randaugment_per_frame, (c["top"], c["left"], c["height"], c["width"]), flip, gray)
+
+
+def decode_clips(clips: list[EncodedClip], device: torch.device | str) -> list[torch.Tensor]:
+    """uint8 [T, 3, h, w] per clip on ``device``, cropped to its box: one batched decode for the whole batch."""
+    device = torch.device(device)
+    jpeg = [f for c in clips if isinstance(c.frames, list) for f in c.frames]
+    decoded = iter(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device) if jpeg else [])
+    out = []
+    for c in clips:
+        if isinstance(c.frames, list):
+            frames = torch.stack([next(decoded) for _ in c.frames])
+        else:  # a raw store: no decode
+            frames = c.frames.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        y0, y1, x0, x1 = c.box
+        out.append(frames[:, :, y0:y1, x0:x1])
+    return out
+
+
+def _randaugment_frames(frames: list[torch.Tensor], draws: list[Ops], magnitude_bins: int) -> list[torch.Tensor]:
+    """Apply each frame's own draw; frames of one shape that drew the same operation go through one call."""
+    applier = v2.RandAugment(num_magnitude_bins=magnitude_bins)
+    out = list(frames)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, f in enumerate(frames):
+        by_shape.setdefault(tuple(f.shape), []).append(i)
+    for members in by_shape.values():
+        stack = torch.stack([frames[i] for i in members])
+        for layer in range(len(draws[members[0]])):
+            groups: dict[tuple[str, float], list[int]] = {}
+            for k, i in enumerate(members):
+                groups.setdefault(draws[i][layer], []).append(k)
+            for (op, magnitude), ks in groups.items():
+                if op == "Identity":
+                    continue
+                sel = torch.tensor(ks, device=stack.device)
+                stack[sel] = applier._apply_image_or_video_transform(
+                    stack[sel], op, magnitude, interpolation=applier.interpolation, fill=applier._fill)
+        for k, i in enumerate(members):
+            out[i] = stack[k]
+    return out
+
+
+def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug) -> torch.Tensor:  # noqa: ANN001
+    """float [B, T, 3, S, S] training clips on ``device``: the per-clip path's augmentation, batched."""
+    from .clips import _mode
+
+    frames = decode_clips(clips, device)
+    t = frames[0].shape[0]
+    draws = [c.draw for c in clips]
+    bins = v2.RandAugment().num_magnitude_bins
+    if aug.randaugment_ops and aug.randaugment_per_frame:  # the official order: RandAugment first, per frame
+        flat = _randaugment_frames([f for clip in frames for f in clip], [o for d in draws for o in d.randaugment],
+                                   bins)
+        frames = [torch.stack(flat[b * t:(b + 1) * t]) for b in range(len(clips))]
+    s, mode = norm.image_size, _mode(norm.interpolation)
+    x = torch.stack([F.resized_crop(f, *d.crop, [s, s], interpolation=mode, antialias=True)
+                     for f, d in zip(frames, draws, strict=True)])
+    flip = torch.tensor([d.flip for d in draws], device=x.device)
+    if flip.any():
+        x[flip] = F.horizontal_flip(x[flip])
+    gray = torch.tensor([d.grayscale for d in draws], device=x.device)
+    if gray.any():
+        x[gray] = F.rgb_to_grayscale(x[gray], num_output_channels=3)
+    if aug.randaugment_ops and not aug.randaugment_per_frame:  # one draw for all frames of a clip
+        flat = _randaugment_frames(list(x.flatten(0, 1)), [d.randaugment[0] for d in draws for _ in range(t)], bins)
+        x = torch.stack(flat).view(x.shape)
+    x = F.to_dtype(x, torch.float32, scale=True)
+    return F.normalize(x, list(norm.mean), list(norm.std))
+
+
+def eval_batch(clips: list[EncodedClip], device: torch.device | str, norm, frames: int,  # noqa: ANN001
+               views: tuple[int, int]) -> torch.Tensor:
+    """float [B, V, T, 3, S, S] evaluation views on ``device`` (as :func:`pipeline.clips.eval_views`)."""
+    from .clips import eval_views
+
+    temporal, spatial = views
+    out = []
+    for clip in decode_clips(clips, device):
+        out.append(torch.cat([eval_views(clip[c * frames:(c + 1) * frames], norm, spatial)
+                              for c in range(temporal)]))
+    return torch.stack(out)
