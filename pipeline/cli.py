@@ -642,7 +642,8 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
     try:
         result = evaluate_stage.run_trained(
             ctx.cache, s.run_name, dataset=s.dataset, split=s.split, views=parse_views(s.views),
-            batch_size=s.batch_size, workers=s.workers, device=s.device, out=Path(s.out) if s.out else None,
+            batch_size=s.batch_size, workers=s.workers, device=s.device, data_device=s.data_device,
+            out=Path(s.out) if s.out else None,
             quiet=ctx.quiet, progress=not as_json,  # machine output: nothing but the JSON
             protocols=tuple(s.protocols), subset_files=list(s.subsets))
     finally:
@@ -783,7 +784,7 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             epochs=epochs, batch_size=s.global_batch_size, micro_batch=s.micro_batch, lr=s.lr,
             backbone_lr_ratio=s.backbone_lr_ratio, temporal_lr=s.temporal_lr, weight_decay=s.weight_decay,
             warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, checkpoint_every=s.checkpoint_every, amp=s.amp,
-            workers=workers)
+            workers=workers, compile=s.compile, log_every=s.log_every)
         augment = AugmentConfig(crop_scale=tuple(s.crop_scale), flip=s.flip, grayscale=s.grayscale,
                                 randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]),
                                 randaugment_per_frame=s.randaugment_per_frame)
@@ -807,7 +808,7 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             else:
                 result = finetune_stage.run_full(ctx.cache, ds, spec, s.head, s.temporal, cfg, augment=augment,
                                                  t1d_init=s.t1d_init, run_name=run_name, init_from=s.init_from,
-                                                 hard_templates=s.hard_templates,
+                                                 hard_templates=s.hard_templates, data_device=s.data_device,
                                                  grad_checkpointing=s.grad_checkpointing, **common)
             results.append(result)
     finally:

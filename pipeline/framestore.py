@@ -207,10 +207,16 @@ def read_stored(group: zarr.Group, rows: np.ndarray, frame_indices: np.ndarray,
     training device; ``frames``: the store's ``frames`` array, when the caller keeps it open.
     """
     frames = group["frames"] if frames is None else frames
-    t = frames.shape[1]
-    points, inverse = np.unique(np.asarray(rows, np.int64) * t + np.asarray(frame_indices), return_inverse=True)
+    rows, frame_indices = np.asarray(rows, np.int64), np.asarray(frame_indices, np.int64)
     try:
-        stored = frames.get_coordinate_selection((points // t, points % t))[inverse]
+        if frames.ndim == 2:  # JPEG bytes [N, T]: exactly the chosen frames
+            t = frames.shape[1]
+            points, inverse = np.unique(rows * t + frame_indices, return_inverse=True)
+            stored = frames.get_coordinate_selection((points // t, points % t))[inverse]
+        else:  # raw [N, T, H, W, 3]: the rows x frames rectangle, then the chosen pairs
+            urows, r = np.unique(rows, return_inverse=True)
+            uframes, f = np.unique(frame_indices, return_inverse=True)
+            stored = frames.get_orthogonal_selection((urows, uframes))[r, f]
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise DamagedStore(f"array 'frames' of {group.store_path} cannot be read "
                            f"({' '.join(str(e).split())[:120]}): run `pipeline verify --repair`") from None

@@ -103,6 +103,8 @@ class Replace:
 
 
 DEVICE_HELP = "torch device: cpu, cuda or cuda:N."
+DATA_DEVICE_HELP = ("Where clips are JPEG-decoded and augmented: cpu (in the loader workers) or cuda (a whole "
+                    "batch at once on the training GPU; workers only read bytes); auto: cuda when training on a GPU.")
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ class EvaluateSettings(ModelChoice, DatasetName):
     batch_size: int = knob(16, "With --run-name: videos per forward pass.", type="POSITIVE")
     workers: int = knob(0, "With --run-name: data-loader processes.", type="COUNT")
     device: str | None = knob(None, "With --run-name: " + DEVICE_HELP, default_text="cuda when present, else cpu")
+    data_device: str = knob("auto", "With --run-name: " + DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -259,6 +262,11 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
                                        toggle="randaugment-per-frame/--randaugment-per-clip")
     amp: bool = knob(True, "Mixed precision on GPU (bf16, or fp16 with a scaler).", toggle="amp/--no-amp")
     grad_checkpointing: bool = knob(False, "Recompute activations to save memory.", is_flag=True)
+    data_device: str = knob("auto", DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
+    compile: bool = knob(False, "torch.compile the visual encoder (compiles on the first steps; GPU runs).",
+                         is_flag=True)
+    log_every: int = knob(10, "GPU: steps between loss read-backs from the device, the only host "
+                              "synchronisation of a step (every step is still logged).", type="POSITIVE")
     workers: int | None = knob(None, "Data-loader processes per process.", type="COUNT",
                                default_text="4; 0 with --frozen-backbone")
     device: str | None = knob(None, DEVICE_HELP + " Under torchrun: LOCAL_RANK's GPU.",

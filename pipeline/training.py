@@ -69,6 +69,8 @@ class TrainConfig:
     checkpoint_every: int = _F.checkpoint_every  # steps between checkpoints (0: at epoch ends only)
     amp: bool = _F.amp  # autocast on GPU (bf16 where supported, else fp16 with a scaler); fp32 on CPU
     workers: int = 0  # data-loader processes per rank
+    compile: bool = _F.compile  # torch.compile the visual encoder (in place: checkpoints keep their keys)
+    log_every: int = _F.log_every  # GPU: steps between loss read-backs (the only host synchronisation of a step)
 
     def __post_init__(self) -> None:
         for name in ("lr", "backbone_lr_ratio", "weight_decay", "warmup_epochs", "min_lr"):
@@ -264,7 +266,11 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
     callback = callback if (callback and rank == 0) else (lambda kind, values: None)
     lr_of = lr_of or (lambda name: cfg.lr)
     model.to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg, lr_of), lr=cfg.lr, betas=cfg.betas)
+    # fused AdamW: one kernel for all parameters on a GPU (the for-each implementation elsewhere)
+    opt = torch.optim.AdamW(param_groups(model, cfg, lr_of), lr=cfg.lr, betas=cfg.betas,
+                            fused=True if device.type == "cuda" else None)
+    if cfg.compile:
+        (getattr(model, "visual", None) or model).compile()
     logit_scales = [p for name, p in model.named_parameters() if name.endswith("logit_scale") and p.requires_grad]
     autocast, scaler = autocast_for(device, cfg.amp)
     n = epoch_length or len(train_set)
@@ -306,6 +312,22 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
         if ddp:
             dist.barrier()
 
+    # Step losses stay on the device and are read back once per logging interval (every step on a CPU, where
+    # reading costs nothing): a GPU step never waits for the host.
+    log_every = max(1, cfg.log_every) if device.type == "cuda" else 1
+    pending: list[tuple[dict, torch.Tensor]] = []
+    interval_start = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal interval_start
+        if pending:
+            losses = torch.stack([loss for _, loss in pending]).tolist()
+            seconds = (time.perf_counter() - interval_start) / len(pending)
+            for (record, _), loss in zip(pending, losses, strict=True):
+                callback("step", {**record, "loss": loss, "seconds": seconds})
+            pending.clear()
+        interval_start = time.perf_counter()
+
     for epoch in range(state["epoch"], cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n) % len(train_set)
         plans = [_step_plan(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], rank, world, cfg.micro_batch)
@@ -314,12 +336,11 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
         batches = iter(_loader(train_set, epoch, True, micro_batches, cfg.workers, device.type == "cuda"))
         model.train()
         for step, plan in zip(range(state["step"], steps_per_epoch), plans, strict=True):
-            started = time.perf_counter()
             ratio = lr_at(state["global_step"], total, warmup, cfg.lr, cfg.min_lr) / cfg.lr
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * ratio
             opt.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), dtype=torch.float64)
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
             for k, (_, weight) in enumerate(plan):
                 _, x, y = next(batches)
                 x, y = to_device(train_set, x, device, True), y.to(device, non_blocking=True)
@@ -328,7 +349,7 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
                     # weight * world: DDP averages over ranks, so the sum is the global batch's mean loss
                     loss = objective(net, x, y) * (weight * world)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                step_loss += loss.detach().double().cpu() / world
+                step_loss += loss.detach().double() / world
             if scaler is not None:
                 scaler.step(opt)
                 scaler.update()
@@ -342,10 +363,14 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
             state["global_step"] += 1
             state["step"] = step + 1
             clips = len(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
-            callback("step", {"step": state["global_step"], "epoch": epoch, "loss": float(step_loss),
-                              "lr": cfg.lr * ratio, "clips": clips, "seconds": time.perf_counter() - started})
+            pending.append(({"step": state["global_step"], "epoch": epoch, "lr": cfg.lr * ratio, "clips": clips},
+                            step_loss))
+            if len(pending) >= log_every:
+                flush()
             if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                flush()  # the history holds every step a checkpoint covers
                 save()
+        flush()
         state["epoch"], state["step"] = epoch + 1, 0
         record = {"epoch": epoch + 1, "step": state["global_step"]}
         if val_set is not None:

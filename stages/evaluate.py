@@ -100,7 +100,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
-                out: Path | None = None, quiet: bool = False, progress: bool = True,
+                data_device: str = "auto", out: Path | None = None, quiet: bool = False, progress: bool = True,
                 protocols: tuple[str, ...] = ("full",), subset_files: list[str] = ()) -> dict:
     """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
     classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
@@ -110,9 +110,10 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     from pipeline.clips import ConcatClipSet, FrameClipSet, Normalization, usable_rows
     from pipeline.training import predict, rank_and_world
 
-    from .finetune import CachedFeatureSet, load_run, open_frames
+    from .finetune import CachedFeatureSet, batched_data_path, load_run, open_frames
 
     dev = distributed.setup(device)
+    batched = batched_data_path(data_device, dev)
     model, info, clip = load_run(cache, run_name)
     dataset = dataset or info["dataset"]
     temporal, spatial = views
@@ -151,7 +152,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
             rows, labels = usable_rows(group, multilabel="targets" in group)
             parts.append(FrameClipSet(str(path), rows, labels, info["frames"],
                                       Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
-                                      views=(temporal, spatial)))
+                                      views=(temporal, spatial), batched=batched))
     data = parts[0] if len(parts) == 1 else ConcatClipSet(parts)
     model.to(dev)
     rank, world = rank_and_world()

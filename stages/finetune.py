@@ -350,9 +350,21 @@ def _shots_used(labels: np.ndarray, n_classes: int) -> dict:
     return {"min": int(counts.min()), "max": int(counts.max())}
 
 
+def batched_data_path(data_device: str, device: torch.device) -> bool:
+    """--data-device: True where clips are decoded and augmented a batch at a time on the training GPU."""
+    if data_device not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"--data-device must be auto, cpu or cuda, not {data_device!r}")
+    if data_device == "cuda" and device.type != "cuda":
+        raise PipelineError(f"--data-device cuda decodes on the training GPU, but this run is on {device.type}: "
+                            "use --device cuda, or --data-device cpu")
+    return device.type == "cuda" and data_device != "cpu"
+
+
 def _fingerprinted(cfg: TrainConfig) -> dict:
-    """The config keys that change results (not the loader's worker count)."""
-    return {k: v for k, v in cfg.as_dict().items() if k != "workers"}
+    """The config keys that change results (not the loader's worker count or the logging interval; compile only
+    when on, so that runs made before the option keep their fingerprints)."""
+    return {k: v for k, v in cfg.as_dict().items()
+            if k not in ("workers", "log_every") and not (k == "compile" and not v)}
 
 
 def open_frames(cache: Path, dataset: str, split: str):
@@ -379,9 +391,10 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
              ttrans_init: str = "official", init_from: str | None = None, coop_ctx: int = 16,
              coop_lr: float | None = None, hard_templates: str | None = None,
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
-             device: str | None = None, objective: Objective = Objective()) -> dict:
+             device: str | None = None, objective: Objective = Objective(), data_device: str = "auto") -> dict:
     """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
     dev = distributed.setup(device)
+    batched = batched_data_path(data_device, dev)
     train_group, train_path = open_frames(cache, dataset, "train")
     has_val = "val" in splits_of(cache, "frames", dataset)
     val_group, val_path = open_frames(cache, dataset, "val") if has_val else (None, None)
@@ -413,11 +426,11 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
         epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
         rows, labels = rows[picked], labels[picked]
-    train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment)
+    train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment, batched=batched)
     val_set = None
     if val_group is not None:
         val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group)
-        val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed)
+        val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
     run_name = run_name or f"{dataset}-{spec.tag}-{head}-{temporal}" + (f"-{shots}shot" if shots else "")
     record = {"stage": "finetune", "backbone": "full", "model": clip.identity,
               "train": train_group.attrs["fingerprint"],
@@ -426,7 +439,9 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
               "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
               "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
               **_coop_record(head, coop_ctx, coop_lr, cfg), **({"hard_templates": templates} if templates else {}),
-              "config": _fingerprinted(cfg), "objective": objective.record()}
+              "config": _fingerprinted(cfg), "objective": objective.record(),
+              # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
+              **({"data_path": "batched-gpu"} if batched else {})}
     fp = store.fingerprint(record)
     temporal_lr = cfg.temporal_lr or cfg.lr
     backbone_lr = cfg.lr * cfg.backbone_lr_ratio
