@@ -473,7 +473,7 @@ def _run_features(ctx: Context, dataset: str, spec, s: Any) -> list[dict]:
     summaries = features_stage.run(
         ctx.cache, dataset, spec, list(s.splits), device=default_device(s.device), batch_size=s.batch_size,
         workers=s.workers, scheduler_address=s.scheduler_address, replace_mismatched=s.replace_mismatched,
-        quiet=ctx.quiet)
+        quiet=ctx.quiet, compile_=bool(getattr(s, "compile", False)))
     for x in summaries:
         _print_summary(x)
     if any(x["errors"] for x in summaries):

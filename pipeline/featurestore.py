@@ -17,7 +17,7 @@ import zarr
 
 from . import store
 from .errors import DamagedStore
-from .framestore import FAILED, OK, read_frames
+from .framestore import FAILED, OK
 from .models.clip import LoadedClip, ModelSpec, load_clip
 
 # torch is imported inside the functions that encode: reading features (heads, evaluation) must
@@ -33,9 +33,10 @@ def precision_for(device: str) -> str:
     return "fp32"
 
 
-def preprocess(frames: np.ndarray, clip: LoadedClip):
-    """uint8 [n, H, W, 3] -> normalised float [n, 3, S, S]: the model's own preprocessing (open_clip's
-    ``PreprocessCfg``): its resize mode, interpolation, mean and std.
+def preprocess(frames, clip: LoadedClip):  # noqa: ANN001 - numpy or torch
+    """uint8 frames (numpy [n, H, W, 3], or a torch tensor [n, 3, H, W] on any device) -> normalised float
+    [n, 3, S, S] on the same device: the model's own preprocessing (open_clip's ``PreprocessCfg``): its resize
+    mode, interpolation, mean and std.
 
     ``shortest``: short side to S, centre crop (CLIP, the default); ``longest``: long side to S, centre
     pad with black; ``squash``: both sides to S, aspect ratio not kept (SigLIP, DFN and others).
@@ -47,7 +48,9 @@ def preprocess(frames: np.ndarray, clip: LoadedClip):
     modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
     mode = modes.get(clip.interpolation, InterpolationMode.BICUBIC)
     s = clip.image_size
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255)
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    x = frames.float().div_(255)
     if clip.resize_mode == "squash":
         x = F.resize(x, [s, s], interpolation=mode, antialias=True)
     elif clip.resize_mode == "longest":
@@ -61,25 +64,56 @@ def preprocess(frames: np.ndarray, clip: LoadedClip):
     return F.normalize(x, mean=list(clip.mean), std=list(clip.std))
 
 
+def _autocast(device: str):
+    import torch
+
+    precision = precision_for(device)
+    dtype = torch.bfloat16 if precision == "amp-bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype, enabled=precision != "fp32")
+
+
 def encode_frames(frames: np.ndarray, clip: LoadedClip, device: str, batch_size: int) -> np.ndarray:
     """float32 [n, D] image embeddings (not normalised) of uint8 frames [n, H, W, 3]."""
     import torch
 
     out = []
-    precision = precision_for(device)
-    dtype = torch.bfloat16 if precision == "amp-bf16" else torch.float16
     for lo in range(0, len(frames), batch_size):
         x = preprocess(frames[lo:lo + batch_size], clip).to(device, non_blocking=True)
-        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=dtype, enabled=precision != "fp32"):
+        with torch.no_grad(), _autocast(device):
             out.append(clip.model.encode_image(x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
 
 
-def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precision: str, batch_size: int) -> dict:
+def encode_stored(stored: np.ndarray, box: tuple[int, int, int, int], clip: LoadedClip, device: str,
+                  batch_size: int) -> np.ndarray:
+    """float32 [n, D] embeddings of stored frames (JPEG bytes [n], or raw uint8 [n, H, W, 3]) of one box:
+    decoded on ``device`` (nvJPEG on a GPU; libjpeg-turbo on the CPU, the same pixels as Pillow), cropped
+    to the box, preprocessed and encoded there, ``batch_size`` frames a pass; one read-back per pass."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    y0, y1, x0, x1 = box
+    out = []
+    for lo in range(0, len(stored), batch_size):
+        part = stored[lo:lo + batch_size]
+        if part.dtype == object:
+            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in part]
+            x = torch.stack(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(part)).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        x = preprocess(x[:, :, y0:y1, x0:x1], clip)
+        with torch.no_grad(), _autocast(device):
+            out.append(clip.model.encode_image(x).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
+
+
+def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precision: str, batch_size: int,
+                                compile_: bool = False) -> dict:
     """Frames, model, precision and batch size: BLAS kernels make a row's last bits depend on the batch it
     was computed in, so rows computed at another batch size are another output, not a resumable one."""
     return {"stage": "features", "frames": frames_group.attrs["fingerprint"], "model": identity,
-            "precision": precision, "batch_size": batch_size}
+            "precision": precision, "batch_size": batch_size,
+            **({"compile": True} if compile_ else {})}  # compiled kernels round differently; off: as before
 
 
 def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: LoadedClip, spec: ModelSpec,
@@ -118,46 +152,103 @@ _MODELS: dict[Any, LoadedClip] = {}
 def remember_model(spec: ModelSpec, device: str, clip: LoadedClip) -> None:
     """Reuse a model this process already loaded (the coordinator's) instead of loading it again."""
     _MODELS.clear()
-    _MODELS[(spec, device)] = clip
+    _MODELS[(spec, device, False)] = clip
 
 
-def _model(spec: ModelSpec, device: str) -> LoadedClip:
-    key = (spec, device)
+def _model(spec: ModelSpec, device: str, compile_: bool = False) -> LoadedClip:
+    key = (spec, device, compile_)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = load_clip(spec, device)
+        clip = load_clip(spec, device)
+        if compile_:
+            clip.model.visual.compile()  # torch.compile, in place; the first batches compile
+        _MODELS[key] = clip
     return _MODELS[key]
 
 
+def worker_device(device: str) -> str:
+    """The GPU of this process: ``cuda`` in dask worker i of a multi-GPU host is ``cuda:{i mod GPUs}``, so that
+    ``--workers N`` on N GPUs runs one worker per GPU. Elsewhere ``device`` as given."""
+    if device != "cuda":
+        return device
+    try:
+        from distributed import get_worker
+
+        name = str(get_worker().name)
+    except (ImportError, ValueError):  # not in a dask worker
+        return device
+    import torch
+
+    index = name.rsplit("-", 1)[-1]
+    return f"cuda:{int(index) % max(1, torch.cuda.device_count())}" if index.isdigit() else device
+
+
+def _read_block(frames_path: str, block: int) -> tuple:
+    """(rows, status, reasons, stored frames of the ok rows, their boxes) of one block of a frame store."""
+    frames_group = zarr.open_group(frames_path, mode="r")
+    rows = store.block_slice(frames_group, block)
+    status_in = frames_group["status"][rows]
+    reasons_in = frames_group["reason"][rows]
+    ok = np.flatnonzero(status_in == OK)
+    stored = boxes = None
+    if ok.size:
+        stored = store.read_array(frames_group, "frames", rows)[ok]  # bytes: decoded later, on the device
+        spec = frames_group.attrs["spec"]
+        boxes = (frames_group["box"][rows][ok] if "box" in frames_group
+                 else np.tile([0, spec["height"], 0, spec["width"]], (ok.size, 1)))
+        if stored.dtype == object:
+            empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
+            if empty.any():
+                from .framestore import _refuse_missing_frames
+
+                _refuse_missing_frames(frames_group, rows.start + int(ok[empty.any(axis=1)][0]), np.ones(1, bool))
+    return rows, status_in, reasons_in, ok, stored, boxes
+
+
+# Read-ahead of the next block's bytes while this block computes (one process running blocks in order).
+_READ_AHEAD: dict[tuple[str, int], Any] = {}
+
+
+def _block_data(frames_path: str, block: int, next_block: int | None) -> tuple:
+    from concurrent.futures import ThreadPoolExecutor
+
+    future = _READ_AHEAD.pop((frames_path, block), None)
+    data = future.result() if future is not None else _read_block(frames_path, block)
+    _READ_AHEAD.clear()
+    if next_block is not None:
+        pool = ThreadPoolExecutor(1)
+        _READ_AHEAD[(frames_path, next_block)] = pool.submit(_read_block, frames_path, next_block)
+        pool.shutdown(wait=False)
+    return data
+
+
 def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSpec, device: str,
-                          batch_size: int, threads: int = 0) -> store.BlockResult:
-    """Encode one block of stored videos and write its data (the coordinator records it done)."""
+                          batch_size: int, threads: int = 0, compile_: bool = False,
+                          next_block: int | None = None) -> store.BlockResult:
+    """Encode one block of stored videos and write its data (the coordinator records it done).
+
+    ``next_block``: the block this process runs next (in-process runs), read while this one computes."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     group = zarr.open_group(path, mode="r+")
-    frames_group = zarr.open_group(frames_path, mode="r")
-    clip = _model(spec, device)
-    rows = store.block_slice(group, block)
-    status_in = frames_group["status"][rows]
-    reasons_in = frames_group["reason"][rows]
+    device = worker_device(device)
+    clip = _model(spec, device, compile_)
+    rows, status_in, reasons_in, ok, stored, boxes = _block_data(frames_path, block, next_block)
     t, d = int(group.attrs["num_frames"]), int(group.attrs["embed_dim"])
     m = rows.stop - rows.start
     feats = np.zeros((m, t, d), np.float16)
     status = np.where(status_in == OK, OK, FAILED).astype(np.int8)
     reasons = np.array(["" if s == OK else f"frames: {r}" for s, r in zip(status_in, store.as_text(reasons_in),
                                                                           strict=True)], dtype=object)
-    ok = np.flatnonzero(status_in == OK)
     if ok.size:
-        frames = read_frames(frames_group, rows)[ok]  # [k, T, H, W, 3]
-        boxes = (frames_group["box"][rows][ok] if "box" in frames_group
-                 else np.tile([0, frames.shape[2], 0, frames.shape[3]], (ok.size, 1)))
         # each video's own pixels only (no padding); videos sharing a box (usually all) share batches
-        for y0, y1, x0, x1 in np.unique(boxes, axis=0):
-            same = np.flatnonzero((boxes == (y0, y1, x0, x1)).all(axis=1))
-            own = frames[same][:, :, y0:y1, x0:x1]
-            emb = encode_frames(own.reshape(-1, *own.shape[2:]), clip, device, batch_size)
+        for box in np.unique(boxes, axis=0):
+            same = np.flatnonzero((boxes == box).all(axis=1))
+            own = stored[same]
+            emb = encode_stored(own.reshape(-1, *own.shape[2:]), tuple(int(v) for v in box), clip, device,
+                                batch_size)
             feats[ok[same]] = emb.reshape(same.size, t, d).astype(np.float16)
     group["features"][rows] = feats
     return store.BlockResult(block, status, reasons)

@@ -23,7 +23,7 @@ from .paths import features_path, frames_path, splits_of
 
 def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *, device: str = "cpu",
         batch_size: int = 64, workers: int = 1, scheduler_address: str | None = None,
-        replace_mismatched: bool = False, quiet: bool = False) -> list[dict]:
+        replace_mismatched: bool = False, quiet: bool = False, compile_: bool = False) -> list[dict]:
     available = splits_of(cache, "frames", dataset)
     if not available:
         raise PipelineError(f"no frame store for {dataset!r} under {cache}: run `pipeline frames` first")
@@ -34,7 +34,7 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
     spec = spec.absolute()  # workers may run in other directories
     precision = precision_for(device)
     finished = {split: done for split in chosen
-                if (done := _already_done(cache, dataset, spec, split, precision, batch_size)) is not None}
+                if (done := _already_done(cache, dataset, spec, split, precision, batch_size, compile_)) is not None}
     if len(finished) == len(chosen):  # a no-op re-run: nothing to compute, so no model to load
         return [finished[split] for split in chosen]
     say(f"loading {spec.name} on {device} ...")
@@ -49,12 +49,13 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
         # Shared lock on the frame store for the whole run: it cannot be rebuilt under us.
         with store.reader_lock(fpath):
             summaries.append(_features_of_split(cache, dataset, spec, split, fpath, clip, precision, device,
-                                                batch_size, workers, scheduler_address, replace_mismatched, quiet))
+                                                batch_size, workers, scheduler_address, replace_mismatched, quiet,
+                                                compile_))
     return summaries
 
 
 def _already_done(cache: Path, dataset: str, spec: ModelSpec, split: str, precision: str,
-                  batch_size: int) -> dict | None:
+                  batch_size: int, compile_: bool = False) -> dict | None:
     """The summary of a finished feature store that this run would leave exactly as it is (same frame
     store, model files, flags, precision and batch size), else None. Checked without loading the model."""
     path = features_path(cache, dataset, spec.tag, split)
@@ -71,6 +72,7 @@ def _already_done(cache: Path, dataset: str, spec: ModelSpec, split: str, precis
     params = dict(attrs.get("params") or {})
     if (not attrs.get("fingerprint") or attrs.get("frames_fingerprint") != frames_fp
             or params.get("precision") != precision or params.get("batch_size") != batch_size
+            or bool(params.get("compile", False)) != compile_
             or (recorded.get("name"), recorded.get("pretrained"), recorded.get("quick_gelu"))
             != (spec.name, spec.pretrained, spec.quick_gelu)
             or not same_model(spec, dict(attrs.get("model") or {})) or store.pending_blocks(group)):
@@ -87,14 +89,15 @@ MODEL_IDENTITY_KEYS = ("weights_sha256", "config_sha256", "model", "pretrained",
 
 def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, fpath: Path, clip, precision: str,
                        device: str, batch_size: int, workers: int, scheduler_address: str | None,
-                       replace_mismatched: bool, quiet: bool) -> dict:
+                       replace_mismatched: bool, quiet: bool, compile_: bool = False) -> dict:
     frames_group = store.open_existing(fpath, f"frame store {dataset}/{split}")
     if store.pending_blocks(frames_group):
         raise PipelineError(f"frame store {dataset}/{split} is unfinished: re-run `pipeline frames` first")
     path = features_path(cache, dataset, spec.tag, split)
-    record = features_fingerprint_record(frames_group, clip.identity, precision, batch_size)
+    record = features_fingerprint_record(frames_group, clip.identity, precision, batch_size, compile_)
     params = {"model": spec.name, "pretrained": spec.pretrained, "precision": precision, "batch_size": batch_size,
-              "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity}
+              "frames_fingerprint": frames_group.attrs["fingerprint"], **clip.identity,
+              **({"compile": True} if compile_ else {})}
     with store.writer_lock(path):
         try:
             group = store.open_output(
@@ -116,10 +119,13 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
             def done(r: store.BlockResult) -> None:
                 ledger.record(r)
                 bar.update(r.n)
+            in_process = workers <= 1 and not scheduler_address
+            # in one process blocks run in order: each reads the next one's bytes while it computes
+            ahead = [*pending[1:], None] if in_process else [None] * len(pending)
             errors = run_blocks(
                 extract_feature_block,
-                [(location(path), location(fpath), b, spec, device, batch_size, threads)
-                 for b in pending],
+                [(location(path), location(fpath), b, spec, device, batch_size, threads, compile_, nxt)
+                 for b, nxt in zip(pending, ahead, strict=True)],
                 workers=workers, scheduler_address=scheduler_address, on_result=done)
         summary = store.summarize(group, path, max_failures=None)
     summary["errors"] = errors

@@ -148,3 +148,31 @@ def test_compile_option_trains_like_eager(stores, tiny_clip, tmp_path):
     assert np.allclose(losses["eager"], losses["compiled"], rtol=1e-4)
     assert any(k.startswith("visual.") for k in compiled.state_dict())  # compiled in place: checkpoint keys kept
     assert compiled.state_dict().keys() == eager.state_dict().keys()
+
+
+def test_features_of_two_dask_processes_equal_one_process_with_read_ahead(tmp_path, tiny_clip):
+    """Blocks are the unit of work: 2 processes (each block one writer) write the store that 1 process writes
+    reading each next block ahead; the device decode gives the pixels Pillow gives."""
+    generate_world(tmp_path / "world", WorldSpec(train_per_class=2, val_per_class=1, frames=16, size=48, seed=3))
+    stores = {}
+    for workers in ("1", "2"):
+        cache = tmp_path / f"w{workers}"
+        run_inproc("frames", "--format", "csv", "--root", str(tmp_path / "world"), "--dataset", "dp", "--cache-frames",
+                   "3", "--height", "48", "--width", "96", "--split", "train", "--block-size", "5", "--cache",
+                   str(cache), "-q")
+        run_cli("features", "-d", "dp", "--model", f"local-dir:{tiny_clip}", "--model-key", "tiny", "--device", "cpu",
+                "--batch-size", "4", "--workers", workers, "--cache", str(cache), "-q")
+        stores[workers] = zarr.open_group(str(cache / "features" / "dp" / "tiny" / "train"), mode="r")
+    one, two = stores["1"], stores["2"]
+    assert one.attrs["fingerprint"] == two.attrs["fingerprint"] and int(one.attrs["n"]) > 2 * 5  # 3+ blocks
+    assert np.array_equal(one["features"][:], two["features"][:]) and one["features"][:].any()
+    assert one["status"][:].tolist() == two["status"][:].tolist()
+    # the frames decoded with Pillow and encoded on the CPU give the same rows
+    from pipeline.featurestore import encode_frames
+    from pipeline.framestore import read_frames
+
+    frames_group = zarr.open_group(str(tmp_path / "w1" / "frames" / "dp" / "train"), mode="r")
+    y0, y1, x0, x1 = (int(v) for v in frames_group["box"][0])
+    pixels = read_frames(frames_group, slice(0, 1))[0][:, y0:y1, x0:x1]
+    want = encode_frames(pixels, load_clip(ModelSpec(f"local-dir:{tiny_clip}")), "cpu", 4)
+    assert np.array_equal(one["features"][0], want.astype(np.float16))
