@@ -199,7 +199,7 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
         with autocast:
             emb = model.embed(x.flatten(0, 1)).float()
         video = F.normalize(emb.view(b, v, -1), dim=-1).mean(dim=1)
-        out_logits.append(model.head(video).float().cpu())
+        out_logits.append(model.head(video).float())  # read back once, after the last batch
         out_idx.append(idx)
         out_labels.append(y)
         if on_batch is not None:
@@ -207,7 +207,7 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
     model.train(was_training)
     n_classes = model.head.weight.shape[0]
     local = (torch.cat(out_idx) if out_idx else torch.zeros(0, dtype=torch.long),
-             torch.cat(out_logits) if out_logits else torch.zeros(0, n_classes),
+             torch.cat(out_logits).cpu() if out_logits else torch.zeros(0, n_classes),
              torch.cat(out_labels) if out_labels else torch.zeros(0, dtype=torch.long))
     if world > 1:
         parts: list = [None] * world
