@@ -127,8 +127,15 @@ def decode_clips(clips: list[EncodedClip], device: torch.device | str) -> list[t
     return out
 
 
+def _index(positions: list[int], device: torch.device) -> torch.Tensor:
+    """An index tensor on ``device`` without a host synchronisation (pinned memory, non-blocking copy)."""
+    index = torch.tensor(positions, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
 def _randaugment_frames(frames: list[torch.Tensor], draws: list[Ops], magnitude_bins: int) -> list[torch.Tensor]:
-    """Apply each frame's own draw; frames of one shape that drew the same operation go through one call."""
+    """Apply each frame's own draw. Frames of one shape are stacked and, for each RandAugment layer, permuted
+    so that the frames that drew one operation are contiguous: one call (and no index tensor) per operation."""
     applier = v2.RandAugment(num_magnitude_bins=magnitude_bins)
     out = list(frames)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -136,18 +143,24 @@ def _randaugment_frames(frames: list[torch.Tensor], draws: list[Ops], magnitude_
         by_shape.setdefault(tuple(f.shape), []).append(i)
     for members in by_shape.values():
         stack = torch.stack([frames[i] for i in members])
+        order = list(range(len(members)))  # stack[k] holds frame members[order[k]]
         for layer in range(len(draws[members[0]])):
             groups: dict[tuple[str, float], list[int]] = {}
-            for k, i in enumerate(members):
-                groups.setdefault(draws[i][layer], []).append(k)
+            for k, j in enumerate(order):
+                groups.setdefault(draws[members[j]][layer], []).append(k)
+            perm = [k for ks in groups.values() for k in ks]
+            if perm != list(range(len(perm))):
+                stack = stack[_index(perm, stack.device)]
+                order = [order[k] for k in perm]
+            lo = 0
             for (op, magnitude), ks in groups.items():
-                if op == "Identity":
-                    continue
-                sel = torch.tensor(ks, device=stack.device)
-                stack[sel] = applier._apply_image_or_video_transform(
-                    stack[sel], op, magnitude, interpolation=applier.interpolation, fill=applier._fill)
-        for k, i in enumerate(members):
-            out[i] = stack[k]
+                if op != "Identity":
+                    stack[lo:lo + len(ks)] = applier._apply_image_or_video_transform(
+                        stack[lo:lo + len(ks)], op, magnitude, interpolation=applier.interpolation,
+                        fill=applier._fill)
+                lo += len(ks)
+        for k, j in enumerate(order):
+            out[members[j]] = stack[k]
     return out
 
 
@@ -166,12 +179,15 @@ def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug)
     s, mode = norm.image_size, _mode(norm.interpolation)
     x = torch.stack([F.resized_crop(f, *d.crop, [s, s], interpolation=mode, antialias=True)
                      for f, d in zip(frames, draws, strict=True)])
-    flip = torch.tensor([d.flip for d in draws], device=x.device)
-    if flip.any():
-        x[flip] = F.horizontal_flip(x[flip])
-    gray = torch.tensor([d.grayscale for d in draws], device=x.device)
-    if gray.any():
-        x[gray] = F.rgb_to_grayscale(x[gray], num_output_channels=3)
+    # the draws are on the host: choosing clips needs no read-back from the device
+    flip = [b for b, d in enumerate(draws) if d.flip]
+    if flip:
+        sel = _index(flip, x.device)
+        x[sel] = F.horizontal_flip(x[sel])
+    gray = [b for b, d in enumerate(draws) if d.grayscale]
+    if gray:
+        sel = _index(gray, x.device)
+        x[sel] = F.rgb_to_grayscale(x[sel], num_output_channels=3)
     if aug.randaugment_ops and not aug.randaugment_per_frame:  # one draw for all frames of a clip
         flat = _randaugment_frames(list(x.flatten(0, 1)), [d.randaugment[0] for d in draws for _ in range(t)], bins)
         x = torch.stack(flat).view(x.shape)
