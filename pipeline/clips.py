@@ -157,13 +157,13 @@ class FrameClipSet(torch.utils.data.Dataset):
         return video_box(self.group(), row) if self._boxes is None else tuple(int(v) for v in self._boxes[row])
 
     def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batched:
+            return self.items([index], epoch, train)[0]
         group = self.group()
         row = int(self.rows[index])
         t_cache = self._frames_array.shape[1]
         label = torch.as_tensor(self.labels[index])
         y0, y1, x0, x1 = self.box(row)  # the video's own pixels: padding never enters a crop
-        if self.batched:
-            return self.items([index], epoch, train)[0]
         if train:
             rng = sample_rng(self.seed, epoch, index)
             picks = segment_indices(t_cache, self.frames, rng)
@@ -178,7 +178,6 @@ class FrameClipSet(torch.utils.data.Dataset):
         frames = torch.from_numpy(read_frames(group, row, picks)[:, y0:y1, x0:x1]).permute(0, 3, 1, 2)
         views = [eval_views(frames[c * self.frames:(c + 1) * self.frames], self.norm, spatial) for c in range(temporal)]
         return torch.cat(views), label
-
 
     def items(self, indices: list[int], epoch: int, train: bool) -> list[tuple]:
         """Several clips at once. The batched path's worker share: one coordinate read of the stored bytes of every
@@ -239,10 +238,6 @@ class ConcatClipSet:
 
     def items(self, indices: list[int], epoch: int, train: bool) -> list[tuple]:
         return [self.item(i, epoch, train) for i in indices]
-
-    @property
-    def batched(self) -> bool:
-        return any(getattr(p, "batched", False) for p in self.parts)
 
     def finish(self, batch: list, device: torch.device | str, train: bool) -> torch.Tensor:
         return self.parts[0].finish(batch, device, train)  # the parts share frames, views and normalisation
