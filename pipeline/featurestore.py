@@ -88,7 +88,7 @@ def encode_stored(stored: np.ndarray, box: tuple[int, int, int, int], clip: Load
                   batch_size: int) -> np.ndarray:
     """float32 [n, D] embeddings of stored frames (JPEG bytes [n], or raw uint8 [n, H, W, 3]) of one box:
     decoded on ``device`` (nvJPEG on a GPU; libjpeg-turbo on the CPU, the same pixels as Pillow), cropped
-    to the box, preprocessed and encoded there, ``batch_size`` frames a pass; one read-back per pass."""
+    to the box, preprocessed and encoded there, ``batch_size`` frames a pass; read back once, at the end."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -103,8 +103,8 @@ def encode_stored(stored: np.ndarray, box: tuple[int, int, int, int], clip: Load
             x = torch.from_numpy(np.ascontiguousarray(part)).to(device, non_blocking=True).permute(0, 3, 1, 2)
         x = preprocess(x[:, :, y0:y1, x0:x1], clip)
         with torch.no_grad(), _autocast(device):
-            out.append(clip.model.encode_image(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
+            out.append(clip.model.encode_image(x).float())  # on the device: the next pass decodes meanwhile
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
 
 
 def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precision: str, batch_size: int,
