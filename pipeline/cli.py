@@ -470,9 +470,15 @@ def need_dataset(s: Any) -> str:
 def _run_features(ctx: Context, dataset: str, spec, s: Any) -> list[dict]:
     from stages import features as features_stage
 
+    device = default_device(s.device)
+    workers = s.workers
+    if workers is None:  # every visible GPU: one dask worker each
+        import torch
+
+        workers = torch.cuda.device_count() if device == "cuda" and torch.cuda.device_count() > 1 else 1
     summaries = features_stage.run(
-        ctx.cache, dataset, spec, list(s.splits), device=default_device(s.device), batch_size=s.batch_size,
-        workers=s.workers, scheduler_address=s.scheduler_address, replace_mismatched=s.replace_mismatched,
+        ctx.cache, dataset, spec, list(s.splits), device=device, batch_size=s.batch_size,
+        workers=workers, scheduler_address=s.scheduler_address, replace_mismatched=s.replace_mismatched,
         quiet=ctx.quiet, compile_=bool(getattr(s, "compile", False)))
     for x in summaries:
         _print_summary(x)

@@ -137,8 +137,9 @@ class FeaturesSettings(Replace, ModelChoice, DatasetName):
     splits: list[str] = knob([], "Split(s) [default: every stored split].", flag="--split", multiple=True)
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
     batch_size: int = knob(64, "Frames per forward pass.", type="POSITIVE")
-    workers: int = knob(1, "Processes, through dask; with --device cuda, worker i uses GPU i mod the visible GPUs "
-                           "(--workers N on N GPUs: one each).", type="POSITIVE")
+    workers: int | None = knob(None, "Processes, through dask; with --device cuda, worker i uses GPU i mod the "
+                                     "visible GPUs.", type="POSITIVE",
+                               default_text="1; with --device cuda, one per visible GPU")
     scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler.")
     compile: bool = knob(False, "torch.compile the image tower (GPU; compiles on the first batches).", is_flag=True)
 
