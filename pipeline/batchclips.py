@@ -1,7 +1,7 @@
 """The device half of the batched clip path: JPEG decode and clip augmentation a whole batch at a time.
 
 Loader workers only read the bytes of a clip's T frames and draw its augmentation parameters
-(:func:`draw_clip`, from the clip's own seeded stream, as the per-clip path does); the training
+(:class:`ClipDrawer`, from the clip's own seeded stream, as the per-clip path does); the training
 process then decodes the batch with ``torchvision.io.decode_jpeg`` on its device (batched nvJPEG on
 a GPU) and applies RandAugment, RandomResizedCrop, flip, grayscale and normalisation to the whole
 batch there (:func:`train_batch`, :func:`eval_batch`). The same code runs on ``device="cpu"``.
@@ -10,11 +10,11 @@ Parameters are drawn as torchvision's transforms draw them, in the per-clip path
 same seed: the batched path makes the same choices as :func:`pipeline.clips.train_transform` (the
 crop by RandomResizedCrop's own ``make_params``; RandAugment's two draws per operation replayed over
 its own operation table, a test holding both paths equal). RandAugment operations are applied with
-torchvision's own kernel dispatch to every frame that drew the same operation at once (the per-frame RandAugment of the
-official recipe costs a handful of batched kernels, not one call per frame). On the CPU both paths
-decode with libjpeg-turbo and call the same kernels: tests hold them equal within interpolation
-tolerance (batched convolutions may round a pixel differently); nvJPEG's IDCT differs from
-libjpeg-turbo's by a grey level or two.
+torchvision's own kernel dispatch, to all frames that drew the same operation at once: the official
+per-frame RandAugment costs a handful of batched calls, not one per frame. On the CPU both paths
+decode with libjpeg-turbo and call the same kernels: tests hold them equal (within a grey level, as
+batched convolutions could round a pixel differently; bit-equal here). nvJPEG's IDCT may differ from
+libjpeg-turbo's by a grey level.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class ClipDraw:
     """Every random choice of one training clip's augmentation."""
 
     randaugment: tuple[Ops, ...]  # per frame (the official GroupTransform) or one for the whole clip
-    per_frame: bool
     crop: tuple[int, int, int, int]  # RandomResizedCrop's top, left, height, width inside the box
     flip: bool
     grayscale: bool
@@ -108,7 +107,7 @@ class ClipDrawer:
             gray = aug.grayscale > 0 and bool(torch.rand(1) < aug.grayscale)
             if ra is not None and not aug.randaugment_per_frame:  # after the crop: on S x S frames
                 ops = (ra.draw(self.size, self.size),)
-        return ClipDraw(ops, aug.randaugment_per_frame, (c["top"], c["left"], c["height"], c["width"]), flip, gray)
+        return ClipDraw(ops, (c["top"], c["left"], c["height"], c["width"]), flip, gray)
 
 
 def decode_clips(clips: list[EncodedClip], device: torch.device | str) -> list[torch.Tensor]:
