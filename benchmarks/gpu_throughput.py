@@ -87,7 +87,8 @@ def features_row(store: Path, device: torch.device, smoke: bool, compile_: bool,
     stored = group["frames"][:, ::4].reshape(-1)  # 8 of the 32 stored frames of every video
     box = tuple(int(v) for v in group["box"][0])
     name = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
-    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(lambda: encode_stored(stored, box, clip, name, frames_per_pass), device, 2 if compile_ else 1, 3)
     videos = len(stored) / FRAMES
     return {"what": "features" + (" compile" if compile_ else ""), "batch": frames_per_pass,
@@ -95,13 +96,14 @@ def features_row(store: Path, device: torch.device, smoke: bool, compile_: bool,
 
 
 def data_path_rows(store: Path, device: torch.device, smoke: bool, batch: int) -> list[dict]:
+    import zarr
     from bench_data_path import MEAN, STD
 
     from pipeline.batchclips import train_batch
     from pipeline.clips import AugmentConfig, FrameClipSet, Normalization
     from pipeline.training import _collate
 
-    n = int(__import__("zarr").open_group(str(store), mode="r")["frames"].shape[0])
+    n = int(zarr.open_group(str(store), mode="r")["frames"].shape[0])
     norm, aug = Normalization(32 if smoke else 224, MEAN, STD), AugmentConfig()
     data = FrameClipSet(str(store), np.arange(n), np.arange(n) % 4, FRAMES, norm, 0, aug, batched=True)
     indices = [i % n for i in range(batch)]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from .framestore import read_frames, read_stored, video_box
+from .framestore import read_boxes, read_frames, read_stored
 from .sampling import sample_rng, segment_indices, view_positions
 from .settings import FinetuneSettings as _F  # the defaults
 
@@ -129,8 +129,6 @@ class FrameClipSet(torch.utils.data.Dataset):
         self._group: zarr.Group | None = None
         self._pid = -1
         self._transform = None
-        self._boxes: np.ndarray | None = None
-        self._boxes_pid = -1
         # batched: items are the stored bytes of a clip's frames plus its drawn parameters, and
         # :meth:`finish` decodes and augments a whole batch on the training device (pipeline.batchclips)
         self.batched = batched
@@ -146,15 +144,22 @@ class FrameClipSet(torch.utils.data.Dataset):
             # opening an array reads its metadata: once per process, not once per clip
             self._frames_array = self._group["frames"]
             self._raw = self._group.attrs["codec"]["name"] == "raw"
+            self._boxes = read_boxes(self._group)  # the whole column: one small read, not one per clip
         return self._group
 
     def box(self, row: int) -> tuple[int, int, int, int]:
-        # the whole box column, read once per process: one small read, not one per clip
-        if self._boxes is None or self._boxes_pid != os.getpid():
-            group = self.group()
-            self._boxes = group["box"][:] if "box" in group else None
-            self._boxes_pid = os.getpid()
-        return video_box(self.group(), row) if self._boxes is None else tuple(int(v) for v in self._boxes[row])
+        self.group()
+        y0, y1, x0, x1 = (int(v) for v in self._boxes[row])
+        return y0, y1, x0, x1
+
+    def _picks(self, index: int, epoch: int, train: bool, t_cache: int) -> tuple[np.ndarray, int | None]:
+        """The stored frames a clip uses, and (training) the seed of its augmentation draws: both from the
+        clip's own stream, so the per-clip and the batched paths make the same clip."""
+        if train:
+            rng = sample_rng(self.seed, epoch, index)
+            return segment_indices(t_cache, self.frames, rng), int(rng.integers(2**62))
+        positions = view_positions(self.views[0])
+        return np.concatenate([segment_indices(t_cache, self.frames, position=p) for p in positions]), None
 
     def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batched:
@@ -164,18 +169,15 @@ class FrameClipSet(torch.utils.data.Dataset):
         t_cache = self._frames_array.shape[1]
         label = torch.as_tensor(self.labels[index])
         y0, y1, x0, x1 = self.box(row)  # the video's own pixels: padding never enters a crop
+        picks, seed = self._picks(index, epoch, train, t_cache)
+        frames = torch.from_numpy(read_frames(group, row, picks)[:, y0:y1, x0:x1]).permute(0, 3, 1, 2)
         if train:
-            rng = sample_rng(self.seed, epoch, index)
-            picks = segment_indices(t_cache, self.frames, rng)
-            clip = torch.from_numpy(read_frames(group, row, picks)[:, y0:y1, x0:x1]).permute(0, 3, 1, 2)
             if self._transform is None:
                 self._transform = train_transform(self.norm, self.aug)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(rng.integers(2**62)))
-                return self._transform(clip), label
+                torch.manual_seed(seed)
+                return self._transform(frames), label
         temporal, spatial = self.views
-        picks = np.concatenate([segment_indices(t_cache, self.frames, position=p) for p in view_positions(temporal)])
-        frames = torch.from_numpy(read_frames(group, row, picks)[:, y0:y1, x0:x1]).permute(0, 3, 1, 2)
         views = [eval_views(frames[c * self.frames:(c + 1) * self.frames], self.norm, spatial) for c in range(temporal)]
         return torch.cat(views), label
 
@@ -190,15 +192,7 @@ class FrameClipSet(torch.utils.data.Dataset):
         group = self.group()
         t_cache = self._frames_array.shape[1]
         rows = [int(self.rows[i]) for i in indices]
-        picks, seeds = [], []
-        for i in indices:
-            if train:
-                rng = sample_rng(self.seed, epoch, i)  # the per-clip path's stream: same frames, same draws
-                picks.append(segment_indices(t_cache, self.frames, rng))
-                seeds.append(int(rng.integers(2**62)))
-            else:
-                picks.append(np.concatenate([segment_indices(t_cache, self.frames, position=p)
-                                             for p in view_positions(self.views[0])]))
+        picks, seeds = zip(*(self._picks(i, epoch, train, t_cache) for i in indices), strict=True)
         stored = read_stored(group, np.repeat(rows, [len(p) for p in picks]), np.concatenate(picks),
                              self._frames_array)
         if train and self._drawer is None:

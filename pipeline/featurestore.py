@@ -17,7 +17,7 @@ import zarr
 
 from . import store
 from .errors import DamagedStore
-from .framestore import FAILED, OK
+from .framestore import FAILED, OK, read_boxes, require_frames
 from .models.clip import LoadedClip, ModelSpec, load_clip
 
 # torch is imported inside the functions that encode: reading features (heads, evaluation) must
@@ -74,14 +74,7 @@ def _autocast(device: str):
 
 def encode_frames(frames: np.ndarray, clip: LoadedClip, device: str, batch_size: int) -> np.ndarray:
     """float32 [n, D] image embeddings (not normalised) of uint8 frames [n, H, W, 3]."""
-    import torch
-
-    out = []
-    for lo in range(0, len(frames), batch_size):
-        x = preprocess(frames[lo:lo + batch_size], clip).to(device, non_blocking=True)
-        with torch.no_grad(), _autocast(device):
-            out.append(clip.model.encode_image(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, clip.embed_dim), np.float32)
+    return encode_stored(frames, (0, frames.shape[1], 0, frames.shape[2]), clip, device, batch_size)
 
 
 def encode_stored(stored: np.ndarray, box: tuple[int, int, int, int], clip: LoadedClip, device: str,
@@ -193,15 +186,8 @@ def _read_block(frames_path: str, block: int) -> tuple:
     stored = boxes = None
     if ok.size:
         stored = store.read_array(frames_group, "frames", rows)[ok]  # bytes: decoded later, on the device
-        spec = frames_group.attrs["spec"]
-        boxes = (frames_group["box"][rows][ok] if "box" in frames_group
-                 else np.tile([0, spec["height"], 0, spec["width"]], (ok.size, 1)))
-        if stored.dtype == object:
-            empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
-            if empty.any():
-                from .framestore import _refuse_missing_frames
-
-                _refuse_missing_frames(frames_group, rows.start + int(ok[empty.any(axis=1)][0]), np.ones(1, bool))
+        require_frames(frames_group, stored, (rows.start + ok)[:, None])
+        boxes = read_boxes(frames_group, rows)[ok]
     return rows, status_in, reasons_in, ok, stored, boxes
 
 

@@ -167,13 +167,19 @@ def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
     return store.BlockResult(block, status, reasons)
 
 
+def read_boxes(group: zarr.Group, rows: slice | int = slice(None)) -> np.ndarray:
+    """int16 (y0, y1, x0, x1) of videos' own pixels in their stored frames: [n, 4], or [4] for one row (the
+    whole box for stores made before boxes were recorded)."""
+    if "box" in group:
+        return store.read_array(group, "box", rows)
+    spec = group.attrs["spec"]
+    whole = np.array([0, spec["height"], 0, spec["width"]], np.int16)
+    return whole if isinstance(rows, int) else np.tile(whole, (len(range(int(group.attrs["n"]))[rows]), 1))
+
+
 def video_box(group: zarr.Group, row: int) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of a video's own pixels in its stored frames (the whole box for stores made before
-    boxes were recorded)."""
-    if "box" not in group:
-        spec = group.attrs["spec"]
-        return 0, int(spec["height"]), 0, int(spec["width"])
-    y0, y1, x0, x1 = (int(v) for v in group["box"][row])
+    """(y0, y1, x0, x1) of one video's own pixels in its stored frames."""
+    y0, y1, x0, x1 = (int(v) for v in read_boxes(group, row))
     return y0, y1, x0, x1
 
 
@@ -187,9 +193,8 @@ def read_frames(group: zarr.Group, rows: slice | int, frame_indices: np.ndarray 
         stored = stored[np.asarray(frame_indices)]
     if group.attrs["codec"]["name"] == "raw":
         return stored
-    empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
-    if empty.any():
-        _refuse_missing_frames(group, rows, empty)
+    require_frames(group, stored, np.arange(*rows.indices(int(group.attrs["n"])))[:, None]
+                   if isinstance(rows, slice) else rows)
     spec = group.attrs["spec"]
     shape = (spec["height"], spec["width"])
     flat = [decode_jpeg(b, shape) for b in stored.reshape(-1)]
@@ -220,22 +225,21 @@ def read_stored(group: zarr.Group, rows: np.ndarray, frame_indices: np.ndarray,
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise DamagedStore(f"array 'frames' of {group.store_path} cannot be read "
                            f"({' '.join(str(e).split())[:120]}): run `pipeline verify --repair`") from None
-    if stored.dtype == object:
-        empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
-        if empty.any():
-            _refuse_missing_frames(group, int(np.asarray(rows)[empty][0]), np.ones(1, bool))
+    require_frames(group, stored, rows)
     return stored
 
 
-def _refuse_missing_frames(group: zarr.Group, rows: slice | int, empty: np.ndarray) -> None:
-    """Empty bytes are right for a failed video; for a decoded one they mean a lost shard."""
-    if isinstance(rows, slice):
-        ids = np.arange(*rows.indices(group["frames"].shape[0]))
-        hit = ids[empty.reshape(len(ids), -1).any(axis=1)]
-        status = group["status"][rows][hit - ids[0]]  # this block's rows only: the features stage's hot path
-    else:
-        hit = np.array([rows])
-        status = np.atleast_1d(group["status"][rows])
+def require_frames(group: zarr.Group, stored: np.ndarray, row_of: np.ndarray | int) -> None:
+    """Refuse stored frames that lost their bytes. Empty bytes are right for a failed video; for a decoded one
+    they mean a lost shard. ``row_of``: the row of each element of ``stored`` (broadcast to its shape); only
+    the status of rows with empty bytes is read."""
+    if stored.dtype != object:
+        return  # raw frames: a lost chunk reads as a failed checksum instead
+    empty = np.frompyfunc(len, 1, 1)(stored).astype(np.int64) == 0
+    if not empty.any():
+        return
+    hit = np.unique(np.broadcast_to(row_of, empty.shape)[empty])
+    status = group["status"].get_orthogonal_selection(hit)
     if (status == OK).any():
         first = int(hit[status == OK][0])
         raise DamagedStore(f"frame store {group.store_path} is damaged: stored frames of decoded videos are "

@@ -54,6 +54,18 @@ def sigkill_mid_run(args: list[str], store_path: Path, cwd: Path, timeout: float
     proc.wait()
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at_step`: a training run dying mid-way, in process."""
+
+
+def crash_at_step(step: int):
+    """A training callback that kills the run at ``step`` (after that step, before any later checkpoint)."""
+    def callback(kind: str, values: dict) -> None:
+        if kind == "step" and values["step"] == step:
+            raise Crash
+    return callback
+
+
 def run_inproc(*args: str) -> str:
     """Run the CLI in this process (torch and open_clip are imported once per test session).
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_inproc
+from conftest import Crash, crash_at_step, run_inproc
 from test_frames_stage import run_cli
 
 from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
@@ -92,15 +92,8 @@ def test_training_on_the_batched_path_resumes_bit_exact_and_matches_the_per_clip
     cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, warmup_epochs=0.5, checkpoint_every=3)
     full = make_model(tiny_clip)
     train(full, batched, None, cfg, tmp_path / "a", "fp")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_5(kind, values):
-        if kind == "step" and values["step"] == 5:
-            raise Crash
     with pytest.raises(Crash):
-        train(make_model(tiny_clip), batched, None, cfg, tmp_path / "b", "fp", callback=crash_at_step_5)
+        train(make_model(tiny_clip), batched, None, cfg, tmp_path / "b", "fp", callback=crash_at_step(5))
     resumed = make_model(tiny_clip, seed=1)
     # resumed with a loader worker process: the items cross a process boundary as bytes
     train(resumed, batched, None, TrainConfig(**{**cfg.as_dict(), "workers": 1}), tmp_path / "b", "fp")

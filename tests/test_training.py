@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_inproc
+from conftest import Crash, crash_at_step, run_inproc
 from test_frames_stage import run_cli
 
 from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
@@ -152,15 +152,8 @@ def test_resume_after_a_crash_is_bit_exact(tmp_path):
     data = ToySet()
     full = make_model()
     train(full, data, data, cfg, tmp_path / "a", "fp")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_step_8(kind, values):
-        if kind == "step" and values["step"] == 8:
-            raise Crash
     with pytest.raises(Crash):
-        train(make_model(), data, data, cfg, tmp_path / "b", "fp", callback=crash_at_step_8)  # last ckpt: step 6
+        train(make_model(), data, data, cfg, tmp_path / "b", "fp", callback=crash_at_step(8))  # last ckpt: step 6
     resumed = make_model(seed=123)  # whatever the fresh weights: the checkpoint replaces them
     train(resumed, data, data, cfg, tmp_path / "b", "fp")
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
