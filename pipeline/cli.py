@@ -51,40 +51,32 @@ class Context:
 
 # ---- options made from the settings ------------------------------------------------------------
 
-def _click_type(cls: type, f) -> Any:  # noqa: ANN001
-    k: S.Knob = f.metadata["knob"]
-    named = {"POSITIVE": click.IntRange(1), "COUNT": click.IntRange(0), "PERCENT": click.IntRange(1, 100),
-             "PROBABILITY": click.FloatRange(0, 1), "SIDE": click.IntRange(16), "SPLIT_ID": click.IntRange(1, 3),
-             "FRACTION": click.FloatRange(0, 1, min_open=True, max_open=True),
-             "FILE": click.Path(dir_okay=False), "DIR": click.Path(file_okay=False)}
-    if k.type == "FORMATS":
-        from .datasets import DATASETS
-
-        return click.Choice(DATASETS)
-    if k.type in ("INTERPOLATIONS", "SEEK_MODES"):
-        from . import video
-
-        return click.Choice(getattr(video, k.type))
-    if isinstance(k.type, str):
-        return named[k.type]
-    if isinstance(k.type, tuple):
-        return click.Choice(k.type)
-    if k.nargs > 1:
-        return (k.type,) * k.nargs
-    if k.type is not None:
-        return k.type
-    kind = S.scalar_kind(cls, f)  # from the annotation: `float | None` is a float when given
-    return kind if kind in (int, float) else None
-
-
 def _shown(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value)) if value else "none"
     return str(value)
 
 
+class ParamsAwareCommand(click.Command):
+    """A command that knows its params file before --help is rendered, wherever --help stands on the line:
+    ``--help --params k400.yaml`` shows k400.yaml's values (click handles --help as soon as it parses it)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--no-params":
+                ctx.meta["no_params"] = True
+            elif arg == "--params" and i + 1 < len(args):
+                ctx.meta["params_file"] = args[i + 1]
+            elif arg.startswith("--params="):
+                ctx.meta["params_file"] = arg.split("=", 1)[1]
+        return super().parse_args(ctx, args)
+
+
 class SettingOption(click.Option):
-    """An option whose --help default is the effective one: params.yaml's value when it sets one."""
+    """An option whose --help default is the effective one: the value of the params file in use (``--params
+    FILE``, else ./params.yaml; none with ``--no-params``) when it sets one."""
 
     def __init__(self, *args: Any, settings_cls: type, field: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -95,16 +87,20 @@ class SettingOption(click.Option):
         k: S.Knob = self.field.metadata["knob"]
         default = S.default_of(self.field)
         text = k.default_text or (None if default is None or default is False else _shown(default))
-        try:
-            with warnings.catch_warnings():  # a deprecated params file is reported when a command runs
-                warnings.simplefilter("ignore")
-                params = load_params(None)
-            found, value, where, _ = Params(params, k.section or self.settings_cls.SECTION).lookup(
-                self.field.name, k.old_keys)
-        except PipelineError:
-            found = False
+        found = False
+        if not ctx.meta.get("no_params"):
+            chosen = ctx.meta.get("params_file")
+            try:
+                with warnings.catch_warnings():  # a deprecated params file is reported when a command runs
+                    warnings.simplefilter("ignore")
+                    params = load_params(chosen)
+                found, value, where, _ = Params(params, k.section or self.settings_cls.SECTION).lookup(
+                    self.field.name, k.old_keys)
+            except PipelineError:
+                found = False
         if found:
-            text = f"{_shown(value)} from {DEFAULT_PARAMS} {where}" + (f"; built in: {text}" if text else "")
+            text = (f"{_shown(value)} from {ctx.meta.get('params_file') or DEFAULT_PARAMS} {where}"
+                    + (f"; built in: {text}" if text else ""))
         if text:
             extra["default"] = text
         return extra
@@ -120,7 +116,7 @@ def setting_options(cls: type) -> Callable:
                 decls = [f"--{k.toggle}"]
             else:
                 decls = [S.flag_of(f)] + ([k.short] if k.short else [])
-            common = dict(type=None if k.is_flag or k.toggle else _click_type(cls, f), multiple=k.multiple)
+            common = dict(type=None if k.is_flag or k.toggle else S.click_type(cls, f), multiple=k.multiple)
             kwargs: dict[str, Any] = dict(default=None, help=k.help, **common)
             if k.is_flag:
                 kwargs["is_flag"] = True
@@ -174,7 +170,7 @@ def command(name: str, cls: type | None, section: str | None = None) -> Callable
             wrapper = click.option("--print-config", is_flag=True,
                                    help="Print the resolved settings and where each came from, and exit.")(wrapper)
             wrapper = setting_options(cls)(wrapper)
-        return cli.command(name)(wrapper)
+        return cli.command(name, cls=ParamsAwareCommand)(wrapper)
 
     return decorate
 
@@ -271,7 +267,7 @@ def _print_summary(s: dict, shown: int = 5) -> None:
     for f in s["failures"][:shown]:
         click.echo(f"  failed {f['video_id']}: {f['reason']}  ({f['path'] or 'no file'})")
     if s["failed"] > shown:
-        click.echo(f"  ... and {s['failed'] - shown} more (pipeline status --json lists them all)")
+        click.echo(f"  ... and {s['failed'] - shown} more (`pipeline status --json --all-failures` lists them all)")
     for e in s.get("errors", []):
         click.echo(f"  block error: {e}")
 
@@ -295,17 +291,25 @@ def frames(ctx: Context, s: S.FramesSettings) -> None:
 
 @command("status", None)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of entries) on stdout.")
-def status(ctx: Context, as_json: bool) -> None:
+@click.option("--all-failures", is_flag=True, help="List every failed video (default: the first 20 of each "
+                                                   "store, and counts by reason).")
+def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
     """List what the cache holds: every store with counts and failures, runs, reports and metrics.
+
+    Marks outputs DAMAGED (what can be seen without reading the data: missing arrays or chunk files,
+    truncated chunks, an altered head, a run's unreadable files or truncated checkpoint), STALE (made
+    from inputs rebuilt since) and RANDOM WEIGHTS (features of a model without pretrained weights), and
+    says when `pipeline verify` last read each one whole.
 
     \b
     Examples:
       pipeline status
-      pipeline status --json | jq '.[] | select(.failed > 0) | .failures'
+      pipeline status --json | jq '.[] | select(.failed > 0) | .failure_reasons'
+      pipeline status --json --all-failures | jq '.[] | .failures[]'
     """
     from stages import status as status_stage
 
-    entries = status_stage.run(ctx.cache)
+    entries = status_stage.run(ctx.cache, all_failures=all_failures)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
@@ -315,21 +319,34 @@ def status(ctx: Context, as_json: bool) -> None:
         if e["stage"] in ("run", "report", "metrics"):
             detail = _describe(e)
             click.echo(f"{e['stage']:<8} {e['name']:<36} {detail}  {e['path']}")
-            continue
-        if e.get("damaged"):
-            state = "DAMAGED"
-        elif not e["fingerprint"]:
-            state = "unfinished"
-        elif e.get("stale"):
-            state = "STALE"
         else:
-            state = "complete" if e["complete"] else f"{e['pending']} pending"
-        unit = "videos" if e["stage"] in ("frames", "features") else "rows"
-        click.echo(f"{e['stage']:<8} {e.get('name') or e['dataset']:<36} {e['total']:>7} {unit:<6} {e['ok']:>7} ok "
-                   f"{e['failed']:>5} failed  {state:<12} {(e['fingerprint'] or '-')[:12]}  {e['path']}")
-        why = e.get("damaged") or e.get("stale")
-        if why:
-            click.echo(f"  {'damaged' if e.get('damaged') else 'stale'}: {why}")
+            if e.get("damaged"):
+                state = "DAMAGED"
+            elif not e["fingerprint"]:
+                state = "unfinished"
+            elif e.get("stale"):
+                state = "STALE"
+            else:
+                state = "complete" if e["complete"] else f"{e['pending']} pending"
+            unit = "videos" if e["stage"] in ("frames", "features") else "rows"
+            click.echo(f"{e['stage']:<8} {e.get('name') or e['dataset']:<36} {e['total']:>7} {unit:<6} "
+                       f"{e['ok']:>7} ok {e['failed']:>5} failed  {state:<12} {(e['fingerprint'] or '-')[:12]}  "
+                       f"{e['path']}")
+            if e.get("failure_reasons"):
+                click.echo("  failed: " + ", ".join(f"{n} {why}" for why, n in e["failure_reasons"].items()))
+        notes = []
+        if e.get("damaged"):
+            notes.append(f"damaged: {e['damaged']}")
+        if e.get("stale"):
+            notes.append(f"stale: {e['stale']}")
+        if e.get("random_weights"):
+            notes.append("RANDOM WEIGHTS: made with a model that has no pretrained weights (--random-weights)")
+        if "verified" in e and e["stage"] not in ("report", "metrics"):
+            v = e["verified"]
+            notes.append(f"verified {v['at']}: {'ok' if v['ok'] else 'DAMAGED'}" if v else
+                         "never verified whole (`pipeline verify`)")
+        for note in notes:
+            click.echo(f"  {note}")
     if any(e.get("damaged") for e in entries):
         click.echo("damaged outputs: `pipeline verify --repair` marks what must be recomputed", err=True)
 
@@ -337,8 +354,10 @@ def status(ctx: Context, as_json: bool) -> None:
 def _describe(e: dict) -> str:
     """One line for a run, report or metrics entry of ``status``."""
     if e["stage"] == "run":
+        if e.get("damaged"):
+            return "DAMAGED"
         best = e.get("best_val_top1")
-        return (f"{e.get('state')}, step {e.get('step')}"
+        return (f"{'STALE, ' if e.get('stale') else ''}{e.get('state')}, step {e.get('step')}"
                 + (f", best val top-1 {best:.2f}" if best is not None and best >= 0 else "")
                 + f"  ({e.get('kind')} head, {e.get('temporal')}, {e.get('model')})")
     if e["stage"] == "metrics":
@@ -347,15 +366,18 @@ def _describe(e: dict) -> str:
 
 
 @command("verify", None)
-@click.option("--repair", is_flag=True, help="Mark damaged blocks pending (delete outputs that cannot be "
-                                             "recomputed block by block), so that re-running the stage redoes them.")
+@click.option("--repair", is_flag=True, help="Mark damaged blocks pending and delete their chunk files (delete "
+                                             "outputs that cannot be recomputed block by block, and a run's "
+                                             "damaged files), so that re-running the stage redoes them.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (a list of entries) on stdout.")
 def verify(ctx: Context, repair: bool, as_json: bool) -> None:
-    """Read every finished block of every output in the cache and report damage.
+    """Read every finished block of every output in the cache, and every run's files, and report damage.
 
-    Checks each chunk's CRC-32C, the recorded digests of columns, heads and label embeddings, and
-    that every finished video has data and a status. Exit status 1 when something is damaged
-    (0 after --repair: re-run the stages that own the repaired outputs).
+    Checks every array's metadata and chunk files, each chunk's CRC-32C, the recorded digests of columns,
+    heads, label embeddings and of every finished block (all its arrays), the bookkeeping, and for runs
+    run.json, metrics.json, history.jsonl and the checkpoint's CRC-32s. Exit status 1 when something is
+    damaged (0 after --repair: re-run the stages that own the repaired outputs). `pipeline status` shows
+    when each output was last verified.
 
     \b
     Examples:
@@ -400,11 +422,10 @@ def world(ctx: Context, s: S.WorldSettings) -> None:
     if s.kind == "order":  # the order world has its own params group, so both worlds live in one params.yaml
         s = S.resolve(S.WorldSettings, lambda _: ctx.params_for("order_world"), ctx.flags).values
         s.kind = "order"
-    p = ctx.params_for("order_world" if s.kind == "order" else "world")
-    colours = p.get("colours", ("red", "green", "blue", "yellow") if s.kind == "order" else WorldSpec.colours)
+    colours = s.colours or (("red", "green", "blue", "yellow") if s.kind == "order" else WorldSpec.colours)
     with settings_errors():
-        spec = WorldSpec(colours=tuple(colours), shapes=tuple(p.get("shapes", WorldSpec.shapes)),
-                         sizes=tuple(p.get("sizes", WorldSpec.sizes)), train_per_class=s.train_per_class,
+        spec = WorldSpec(colours=tuple(colours), shapes=tuple(s.shapes or WorldSpec.shapes),
+                         sizes=tuple(s.sizes or WorldSpec.sizes), train_per_class=s.train_per_class,
                          val_per_class=s.val_per_class, frames=s.frames, size=s.size, seed=s.seed, kind=s.kind)
     target = Path(s.out) if s.out else ctx.cache / ("world" if s.kind == "objects" else "world-order")
     path = world_stage.run(target, spec, ctx.quiet)
@@ -435,7 +456,8 @@ def model_spec(ctx: Context, s: Any, dataset: str | None = None):
     if not s.model:
         raise PipelineError("no model given: pass --model (e.g. ViT-B-16 --pretrained openai, or local-dir:DIR) "
                             "or set model.name in params.yaml")
-    spec = ModelSpec(name=str(s.model), pretrained=s.pretrained, quick_gelu=s.quick_gelu, key=s.model_key)
+    spec = ModelSpec(name=str(s.model), pretrained=s.pretrained, quick_gelu=s.quick_gelu, key=s.model_key,
+                     random_weights=bool(s.random_weights))
     if not s.model_key and found:
         # the same model under the key it was cached with (e.g. a model.key chosen by a params file)
         mine = spec.absolute()
@@ -448,7 +470,7 @@ def model_spec(ctx: Context, s: Any, dataset: str | None = None):
 def _spec_from_cache(key: str, recorded: dict | None):
     from .models.clip import ModelSpec
 
-    fields = {k: v for k, v in (recorded or {}).items() if k in ("name", "pretrained", "quick_gelu")}
+    fields = {k: v for k, v in (recorded or {}).items() if k in ("name", "pretrained", "quick_gelu", "random_weights")}
     return ModelSpec(**(fields or {"name": key}), key=key)
 
 
@@ -839,13 +861,13 @@ def import_(ctx: Context, s: S.ImportSettings) -> None:
 
     \b
     Example:
-      pipeline import --format ucf101 --root /data/ucf101 --from /data/ucf101-vitl14-feats --model-tag vitl14-ext
+      pipeline import --format ucf101 --root /data/ucf101 --from /data/ucf101-vitl14-feats --model-key vitl14-ext
       pipeline heads -d ucf101 --head prototype
     """
     from stages import import_features
 
     if not s.model_tag or not s.source:
-        raise PipelineError("import needs --from DIR and --model-tag TAG")
+        raise PipelineError("import needs --from DIR and --model-key KEY")
     summaries = import_features.run(ctx.cache, dataset_args(s), Path(s.source), str(s.model_tag), s.cache_frames,
                                     block_size=s.block_size, replace_mismatched=s.replace_mismatched, quiet=ctx.quiet)
     for x in summaries:
@@ -867,13 +889,9 @@ def pretrain(ctx: Context, s: S.PretrainSettings) -> None:
 
     from .pretrain import PretrainConfig
 
-    p = ctx.params
-    defaults = PretrainConfig()
-    # the model's shape (width, layers, ...) is read from params only: it is not a flag
-    shape = {k: type(getattr(defaults, k))(p.get(k, getattr(defaults, k))) for k in defaults.as_dict()
-             if k not in ("steps", "batch_size", "lr", "seed")}
+    shape = {k: getattr(s, k) for k in PretrainConfig().as_dict() if k not in ("batch_size",)}
     with settings_errors():
-        cfg = PretrainConfig(**shape, steps=s.steps, batch_size=s.global_batch_size, lr=s.lr, seed=s.seed)
+        cfg = PretrainConfig(**shape, batch_size=s.global_batch_size)
     target = Path(s.out) if s.out else ctx.cache / "tiny-clip"
     summary = pretrain_stage.run(ctx.cache, need_dataset(s), target, cfg, list(s.heldout), ctx.quiet)
     click.echo(f"tiny CLIP: {cfg.steps} steps on {summary['clips']} clips, loss {summary['first_loss']:.2f} -> "
@@ -984,7 +1002,7 @@ def main() -> None:
 # Errors of the machine, not of the program: a full disk, a read-only or forbidden folder.
 # Also paths that cannot be made (a file where a folder should be): the user's to fix.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
-                      errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+                      errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

@@ -132,7 +132,7 @@ def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: Loaded
         "stage": "features", "dataset": frames_group.attrs["dataset"], "split": frames_group.attrs["split"],
         "class_names": list(frames_group.attrs["class_names"]), "model": clip.identity, "model_tag": spec.tag,
         "model_spec": {"name": spec.name, "pretrained": spec.pretrained, "quick_gelu": spec.quick_gelu,
-                       "key": spec.key},
+                       "key": spec.key, **({"random_weights": True} if spec.random_weights else {})},
         "precision": precision, "embed_dim": clip.embed_dim, "num_frames": t, "n": n, "block_size": block,
         "frames_fingerprint": frames_group.attrs["fingerprint"], "frames_path": frames_path,
     })
@@ -237,7 +237,7 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
                                 batch_size)
             feats[ok[same]] = emb.reshape(same.size, t, d).astype(np.float16)
     group["features"][rows] = feats
-    return store.BlockResult(block, status, reasons)
+    return store.BlockResult(block, status, reasons, digest=store.block_digest({"features": feats}))
 
 
 def require_data(group: zarr.Group, feats: np.ndarray, rows: np.ndarray) -> None:

@@ -158,13 +158,12 @@ def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
         index[j], stamps[j], counts[j] = clip.frame_index, clip.timestamp, clip.source_frames
         if clip.box is not None:
             boxes[j] = clip.box
-    group["frames"][rows] = frames
-    group["frame_index"][rows] = index
-    group["timestamp"][rows] = stamps
-    group["source_frames"][rows] = counts
+    written = {"frames": frames, "frame_index": index, "timestamp": stamps, "source_frames": counts}
     if "box" in group:  # stores made before boxes were recorded have none
-        group["box"][rows] = boxes
-    return store.BlockResult(block, status, reasons)
+        written["box"] = boxes
+    for name, values in written.items():
+        group[name][rows] = values
+    return store.BlockResult(block, status, reasons, digest=store.block_digest(written))
 
 
 def read_boxes(group: zarr.Group, rows: slice | int = slice(None)) -> np.ndarray:

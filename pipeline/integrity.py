@@ -41,6 +41,7 @@ class Report:
     damaged_blocks: list[int] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     rebuild: bool = False  # damage that recomputing blocks cannot fix: the store must be rebuilt
+    files: list[str] = field(default_factory=list)  # a run's damaged files
 
     @property
     def ok(self) -> bool:
@@ -48,7 +49,7 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {"path": self.path, "ok": self.ok, "damaged_blocks": self.damaged_blocks, "problems": self.problems,
-                "rebuild": self.rebuild}
+                "rebuild": self.rebuild, **({"damaged_files": self.files} if self.files else {})}
 
 
 def check_columns(group: zarr.Group) -> list[str]:
@@ -86,9 +87,36 @@ def _data_problems(group: zarr.Group, rows: slice, status: np.ndarray) -> str | 
     return None
 
 
+def _block_problem(group: zarr.Group, b: int, status: np.ndarray, recorded: str) -> str | None:
+    """Why finished block ``b`` is damaged, or None: its arrays' digest differs from the one its worker
+    recorded (stores made before digests: ok rows without data, an unreadable array)."""
+    rows = store.block_slice(group, b)
+    names = [n for n in store.BLOCK_ARRAYS if n in group]
+    try:
+        if recorded:
+            values = {n: _read(group, n, rows) for n in names}
+            if store.block_digest(values) != recorded:
+                return "its arrays differ from what was written (a chunk is missing or altered)"
+            return None
+        why = _data_problems(group, rows, status)
+        for name in names:
+            if why is None:
+                _read(group, name, rows)
+        return why
+    except DamagedStore as e:
+        return str(e)
+
+
 def verify(path: str | Path, group: zarr.Group) -> Report:
-    """Check one output: checksums, recorded column digests, bookkeeping and per-block data."""
+    """Check one output: every array's metadata and chunk files, checksums, the recorded digests of columns
+    and of every finished block, and the bookkeeping."""
     report = Report(str(path))
+    keys = store._list_keys(group)
+    arrays, metadata = store.open_arrays(group, keys)
+    if metadata:  # nothing is trustworthy without its metadata: rebuild
+        report.problems += metadata
+        report.rebuild = True
+        return report
     column_problems = check_columns(group)
     if column_problems:
         report.problems += column_problems
@@ -108,28 +136,35 @@ def verify(path: str | Path, group: zarr.Group) -> Report:
     try:
         status = _read(group, "status")
         done = _read(group, store.DONE_ARRAY)
+        digests = store.as_text(_read(group, store.DIGEST_ARRAY)) if store.DIGEST_ARRAY in group else None
         damaged = set(store.inconsistent_blocks(group, status))
     except DamagedStore as e:  # the bookkeeping itself: nothing can be trusted, rebuild
         report.problems.append(str(e))
         report.rebuild = True
         return report
-    for b in np.flatnonzero(done[:store.n_blocks_of(group)]).tolist():
-        rows = store.block_slice(group, b)
-        try:
-            why = _data_problems(group, rows, status)
-        except DamagedStore as e:
-            why = str(e)
-        for name in ("frame_index", "timestamp", "source_frames"):
-            if why is None and name in group:
-                try:
-                    _read(group, name, rows)
-                except DamagedStore as e:
-                    why = str(e)
+    lost, lost_columns = store.missing_chunks(group, arrays, keys, status, done)
+    if lost_columns:
+        report.problems += lost_columns
+        report.rebuild = True
+    for name, blocks in lost.items():
+        damaged.update(blocks)
+        report.problems.append(f"{name}: the chunk files of {len(blocks)} finished block(s) are missing "
+                               f"(block {blocks[0]}{', ...' if len(blocks) > 1 else ''})")
+    n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
+    n_blocks = store.n_blocks_of(group)
+    has_ok = np.zeros(n_blocks, bool)
+    has_ok[np.flatnonzero(status[:n] == store.OK) // size] = True
+    # only blocks with an ok video hold data anyone reads: a million failed rows cost no reads
+    for b in np.flatnonzero((done[:n_blocks] == 1) & has_ok).tolist():
+        if b in damaged:
+            continue
+        why = _block_problem(group, b, status, digests[b] if digests is not None else "")
         if why is not None:
             damaged.add(b)
             if len(report.problems) < 20:
+                rows = store.block_slice(group, b)
                 report.problems.append(f"block {b} (rows {rows.start}-{rows.stop - 1}): {why}")
-    if damaged and not any(p.startswith("block ") for p in report.problems):
+    if damaged and not report.problems:
         report.problems.append(f"{len(damaged)} finished blocks have rows with no status or reason")
     report.damaged_blocks = sorted(damaged)
     return report
@@ -149,4 +184,74 @@ def repair(path: str | Path, report: Report) -> str:
     group[store.DONE_ARRAY].oindex[blocks] = 0  # markers first: an interrupted repair leaves blocks pending
     group["status"].oindex[rows] = store.PENDING
     group["reason"].oindex[rows] = ""
+    # their files go too: the stage then writes them afresh (a truncated shard is never read back)
+    store.delete_block_chunks(group, blocks)
     return f"{blocks.size} blocks marked pending: re-run its stage to recompute them"
+
+
+def verify_run(run_dir: str | Path) -> Report:
+    """Check a fine-tuning run's folder: ``run.json`` and ``metrics.json`` readable, every ``history.jsonl``
+    line a record (a torn last line is what a kill leaves, and resuming drops it), and the checkpoint's
+    every record matching its CRC-32 and belonging to this run (its fingerprint is run.json's)."""
+    from .files import read_history, read_json
+    from .training import CHECKPOINT, checkpoint_problem
+
+    run_dir = as_path(run_dir)
+    report = Report(str(run_dir))
+
+    def damaged(name: str, why: str) -> None:
+        report.problems.append(f"{name}: {why}")
+        report.files.append(name)
+
+    info: dict = {}
+    try:
+        info = read_json(run_dir / "run.json", "run settings")
+        if not isinstance(info, dict) or "fingerprint" not in info:
+            damaged("run.json", "no fingerprint (not a run of this pipeline, or damaged)")
+            info = {}
+    except DamagedStore:
+        damaged("run.json", "unreadable")
+    except FileNotFoundError:
+        report.problems.append("run.json is missing")
+    if (run_dir / "metrics.json").exists():
+        try:
+            read_json(run_dir / "metrics.json", "run metrics")
+        except DamagedStore:
+            damaged("metrics.json", "unreadable")
+    try:
+        read_history(run_dir / "history.jsonl")
+    except DamagedStore as e:
+        damaged("history.jsonl", str(e).split("(", 1)[-1].rstrip(")").split(")")[0])
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.exists():
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            damaged(CHECKPOINT, problem)
+        elif info.get("fingerprint"):
+            import torch
+
+            with checkpoint.open("rb") as f:
+                recorded = torch.load(f, map_location="cpu", weights_only=True).get("fingerprint")
+            if recorded != info["fingerprint"]:
+                damaged(CHECKPOINT, "made by other settings than run.json's (another run's)")
+    return report
+
+
+def repair_run(run_dir: str | Path, report: Report) -> str:
+    """Make re-running the run's command redo what ``report`` found damaged. Call under the run's lock.
+
+    A damaged checkpoint cannot be resumed from: the run is deleted (trained again). A damaged run.json or
+    metrics.json is deleted: the stage writes it again (a run.json only when the checkpoint is of the same
+    settings). A damaged history keeps its good lines: the stage drops the others when it resumes."""
+    from .training import CHECKPOINT
+
+    run_dir = as_path(run_dir)
+    if report.ok:
+        return "nothing to repair"
+    if CHECKPOINT in report.files or not (run_dir / CHECKPOINT).exists() and "run.json" in report.files:
+        remove_tree(run_dir)
+        return "deleted: re-run its `pipeline finetune` command to train it again"
+    for name in ("run.json", "metrics.json"):
+        if name in report.files:
+            (run_dir / name).unlink(missing_ok=True)
+    return "damaged files deleted: re-run its `pipeline finetune` command, which resumes and rewrites them"

@@ -1,6 +1,6 @@
 """params.yaml: keys grouped by command (``frames.*``, ``features.*``, ...) plus a shared ``data`` group.
 
-A command-line flag overrides the key of the same name (``--num-frames`` <-> ``frames.num_frames``).
+A command-line flag overrides the key of the same name (``--cache-frames`` <-> ``frames.cache_frames``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,22 @@ DEFAULT_PARAMS = "params.yaml"
 # The shared groups: ``data.*`` (where videos come from, for frames/extract/import) and ``model.*``
 # (the model of every command that reads features, labels or heads): field -> key there.
 DATA_KEYS = ("format", "root", "split_id", "untrimmed", "dataset", "val_fraction")
-MODEL_KEYS = {"model": "name", "pretrained": "pretrained", "quick_gelu": "quick_gelu", "model_key": "key"}
+MODEL_KEYS = {"model": "name", "pretrained": "pretrained", "quick_gelu": "quick_gelu", "model_key": "key",
+              "random_weights": "random_weights"}
+
+
+MAX_PARAMS_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a few lines of nested aliases (a "billion laughs" file) expand
+    to billions of values when anything walks them; a params file has no use for them."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"YAML aliases (*name) are not allowed in a params file (line {mark.line + 1})")
+        return super().compose_node(parent, index)
 
 
 def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -29,12 +44,17 @@ def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise PipelineError(f"params file not found: {p}")
+    if p.stat().st_size > MAX_PARAMS_BYTES:
+        raise PipelineError(f"params file {p} is larger than {MAX_PARAMS_BYTES >> 20} MiB: not a params file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.load(p.read_text(), Loader=_NoAliasLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise PipelineError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise PipelineError(f"params file {p} must hold a mapping of command names to keys")
+    from .settings import check_params  # settings imports this module
+
+    check_params(data, str(p))
     if isinstance(data.get("data"), dict) and "name" in data["data"]:  # read as before by upgrade_data_group
         import warnings
 
@@ -74,6 +94,17 @@ class Params:
     def described(self) -> tuple[str | None, str | None]:
         """(format, dataset) of the params file's data group."""
         return self._data.get("format"), self._data.get("dataset")
+
+    def described_model(self) -> str | None:
+        """The model the params file's ``model`` group names (``model.name``)."""
+        return self._model.get("name")
+
+    def without_model(self) -> Params:
+        """These settings with the ``model`` group dropped: its key, weights and flags belong to the model it
+        names, never to another one given by --model."""
+        other = Params({}, self.section)
+        other._own, other._data = self._own, self._data
+        return other
 
     def without_data(self) -> Params:
         """These settings with the ``data`` keys dropped: ``pipeline frames --format ucf101`` in a folder

@@ -28,17 +28,17 @@ class PretrainConfig:
     steps: int = _P.steps
     batch_size: int = _P.global_batch_size
     lr: float = _P.lr
-    weight_decay: float = 0.1
-    warmup: int = 50
-    word_dropout: float = 0.25
+    weight_decay: float = _P.weight_decay
+    warmup: int = _P.warmup
+    word_dropout: float = _P.word_dropout
     seed: int = _P.seed
-    embed_dim: int = 128
-    image_size: int = 64
-    patch_size: int = 8
-    width: int = 128
-    layers: int = 4
-    text_layers: int = 4
-    context_length: int = 16
+    embed_dim: int = _P.embed_dim
+    image_size: int = _P.image_size
+    patch_size: int = _P.patch_size
+    width: int = _P.width
+    layers: int = _P.layers
+    text_layers: int = _P.text_layers
+    context_length: int = _P.context_length
 
     def model_cfg(self) -> dict:
         return {

@@ -1,4 +1,5 @@
-"""Progress reporting: a tqdm bar with ETA, or plain log lines with ``--quiet``."""
+"""Progress reporting: a tqdm bar with ETA on a terminal, plain log lines (every 10 %, with ETA) when stderr is a
+file or a pipe, and nothing with ``--quiet`` (which only ever prints less than the default)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import time
 from tqdm import tqdm
 
 
-def say(message: str) -> None:
+def say(message: str, quiet: bool = False) -> None:
     """A status line on stderr before a silent wait (loading a model), so that nothing looks hung."""
-    print(message, file=sys.stderr, flush=True)
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -18,14 +20,15 @@ class Progress:
         self.quiet, self.total, self.desc, self.done = quiet, total, desc, 0
         self._start = time.monotonic()
         self._next_log = 0.1
-        self._bar = None if quiet else tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
-                                             file=sys.stderr)
+        self._lines = not quiet and not sys.stderr.isatty()  # a log file gets lines, not a redrawn bar
+        self._bar = None if quiet or self._lines else tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True,
+                                                            file=sys.stderr)
 
     def update(self, n: int = 1) -> None:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.total and self.done / self.total >= self._next_log:
+        elif self._lines and self.total and self.done / self.total >= self._next_log:
             elapsed = time.monotonic() - self._start
             eta = elapsed / self.done * (self.total - self.done)
             print(f"{self.desc}: {self.done}/{self.total} ({elapsed:.0f}s elapsed, ETA {eta:.0f}s)",

@@ -38,6 +38,7 @@ class Knob:
     old_keys: tuple[str, ...] = ()  # deprecated params.yaml keys of the same group
     default_text: str = ""  # how --help shows a default computed at run time ("cuda when present")
     section: str = ""  # the params group, when not the command's own (extract reads features.*, labels.*)
+    maximum: int | None = None  # the largest value data and memory allow (a bound for POSITIVE, COUNT, SIDE)
 
 
 def knob(default: Any, help: str, **kw: Any) -> Any:
@@ -94,6 +95,9 @@ class ModelChoice:
                                    toggle="quick-gelu/--no-quick-gelu", default_text="auto for tags")
     model_key: str | None = knob(None, "The model's name in the cache (params: model.key) [the model's name plus "
                                        "a short hash of its weights].")
+    random_weights: bool = knob(False, "Allow a built-in architecture without --pretrained, i.e. with random "
+                                       "weights (tests, benchmarks; recorded, and shown by status and exports).",
+                                is_flag=True)
 
 
 @dataclass
@@ -114,19 +118,19 @@ class FramesSettings(Replace, DataSource):
     SECTION: ClassVar[str] = "frames"
     splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset].",
                              flag="--split", multiple=True)
-    cache_frames: int = knob(16, "Frames kept per video in the store, T_cache.", type="POSITIVE",
+    cache_frames: int = knob(16, "Frames kept per video in the store, T_cache.", type="POSITIVE", maximum=1024,
                              old_flags=("--num-frames",), old_keys=("num_frames",))
-    height: int = knob(256, "Output box height; the short side scales to it.", type="POSITIVE")
+    height: int = knob(256, "Output box height; the short side scales to it.", type="SIDE", maximum=8192)
     width: int = knob(456, "Output box width: 16:9 at a short side of 256, so a video keeps its whole frame "
                            "(narrower ones are padded and their box recorded; wider ones centre-cropped).",
-                      type="POSITIVE")
+                      type="SIDE", maximum=8192)
     interpolation: str = knob("AREA", "swscale filter.", type="INTERPOLATIONS")
     seek: str = knob("exact", "'keyframes' decodes keyframes only: fast, approximate.", type="SEEK_MODES")
     codec: str = knob("jpeg", "Stored frame encoding: JPEG bytes, or lossless uint8 + zstd.",
                       type=("jpeg", "raw"))
     jpeg_quality: int = knob(90, "JPEG quality.", type="PERCENT")
-    block_size: int = knob(16, "Videos per block (the resume unit).", type="POSITIVE")
-    workers: int = knob(1, "Decoding processes, through dask.", type="POSITIVE")
+    block_size: int = knob(16, "Videos per block (the resume unit).", type="POSITIVE", maximum=65536)
+    workers: int = knob(1, "Decoding processes, through dask.", type="POSITIVE", maximum=4096)
     scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler instead of a local one.")
     strict: bool = knob(False, "Exit with status 1 if any video failed.", is_flag=True)
 
@@ -136,9 +140,9 @@ class FeaturesSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "features"
     splits: list[str] = knob([], "Split(s) [default: every stored split].", flag="--split", multiple=True)
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
-    batch_size: int = knob(64, "Frames per forward pass.", type="POSITIVE")
+    batch_size: int = knob(64, "Frames per forward pass.", type="POSITIVE", maximum=65536)
     workers: int | None = knob(None, "Processes, through dask; with --device cuda, worker i uses GPU i mod the "
-                                     "visible GPUs.", type="POSITIVE",
+                                     "visible GPUs.", type="POSITIVE", maximum=4096,
                                default_text="1; with --device cuda, one per visible GPU")
     scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler.")
     compile: bool = knob(False, "torch.compile the image tower (GPU; compiles on the first batches).", is_flag=True)
@@ -167,7 +171,7 @@ class ExtractSettings(ModelChoice, FramesSettings):
     device: str | None = knob(None, "torch device for features and labels.", default_text="cuda when present, else cpu",
                               section="features")
     batch_size: int = knob(FeaturesSettings.batch_size, "Frames per forward pass of the features stage.",
-                           type="POSITIVE", section="features")
+                           type="POSITIVE", maximum=65536, section="features")
 
 
 @dataclass
@@ -176,8 +180,9 @@ class HeadsSettings(Replace, ModelChoice, DatasetName):
     head: str | None = knob(None, "Head kind: " + ", ".join(HEADS) + ".", type=HEADS, old_flags=("--kind",),
                             old_keys=("kind",))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
-    seed: int = knob(0, "Seed of random/orthogonal heads and of the per-class sample.")
-    per_class: int = knob(60, "Training videos per class for lda/prototype (the paper: 60).", type="POSITIVE")
+    seed: int = knob(0, "Seed of random/orthogonal heads and of the per-class sample.", type="SEED")
+    per_class: int = knob(60, "Training videos per class for lda/prototype (the paper: 60).", type="POSITIVE",
+                          maximum=1_000_000)
     solver: str = knob("svd", "LDA solver (svd, as the paper).", type=("svd", "lsqr", "eigen"))
     shrinkage: str | None = knob(None, "LDA shrinkage: 'auto' or a number in [0, 1] (lsqr/eigen solvers).")
     split: str = knob("train", "Split the lda/prototype sample is drawn from.")
@@ -206,8 +211,8 @@ class EvaluateSettings(ModelChoice, DatasetName):
     run_name: str | None = knob(None, "Evaluate this fine-tuned run (CACHE/runs/RUN) instead of an untuned head.",
                                 old_flags=("--run",), old_keys=("run",))
     views: str = knob("1x1", "With --run-name: temporal clips x spatial crops, e.g. 4x3.")
-    batch_size: int = knob(16, "With --run-name: videos per forward pass.", type="POSITIVE")
-    workers: int = knob(0, "With --run-name: data-loader processes.", type="COUNT")
+    batch_size: int = knob(16, "With --run-name: videos per forward pass.", type="POSITIVE", maximum=65536)
+    workers: int = knob(0, "With --run-name: data-loader processes.", type="COUNT", maximum=1024)
     device: str | None = knob(None, "With --run-name: " + DEVICE_HELP, default_text="cuda when present, else cpu")
     data_device: str = knob("auto", "With --run-name: " + DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
 
@@ -218,7 +223,8 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline; coop = learnable "
                                   "prompt context in the frozen CLIP text tower (Table A.4).",
                      type=(*HEADS, "learnable", "coop"))
-    coop_ctx: int = knob(16, "CoOp: learnable context vectors in front of the class name.", type="POSITIVE")
+    coop_ctx: int = knob(16, "CoOp: learnable context vectors in front of the class name.", type="POSITIVE",
+                         maximum=64)
     coop_lr: float | None = knob(None, "CoOp: the context vectors' learning rate.", default_text="--lr")
     hard_templates: str | None = knob(None, "Multiple hard templates (Table A.4): CLIP-text rows of one of these "
                                             "templates (kinetics28, a file, ...) drawn per step; evaluation uses "
@@ -227,21 +233,23 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     temporal: str = knob("tap", "Temporal module.", type=("tap", "ttrans", "tokent1d"))
     frozen_backbone: bool = knob(False, "Train only the temporal module (and projection) on cached features.",
                                  is_flag=True)
-    frames: int = knob(8, "Frames per clip, T.", type="POSITIVE")
-    shots: int = knob(0, "K training videos per class (few-shot), seeded; 0: all.", type="COUNT")
+    frames: int = knob(8, "Frames per clip, T.", type="POSITIVE", maximum=1024)
+    shots: int = knob(0, "K training videos per class (few-shot), seeded; 0: all.", type="COUNT", maximum=1_000_000)
     few_shot_epochs: int | None = knob(None, "Epochs of a --shots run unless --epochs is given (App. B.1: 2 on "
                                              "Kinetics-400, 10 on UCF101, HMDB51 and ActivityNet).", type="POSITIVE",
+                                       maximum=100_000,
                                        default_text="--epochs")
     init_from: str | None = knob(None, "Start from this fine-tuned run's visual encoder and temporal module "
                                        "(transfer); the head is this dataset's.")
     run_name: str | None = knob(None, "Run name under CACHE/runs.", old_flags=("--run",), old_keys=("run",),
                                 default_text="derived from the settings")
-    epochs: int = knob(30, "Epochs.", type="POSITIVE")
+    epochs: int = knob(30, "Epochs.", type="POSITIVE", maximum=100_000)
     global_batch_size: int = knob(256, "Clips per optimiser step, over all GPUs and "
-                                                          "accumulation steps.", type="POSITIVE",
+                                                          "accumulation steps.", type="POSITIVE", maximum=1 << 20,
                                   old_flags=("--batch-size",), old_keys=("batch_size",))
     micro_batch: int = knob(0, "Clips per forward pass per process; gradients accumulate to "
-                                                     "the global batch (0: no accumulation).", type="COUNT")
+                                                     "the global batch (0: no accumulation).", type="COUNT",
+                                  maximum=1 << 20)
     lr: float = knob(5e-5, "Learning rate of new modules.")
     backbone_lr_ratio: float = knob(0.1, "The pretrained encoder's lr relative to --lr.")
     temporal_lr: float | None = knob(None, "Learning rate of the temporal module.",
@@ -249,7 +257,7 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     weight_decay: float = knob(0.2, "AdamW weight decay.")
     warmup_epochs: float = knob(5.0, "Linear warm-up epochs.")
     min_lr: float = knob(0.0, "Cosine floor of the learning rate (the official code decays to 0).")
-    layers: int = knob(6, "T-Trans layers.", type="POSITIVE")
+    layers: int = knob(6, "T-Trans layers.", type="POSITIVE", maximum=64)
     ttrans_init: str = knob("official", "T-Trans as the official code builds it, or 'tap': this project's variant "
                                         "that starts exactly as TAP.", type=("official", "tap"))
     t1d_init: str = knob("shift", "TokenT1D initialisation: the official partial shift, or the identity.",
@@ -269,15 +277,16 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     compile: bool = knob(False, "torch.compile the visual encoder (compiles on the first steps; GPU runs).",
                          is_flag=True)
     log_every: int = knob(10, "GPU: steps between loss read-backs from the device, the only host "
-                              "synchronisation of a step (every step is still logged).", type="POSITIVE")
-    workers: int | None = knob(None, "Data-loader processes per process.", type="COUNT",
+                              "synchronisation of a step (every step is still logged).", type="POSITIVE",
+                          maximum=1_000_000)
+    workers: int | None = knob(None, "Data-loader processes per process.", type="COUNT", maximum=1024,
                                default_text="4; 0 with --frozen-backbone")
     device: str | None = knob(None, DEVICE_HELP + " Under torchrun: LOCAL_RANK's GPU.",
                               default_text="cuda when present, else cpu")
     seed: list[int] = knob([0], "Seed of the run; repeat for one run per seed (RUN/s<seed>).",
-                           multiple=True, type=int)
+                           multiple=True, type="SEED")
     checkpoint_every: int = knob(0, "Steps between checkpoints (0: at epoch ends).",
-                                 type="COUNT")
+                                 type="COUNT", maximum=1 << 30)
     objective: str = knob("ce", "ce: cross-entropy against the frozen head (the paper); contrastive: video-text "
                                 "InfoNCE (the Table 9 baseline).", type=("ce", "contrastive"))
     batch_gather: bool = knob(True, "Contrastive: score local clips against the batch gathered from all processes.",
@@ -293,11 +302,11 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
 class ImportSettings(Replace, DataSource):
     SECTION: ClassVar[str] = "import"
     source: str | None = knob(None, "Folder of <video_id>.npy / .h5 files.", flag="--from", type="DIR")
-    model_tag: str | None = knob(None, "The model's name in the cache for these features (--model of later "
-                                       "commands).")
-    cache_frames: int = knob(8, "Frames per video in the store (resampled).", type="POSITIVE",
+    model_tag: str | None = knob(None, "The model's name in the cache for these features (--model-key of later "
+                                       "commands).", flag="--model-key", old_flags=("--model-tag",))
+    cache_frames: int = knob(8, "Frames per video in the store (resampled).", type="POSITIVE", maximum=1024,
                              old_flags=("--num-frames",), old_keys=("num_frames",))
-    block_size: int = knob(16, "Videos per block.", type="POSITIVE")
+    block_size: int = knob(16, "Videos per block.", type="POSITIVE", maximum=65536)
 
 
 @dataclass
@@ -306,7 +315,7 @@ class PredictSettings(ModelChoice):
     labels: str | None = knob(None, "Comma-separated label names: 'jumping,running,swimming'.")
     labels_file: str | None = knob(None, "One label name a line.", type="FILE")
     template: str = knob("paper", "Prompt template: paper, bare, kinetics28, a file, or a text with {}.")
-    frames: int = knob(8, "Frames per video.", type="POSITIVE")
+    frames: int = knob(8, "Frames per video.", type="POSITIVE", maximum=1024)
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
     run_name: str | None = knob(None, "A fine-tuned run (CACHE/runs/RUN) as the classifier; without --labels it "
                                       "uses the run's own classes.", old_flags=("--run",), old_keys=("run",))
@@ -316,12 +325,22 @@ class PredictSettings(ModelChoice):
 class PretrainSettings(DatasetName):
     SECTION: ClassVar[str] = "pretrain"
     out: str | None = knob(None, "Model folder.", type="DIR", default_text="CACHE/tiny-clip")
-    steps: int = knob(600, "Training steps.", type="POSITIVE")
-    global_batch_size: int = knob(128, "Frame-caption pairs per step.", type="POSITIVE",
+    steps: int = knob(600, "Training steps.", type="POSITIVE", maximum=100_000_000)
+    global_batch_size: int = knob(128, "Frame-caption pairs per step.", type="POSITIVE", maximum=1 << 20,
                                   old_flags=("--batch-size",), old_keys=("batch_size",))
     lr: float = knob(5e-4, "Peak learning rate.")
-    seed: int = knob(0, "Seed.")
+    seed: int = knob(0, "Seed.", type="SEED")
     heldout: list[str] = knob([], "Class never shown in pretraining (repeatable; params: a list).", multiple=True)
+    weight_decay: float = knob(0.1, "AdamW weight decay.")
+    warmup: int = knob(50, "Linear warm-up steps.", type="COUNT", maximum=100_000_000)
+    word_dropout: float = knob(0.25, "Probability of dropping each caption word.", type="PROBABILITY")
+    embed_dim: int = knob(128, "The tiny CLIP's embedding width.", type="POSITIVE", maximum=4096)
+    image_size: int = knob(64, "Its input side in pixels.", type="SIDE", maximum=1024)
+    patch_size: int = knob(8, "Its patch side in pixels.", type="POSITIVE", maximum=256)
+    width: int = knob(128, "Its towers' width (a multiple of 64).", type="POSITIVE", maximum=4096)
+    layers: int = knob(4, "Its image tower's layers.", type="POSITIVE", maximum=64)
+    text_layers: int = knob(4, "Its text tower's layers.", type="POSITIVE", maximum=64)
+    context_length: int = knob(16, "Its text tower's context length, in tokens.", type="POSITIVE", maximum=77)
 
 
 @dataclass
@@ -329,11 +348,17 @@ class WorldSettings:
     SECTION: ClassVar[str] = "world"
     out: str | None = knob(None, "Output folder.", type="DIR", default_text="CACHE/world")
     kind: str = knob("objects", "Which world.", type=("objects", "order"))
-    train_per_class: int = knob(8, "Training clips per class.", type="POSITIVE")
-    val_per_class: int = knob(4, "Validation clips per class.", type="POSITIVE")
-    frames: int = knob(16, "Frames per clip.", type="POSITIVE")
-    size: int = knob(64, "Frame side in pixels.", type="SIDE")
-    seed: int = knob(0, "World seed.")
+    train_per_class: int = knob(8, "Training clips per class.", type="POSITIVE", maximum=100_000)
+    val_per_class: int = knob(4, "Validation clips per class.", type="POSITIVE", maximum=100_000)
+    frames: int = knob(16, "Frames per clip.", type="POSITIVE", maximum=4096)
+    size: int = knob(64, "Frame side in pixels.", type="SIDE", maximum=4096)
+    seed: int = knob(0, "World seed.", type="SEED")
+    colours: list[str] = knob([], "Colours of the objects (repeatable) [objects: red green blue yellow purple cyan; "
+                                  "order: red green blue yellow].", flag="--colour", multiple=True)
+    shapes: list[str] = knob([], "Shapes of the objects (repeatable) [disc ring plus bar].", flag="--shape",
+                             multiple=True)
+    sizes: list[str] = knob([], "Sizes of the objects (repeatable) [small large].", flag="--object-size",
+                            multiple=True)
 
 
 @dataclass
@@ -369,6 +394,46 @@ COMMANDS: dict[str, type] = {
 }
 
 
+# Groups of another command's keys: the order world's settings (`world --kind order`), and the demo's
+# Table 8 and 9 variants of fine-tuning, which its dvc.yaml passes to `pipeline finetune` as flags.
+VARIANT_GROUPS = {"order_world": "world", "temporal": "finetune", "contrastive": "finetune"}
+
+
+def params_keys() -> dict[str, set[str]]:
+    """Every params group and the keys it may hold (old spellings included), from the settings themselves."""
+    keys: dict[str, set[str]] = {"data": set(DATA_KEYS) | {"name"}, "model": set(MODEL_KEYS.values())}
+    for cls in COMMANDS.values():
+        for f in settings_fields(cls):
+            group, _, key = key_of(cls, f).partition(".")
+            keys.setdefault(group, set()).update({key, *f.metadata["knob"].old_keys})
+    for variant, group in VARIANT_GROUPS.items():
+        keys[variant] = set(keys[group])
+    return keys
+
+
+def check_params(params: dict[str, Any], where: str) -> None:
+    """Refuse a params file with a group or key no setting reads (a typo would be silently ignored), naming the
+    closest valid one."""
+    import difflib
+
+    from .errors import PipelineError
+
+    known = params_keys()
+    for group, values in params.items():
+        if group not in known:
+            close = difflib.get_close_matches(str(group), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (groups: {', '.join(sorted(known))})"
+            raise PipelineError(f"{where}: unknown params group {group!r}{hint}")
+        if not isinstance(values, dict):
+            raise PipelineError(f"{where}: params group {group!r} must be a mapping of keys to values")
+        for key in values:
+            if key not in known[group]:
+                close = difflib.get_close_matches(str(key), sorted(known[group]), n=1)
+                raise PipelineError(f"{where}: unknown params key {group}.{key}"
+                                    + (f"; did you mean {group}.{close[0]}?" if close else
+                                       f" (keys of {group}: {', '.join(sorted(known[group]))})"))
+
+
 def settings_fields(cls: type) -> list:
     """The dataclass fields of ``cls`` that are settings, in declaration order."""
     return [f for f in fields(cls) if "knob" in f.metadata]
@@ -387,6 +452,57 @@ def scalar_kind(cls: type, f) -> type | None:  # noqa: ANN001
     if len(args) == 1 and args[0] in (bool, int, float, str):
         return args[0]
     return None
+
+
+def click_type(cls: type, f) -> Any:  # noqa: ANN001
+    """The click type of a setting: its one declaration of type and range, for its flag and its params key."""
+    import click
+
+    k: Knob = f.metadata["knob"]
+    top = k.maximum
+    named = {"POSITIVE": lambda: click.IntRange(1, top), "COUNT": lambda: click.IntRange(0, top),
+             "PERCENT": lambda: click.IntRange(1, 100), "PROBABILITY": lambda: click.FloatRange(0, 1),
+             "SIDE": lambda: click.IntRange(16, top), "SPLIT_ID": lambda: click.IntRange(1, 3),
+             "SEED": lambda: click.IntRange(0, 2**32 - 1),
+             "FRACTION": lambda: click.FloatRange(0, 1, min_open=True, max_open=True),
+             "FILE": lambda: click.Path(dir_okay=False), "DIR": lambda: click.Path(file_okay=False)}
+    if k.type == "FORMATS":
+        from .datasets import DATASETS
+
+        return click.Choice(DATASETS)
+    if k.type in ("INTERPOLATIONS", "SEEK_MODES"):
+        from . import video
+
+        return click.Choice(getattr(video, k.type))
+    if isinstance(k.type, str):
+        return named[k.type]()
+    if isinstance(k.type, tuple):
+        return click.Choice(k.type)
+    if k.nargs > 1:
+        return (k.type,) * k.nargs
+    if k.type is not None:
+        return k.type
+    kind = scalar_kind(cls, f)  # from the annotation: `float | None` is a float when given
+    return kind if kind in (int, float) else None
+
+
+def check_value(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
+    """A params-file value checked by the same type and range as its flag (one declaration for both)."""
+    import click
+
+    from .errors import PipelineError
+
+    if value is None:
+        return value
+    kind = click_type(cls, f)
+    if not isinstance(kind, click.ParamType):
+        return value
+    try:
+        if f.metadata["knob"].multiple:
+            return [kind.convert(v, None, None) for v in value]
+        return kind.convert(value, None, None)
+    except click.BadParameter as e:
+        raise PipelineError(f"{where} in the params file: {' '.join(e.format_message().split())}") from None
 
 
 @dataclass
@@ -464,6 +580,16 @@ def coerce(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
     raise PipelineError(f"{where} in the params file must be {names[kind]}, not {value!r}")
 
 
+def _model_name(name: Any) -> str:
+    """A model name compared as the model it loads (``local-dir:`` paths made absolute)."""
+    import os
+
+    text = str(name)
+    if text.startswith("local-dir:"):
+        return "local-dir:" + os.path.abspath(os.path.expanduser(text[len("local-dir:"):]))
+    return text
+
+
 def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
     """``cls`` filled from flags, then params (``params_for(section)`` -> :class:`~pipeline.params.Params`), then
     defaults. Deprecated spellings are accepted and listed in ``deprecated``."""
@@ -484,6 +610,13 @@ def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
             params_for = lambda section: base(section).without_data()  # noqa: E731
             notes.append(f"note: the params file describes another dataset ({'/'.join(described)}); its data.* "
                          f"keys are ignored here (pass --params FILE for another setup)")
+    if issubclass(cls, ModelChoice) and given(flags.get("model")):
+        named = params_for(cls.SECTION).described_model()
+        if named and _model_name(named) != _model_name(flags["model"]):
+            base_model = params_for
+            params_for = lambda section: base_model(section).without_model()  # noqa: E731
+            notes.append(f"note: the params file's model group describes {named}; its model.* keys (key, "
+                         "pretrained, ...) are ignored for --model " + str(flags["model"]))
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in settings_fields(cls):
@@ -502,7 +635,7 @@ def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
         if found:
             if old_key:
                 deprecated.append(f"params key {where} is deprecated: use {key_of(cls, f)}")
-            values[f.name] = coerce(cls, f, value, where)
+            values[f.name] = check_value(cls, f, coerce(cls, f, value, where), where)
             sources[f.name] = f"params: {where}"
         else:
             values[f.name] = default_of(f)

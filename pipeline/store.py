@@ -41,9 +41,13 @@ from .errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocke
 # Variable-length strings and bytes are not yet frozen in the Zarr v3 spec; zarr-python reads
 # and writes them fine and we pin zarr's minor version, so the warning is noise for our users.
 warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
+# Every chunk a writer touches is written, even when it equals the fill value (zarr skips those by default):
+# a missing chunk file then always means lost data, which `status` and every reader can see from a listing.
+zarr.config.set({"array.write_empty_chunks": True})
 
 FORMAT_VERSION = 2  # 2: bookkeeping columns in whole-column chunks, locks beside the stores
 DONE_ARRAY = "block_done"
+DIGEST_ARRAY = "block_digest"  # per block: sha256 of its per-video arrays as the worker wrote them
 # Bookkeeping columns (status, reason, block_done) are written by the one coordinating process in
 # chunks of this many rows, so that a summary of 246,000 videos reads a handful of chunks.
 COLUMN_CHUNK = 65536
@@ -64,6 +68,51 @@ def lock_path(path: str | os.PathLike) -> Path:
     """
     path = as_path(path)
     return path.parent / f".{path.name}.{'lease' if is_remote(path) else 'lock'}"
+
+
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker, a multiprocessing fork)
+# inherits them, and an flock lives until every descriptor of it is closed: a child would keep a killed
+# writer's lock alive. Children close their copies at once, which leaves the parent's lock as it is.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _release(fd: int) -> None:
+    _HELD_LOCKS.discard(fd)
+    os.close(fd)  # closing releases the flock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder_text(fd: int) -> str:
+    """Who holds the lock, as written in it: the writer's pid (a reader writes nothing)."""
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if not holder:
+        return "read by another process"
+    if holder.isdigit() and not _pid_alive(int(holder)):
+        # its owner is gone but a process it started still holds the descriptor (not one of ours: ours close it)
+        return (f"held by a child of process {holder}, which has exited; stop that child process "
+                f"(`fuser {{lock}}` lists it)")
+    return f"written by another process (pid {holder})"
 
 
 def _open_lock(path: Path, exclusive: bool) -> int | None:
@@ -105,12 +154,12 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
     lp = lock_path(path)
     fd = _open_lock(lp, exclusive=True)
     assert fd is not None
+    _HELD_LOCKS.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            doing = f"written by another process (pid {holder})" if holder else "read by another process"
+            doing = _holder_text(fd).replace("{lock}", str(lp))
             raise StoreLocked(f"{path} is being {doing}; wait for it to finish or stop it") from None
         try:
             os.ftruncate(fd, 0)
@@ -122,7 +171,7 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
             except OSError:
                 pass
     finally:
-        os.close(fd)  # closing releases the flock
+        _release(fd)
 
 
 # A remote writer's lease lasts this long unless renewed (every third of it while the writer
@@ -210,16 +259,16 @@ def reader_lock(*paths: str | os.PathLike) -> Iterator[None]:
             if fd is None:
                 continue
             fds.append(fd)
+            _HELD_LOCKS.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                raise StoreLocked(f"{path} is being written by another process (pid {holder}); "
-                                  "wait for it to finish, then re-run") from None
+                doing = _holder_text(fd).replace("{lock}", str(lock_path(path)))
+                raise StoreLocked(f"{path} is being {doing}; wait for it to finish, then re-run") from None
         yield
     finally:
         for fd in fds:
-            os.close(fd)
+            _release(fd)
 
 
 def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, replace_mismatched: bool,
@@ -251,8 +300,11 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
         remove_tree(path)  # the lock lives beside the store and is untouched
     group = zarr.open_group(str(path), mode="w")
     init(group)
-    # Written last: a store without a fingerprint is an unfinished creation.
-    group.attrs.update({"params": params, "format_version": FORMAT_VERSION, "fingerprint": fp})
+    # Written last: a store without a fingerprint is an unfinished creation. ``arrays``: what a reader must
+    # find (an array whose metadata was deleted is damage, not an absent feature); ``all_chunks``: every chunk
+    # is written, so a missing chunk file is always damage (stores made before could skip fill chunks).
+    group.attrs.update({"params": params, "format_version": FORMAT_VERSION, "arrays": sorted(group.array_keys()),
+                        "all_chunks": True, "fingerprint": fp})
     return group
 
 
@@ -264,11 +316,11 @@ def open_existing(path: str | os.PathLike, what: str) -> zarr.Group:
     group = open_group(path, mode="r")
     if "fingerprint" not in group.attrs:
         raise PipelineError(f"{what} at {path} was never fully created: re-run its stage")
+    problems = cheap_damage(group)
+    if problems:
+        raise DamagedStore(f"{what} at {path} is damaged ({problems[0]}): run `pipeline verify --repair`, then "
+                           "re-run its stage")
     check_bookkeeping(group, path)
-    for name in ("head", "embeddings"):  # small outputs: check their recorded digest at every open
-        if name in group and group[name].attrs.get("sha256") != values_sha256(read_array(group, name)):
-            raise DamagedStore(f"{what} at {path} is damaged (a chunk is missing or altered): run "
-                               "`pipeline verify --repair`, then re-run its stage")
     return group
 
 
@@ -303,7 +355,7 @@ DIMENSIONS = {
     "frames": ("video", "frame", "y", "x", "rgb"), "frame_index": ("video", "frame"),
     "timestamp": ("video", "frame"), "features": ("video", "frame", "feature"), "targets": ("video", "class"),
     "head": ("class", "feature"), "embeddings": ("class", "feature"), DONE_ARRAY: ("block",),
-    "sample_video_id": ("sample",),
+    "sample_video_id": ("sample",), DIGEST_ARRAY: ("block",),
 }
 
 
@@ -409,6 +461,7 @@ def create_bookkeeping(group: zarr.Group, n: int, block: int, failed: np.ndarray
         padded[:n] = failed
         done[:] = padded.reshape(n_blocks, block).all(axis=1)
     create_column(group, DONE_ARRAY, done, digest=False)
+    create_column(group, DIGEST_ARRAY, np.full(n_blocks, "", dtype=object).astype(str), digest=False)
 
 
 @dataclass
@@ -418,6 +471,7 @@ class BlockResult:
     block: int
     status: np.ndarray  # int8 [m]
     reasons: np.ndarray  # str [m], "" for ok rows
+    digest: str = ""  # sha256 of the block's per-video arrays as written (:func:`block_digest`)
 
     @property
     def n(self) -> int:
@@ -435,12 +489,12 @@ class Ledger:
 
     def __init__(self, group: zarr.Group, every_s: float = 2.0) -> None:
         self.group, self.every_s = group, every_s
-        self._buffer: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._buffer: list[tuple[int, np.ndarray, np.ndarray, str]] = []
         self._last = -float("inf")  # the first finished block is recorded at once
 
     def record(self, result: BlockResult) -> None:
         self._buffer.append((result.block, np.asarray(result.status, np.int8),
-                             np.asarray(result.reasons, dtype=object)))
+                             np.asarray(result.reasons, dtype=object), result.digest))
         if time.monotonic() - self._last >= self.every_s:
             self.flush()
 
@@ -449,12 +503,14 @@ class Ledger:
         if not self._buffer:
             return
         self._buffer.sort(key=lambda item: item[0])
-        blocks = np.array([b for b, _, _ in self._buffer])
+        blocks = np.array([b for b, _, _, _ in self._buffer])
         rows = block_rows(self.group, blocks)
-        status = np.concatenate([s for _, s, _ in self._buffer])
-        reasons = np.concatenate([r for _, _, r in self._buffer]).astype(str)
+        status = np.concatenate([s for _, s, _, _ in self._buffer])
+        reasons = np.concatenate([r for _, _, r, _ in self._buffer]).astype(str)
         self.group["reason"].oindex[rows] = reasons
         self.group["status"].oindex[rows] = status
+        if DIGEST_ARRAY in self.group:
+            self.group[DIGEST_ARRAY].oindex[blocks] = np.array([d for _, _, _, d in self._buffer], dtype=np.str_)
         self.group[DONE_ARRAY].oindex[blocks] = 1
         self._buffer.clear()
 
@@ -507,17 +563,23 @@ def failure_table(group: zarr.Group, rows: np.ndarray) -> list[dict[str, str]]:
              "reason": str(cols["reason"][i - lo])} for i in rows.tolist()]
 
 
-def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | None = None) -> dict[str, Any]:
-    """Counts and failures of a per-video store (any stage with ``status``/``reason`` arrays).
+def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | None = 20) -> dict[str, Any]:
+    """Counts and failures of a per-video store (any stage with ``status``/``reason`` arrays), and the damage
+    seen cheaply (``damaged``: why, or None; see :func:`cheap_damage`).
 
-    Outputs that are not per video (label embeddings, heads) count their rows, all ok.
+    ``failures``: the first ``max_failures`` failed videos (None: all of them); ``failure_reasons``: how many
+    videos failed for each reason (its text up to the first ':' or '('), so that a million missing files
+    summarise in a few lines. Outputs that are not per video (label embeddings, heads) count their rows.
     """
     attrs = group.attrs
-    if "status" not in group:
-        rows = int(attrs.get("rows", len(attrs.get("class_names", []))))
-        return {"stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split", "-"),
-                "path": str(path), "total": rows, "ok": rows, "failed": 0, "pending": 0, "complete": True,
-                "fingerprint": attrs.get("fingerprint"), "failures": [], "damaged": None}
+    problems = cheap_damage(group)
+    if "status" not in group or problems:
+        rows = int(attrs.get("n", attrs.get("rows", len(attrs.get("class_names", [])))))
+        entry = {"stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split", "-"),
+                 "path": str(path), "total": rows, "ok": 0 if problems else rows, "failed": 0, "pending": 0,
+                 "complete": not problems, "fingerprint": attrs.get("fingerprint"), "failures": [],
+                 "failure_reasons": {}, "damaged": "; ".join(problems[:3]) if problems else None}
+        return entry
     status = group["status"][:]
     failed_rows = np.flatnonzero(status == FAILED)
     shown = failed_rows if max_failures is None else failed_rows[:max_failures]
@@ -527,9 +589,23 @@ def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | No
         "path": str(path), "total": int(status.size), "ok": int((status == OK).sum()),
         "failed": int(failed_rows.size), "pending": int((status == PENDING).sum()),
         "complete": not pending_blocks(group), "fingerprint": attrs.get("fingerprint"),
-        "failures": failure_table(group, shown),
+        "failures": failure_table(group, shown), "failure_reasons": failure_reasons(group, failed_rows),
         "damaged": f"{len(bad)} finished blocks without status" if bad else None,
     }
+
+
+def failure_reasons(group: zarr.Group, failed_rows: np.ndarray) -> dict[str, int]:
+    """How many of ``failed_rows`` failed for each kind of reason (the reason's text before its details)."""
+    if not failed_rows.size:
+        return {}
+    import re
+
+    reasons, counts = np.unique(np.asarray(group["reason"][:])[failed_rows], return_counts=True)
+    kinds: dict[str, int] = {}
+    for reason, count in zip(reasons.tolist(), counts.tolist(), strict=True):
+        kind = re.split(r"[:(]", str(reason), maxsplit=1)[0].strip() or "failed"
+        kinds[kind] = kinds.get(kind, 0) + int(count)
+    return dict(sorted(kinds.items(), key=lambda kc: -kc[1]))
 
 
 def read_array(group: zarr.Group, name: str, sel: Any = slice(None)) -> np.ndarray:
@@ -600,3 +676,188 @@ def damaged_entry(path: Path, root: Path, why: str) -> dict[str, Any]:
     return {"stage": parts[0] if parts else None, "dataset": parts[1] if len(parts) > 1 else None,
             "split": parts[-1] if len(parts) > 2 else "-", "path": str(path), "total": 0, "ok": 0, "failed": 0,
             "pending": 0, "complete": False, "fingerprint": None, "failures": [], "damaged": why}
+
+
+# ---- damage a reader can see cheaply ---------------------------------------------------------------
+
+# Columns only the coordinating process writes: its records of which work is done.
+BOOKKEEPING = ("status", "reason", DONE_ARRAY, DIGEST_ARRAY)
+# Arrays written block by block by workers: row i of each is video i.
+BLOCK_ARRAYS = ("frames", "frame_index", "timestamp", "source_frames", "box", "features")
+# Arrays a store of each stage has, for stores made before they recorded their ``arrays`` attribute.
+STAGE_ARRAYS = {
+    "frames": ("frames", "frame_index", "timestamp", "source_frames", "status", "reason", DONE_ARRAY, "video_id",
+               "path", "label", "start", "end"),
+    "features": ("features", "status", "reason", DONE_ARRAY, "video_id", "path", "label"),
+    "heads": ("head",), "labels": ("embeddings",),
+}
+# Arrays whose chunks existed whenever a block had an ok row, even in stores that skipped fill chunks.
+NEVER_FILL = ("frames", "features", "source_frames", "box")
+
+
+def block_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of one block's per-video arrays (names sorted; bytes elements length-prefixed; numbers
+    little-endian): what the worker wrote, recomputed by ``verify`` from what is read back."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        values = np.asarray(arrays[name])
+        h.update(f"{name}:{values.shape}".encode())
+        if values.dtype == object:
+            for v in values.reshape(-1).tolist():
+                b = v if isinstance(v, (bytes, bytearray)) else str(v).encode()
+                h.update(len(b).to_bytes(8, "little") + bytes(b))
+        else:
+            h.update(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+def expected_arrays(group: zarr.Group) -> tuple[str, ...]:
+    """The arrays this store must hold: as recorded at creation, else its stage's."""
+    recorded = group.attrs.get("arrays")
+    return tuple(recorded) if recorded else STAGE_ARRAYS.get(str(group.attrs.get("stage")), ())
+
+
+def _list_keys(group: zarr.Group) -> list[str]:
+    """Every key under the group (metadata and chunk files), from one listing of its store."""
+    from zarr.core.sync import sync
+
+    prefix = group.path + "/" if group.path else ""
+
+    async def collect() -> list[str]:
+        return [k[len(prefix):] async for k in group.store.list_prefix(prefix)]
+
+    return sync(collect())
+
+
+def open_arrays(group: zarr.Group, keys: list[str]) -> tuple[dict[str, zarr.Array], list[str]]:
+    """The store's arrays by name, and problems of their metadata: an expected array missing (its zarr.json
+    deleted), or metadata that cannot be parsed."""
+    present = {k[: -len("/zarr.json")] for k in keys if k.endswith("/zarr.json")}
+    problems = [f"array {name!r} is missing" for name in expected_arrays(group) if name not in present]
+    arrays: dict[str, zarr.Array] = {}
+    for name in sorted(present):
+        try:
+            arrays[name] = group[name]
+        except Exception as e:  # noqa: BLE001 - any unreadable array metadata is damage
+            problems.append(f"array {name!r} has unreadable metadata ({type(e).__name__})")
+    return arrays, problems
+
+
+def missing_chunks(group: zarr.Group, arrays: dict[str, zarr.Array], keys: list[str],
+                   status: np.ndarray, done: np.ndarray) -> tuple[dict[str, list[int]], list[str]]:
+    """({per-video array: finished blocks with an ok video whose chunk file is missing}, problems of columns
+    with a missing chunk file), from one listing of the store."""
+    chunks: dict[str, set[int]] = {}
+    for k in keys:
+        name, sep, rest = k.partition("/c/")
+        if sep and name in arrays:
+            first = rest.split("/", 1)[0]
+            if first.isdigit():
+                chunks.setdefault(name, set()).add(int(first))
+    all_chunks = bool(group.attrs.get("all_chunks"))
+    lost: dict[str, list[int]] = {}
+    if "block_size" in group.attrs:
+        n, size = int(group.attrs["n"]), int(group.attrs["block_size"])
+        n_blocks = (n + size - 1) // size
+        has_ok = np.zeros(n_blocks, bool)
+        has_ok[np.flatnonzero(status[:n] == OK) // size] = True
+        needed = set(np.flatnonzero(has_ok & (done[:n_blocks] == 1)).tolist())
+        for name in BLOCK_ARRAYS:
+            if name in arrays and (all_chunks or name in NEVER_FILL):
+                missing = sorted(needed - chunks.get(name, set()))
+                if missing:
+                    lost[name] = missing
+    column_problems = []
+    if all_chunks:  # stores made before could skip a column chunk equal to the fill value
+        for name, arr in arrays.items():
+            if name in BLOCK_ARRAYS or not arr.shape or arr.shape[0] == 0:
+                continue
+            outer = arr.shards[0] if arr.shards else arr.chunks[0]
+            missing = sorted(set(range((arr.shape[0] + outer - 1) // outer)) - chunks.get(name, set()))
+            if not missing:
+                continue
+            if name in BOOKKEEPING and "block_size" in group.attrs:
+                # lost bookkeeping means lost records of work: the blocks it covered are done again
+                size, n_blocks = int(group.attrs["block_size"]), n_blocks_of(group)
+                per_block = name in (DONE_ARRAY, DIGEST_ARRAY)
+                blocks: set[int] = set()
+                for i in missing:
+                    lo, hi = i * outer, (i + 1) * outer
+                    blocks.update(range(lo, min(hi, n_blocks)) if per_block
+                                  else range(lo // size, min((hi + size - 1) // size, n_blocks)))
+                lost[name] = sorted(blocks)
+            else:
+                column_problems.append(f"{name}: chunk file {missing[0]} is missing")
+    return lost, column_problems
+
+
+def cheap_damage(group: zarr.Group, keys: list[str] | None = None) -> list[str]:
+    """Damage seen without reading any data: arrays whose metadata is missing or unreadable, chunk files
+    missing under finished work (one listing of the store), chunk files of the wrong size (uncompressed
+    arrays), and altered small arrays (heads, label embeddings: their sha256). Empty when none is seen.
+    ``verify`` reads everything; this is what ``status`` and every reader check at open."""
+    keys = _list_keys(group) if keys is None else keys
+    arrays, problems = open_arrays(group, keys)
+    if problems:
+        return problems
+    for name in ("head", "embeddings"):
+        if name in arrays and arrays[name].attrs.get("sha256") is not None:
+            try:
+                same = arrays[name].attrs["sha256"] == values_sha256(arrays[name][...])
+            except Exception:  # noqa: BLE001 - a failed checksum
+                same = False
+            if not same:
+                problems.append(f"{name}: a chunk is missing or altered")
+    status = done = np.zeros(0)
+    if "status" in arrays and DONE_ARRAY in arrays:
+        try:
+            status, done = arrays["status"][:], arrays[DONE_ARRAY][:]
+        except Exception as e:  # noqa: BLE001 - a failed checksum of the bookkeeping
+            return problems + [f"the bookkeeping cannot be read ({type(e).__name__})"]
+    lost, column_problems = missing_chunks(group, arrays, keys, status, done)
+    for name, blocks in lost.items():
+        problems.append(f"{name}: {len(blocks)} chunk file(s) of finished blocks are missing "
+                        f"(block {blocks[0]}{', ...' if len(blocks) > 1 else ''})")
+    problems += column_problems
+    problems += _wrong_sizes(group, arrays, keys)
+    return problems
+
+
+def _wrong_sizes(group: zarr.Group, arrays: dict[str, zarr.Array], keys: list[str]) -> list[str]:
+    """Chunk files of uncompressed, unsharded numeric arrays (features) whose size is not the chunk's: a
+    truncated or padded file. Local stores only (a stat per chunk file)."""
+    root = getattr(group.store, "root", None)
+    if root is None:
+        return []
+    problems = []
+    for name, arr in arrays.items():
+        codecs = [type(c).__name__ for c in arr.metadata.codecs] if hasattr(arr.metadata, "codecs") else []
+        if arr.shards or codecs != ["BytesCodec", "Crc32cCodec"] or arr.dtype == object:
+            continue
+        expected = int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4  # + the CRC-32C
+        base = Path(str(root)) / group.path
+        for k in keys:
+            if k.startswith(f"{name}/c/"):
+                try:
+                    size = (base / k).stat().st_size
+                except OSError:
+                    continue
+                if size != expected:
+                    problems.append(f"{name}: chunk file {k} has {size} bytes, not {expected} (truncated or altered)")
+                    break
+    return problems
+
+
+def delete_block_chunks(group: zarr.Group, blocks: np.ndarray) -> None:
+    """Delete the chunk files of the given blocks in every per-video array, so that recomputing a damaged
+    block writes fresh files (a truncated shard would otherwise be read back when a short last block is
+    written). Call under the writer lock."""
+    from zarr.core.sync import sync
+
+    for name in BLOCK_ARRAYS:
+        if name not in group:
+            continue
+        arr = group[name]
+        for b in np.asarray(blocks, np.int64).tolist():
+            key = arr.metadata.encode_chunk_key((int(b),) + (0,) * (arr.ndim - 1))
+            sync((arr.store_path / key).delete())

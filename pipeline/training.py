@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cachefs import as_path
-from .errors import FingerprintMismatch, PipelineError
+from .errors import DamagedStore, FingerprintMismatch, PipelineError
 from .evaluation import metrics, multilabel_metrics
 from .files import write_atomic
 from .settings import FinetuneSettings as _F  # the defaults
@@ -40,14 +40,35 @@ from .settings import FinetuneSettings as _F  # the defaults
 CHECKPOINT = "checkpoint.pt"
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is damaged, or None. ``torch.save`` writes a zip whose every record
+    carries a CRC-32 (torch's default); ``torch.load`` does not check them, so flipped bytes would load as
+    wrong weights. Every record is read and checked here: a checkpoint is a few GB at most."""
+    import zipfile
+
+    try:
+        with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete checkpoint ({type(e).__name__})"
+    except Exception as e:  # noqa: BLE001 - zlib and struct errors of a mangled archive mean "damaged" too
+        return f"unreadable ({type(e).__name__})"
+    return f"record {bad} fails its CRC-32 (altered bytes)" if bad else None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A run's checkpoint (tensors only: ``weights_only``), or a one-line error when it is damaged."""
+    """A run's checkpoint (tensors only: ``weights_only``), its checksums verified; a one-line error when it
+    is damaged."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise DamagedStore(f"checkpoint {path} is damaged: {problem}; delete it, or use --replace-mismatched to "
+                           "start the run again")
     try:
         with as_path(path).open("rb") as f:
             ck = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, ...: all mean "damaged"
-        raise PipelineError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it or use "
-                            "--replace-mismatched to start the run again") from None
+    except Exception as e:  # noqa: BLE001 - bad pickle, ...: all mean "damaged"
+        raise DamagedStore(f"checkpoint {path} is damaged ({type(e).__name__}); delete it or use "
+                           "--replace-mismatched to start the run again") from None
     if not isinstance(ck, dict) or "fingerprint" not in ck:
         raise PipelineError(f"{path} is not a checkpoint of this pipeline")
     return ck
@@ -288,7 +309,7 @@ def train(model: nn.Module, train_set: ClipSet, val_set: ClipSet | None, cfg: Tr
         ck = load_checkpoint(path)
         if ck["fingerprint"] != fingerprint:
             raise FingerprintMismatch(f"{run_dir} holds a run made with other parameters or inputs; "
-                                      "use another --run name or --replace-mismatched")
+                                      "use another --run-name or --replace-mismatched")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):

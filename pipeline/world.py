@@ -44,6 +44,12 @@ class WorldSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("objects", "order"):
             raise ValueError(f"unknown world kind {self.kind!r} (objects, order)")
+        for what, chosen, known in (("colour", self.colours, COLOURS), ("shape", self.shapes, SHAPES),
+                                    ("size", self.sizes, SIZES)):
+            unknown = [c for c in chosen if c not in known]
+            if unknown or not chosen:
+                raise ValueError(f"unknown {what} {unknown[0]!r} (choose from {', '.join(known)})" if unknown
+                                 else f"the world needs at least one {what}")
 
     def class_names(self) -> list[str]:
         if self.kind == "order":

@@ -36,7 +36,7 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
         arrays = {"embeddings": group["embeddings"]}
     elif what == "head":
         if not kind:
-            raise PipelineError("--what head needs --kind")
+            raise PipelineError("--what head needs --head KIND")
         enc = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
         group = open_fresh(cache, heads_path(cache, dataset, model_tag, kind, enc), f"{kind} head of {dataset}")
         arrays = {"head": group["head"]}

@@ -14,7 +14,7 @@ from pipeline.featurestore import (
     precision_for,
     remember_model,
 )
-from pipeline.models.clip import ModelSpec, load_clip, same_model
+from pipeline.models.clip import ModelSpec, identity_changes, load_clip, same_model
 from pipeline.parallel import run_blocks, threads_per_worker
 from pipeline.progress import Progress, say
 
@@ -37,7 +37,10 @@ def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *,
                 if (done := _already_done(cache, dataset, spec, split, precision, batch_size, compile_)) is not None}
     if len(finished) == len(chosen):  # a no-op re-run: nothing to compute, so no model to load
         return [finished[split] for split in chosen]
-    say(f"loading {spec.name} on {device} ...")
+    for split in chosen:
+        if not replace_mismatched:
+            _refuse_foreign_key(cache, dataset, spec, split)  # before a model of gigabytes loads
+    say(f"loading {spec.name} on {device} ...", quiet)
     clip = load_clip(spec, device)  # fail fast on a bad model, and learn its identity
     remember_model(spec, device, clip)  # in-process blocks reuse it (dask workers load their own)
     summaries = []
@@ -77,9 +80,31 @@ def _already_done(cache: Path, dataset: str, spec: ModelSpec, split: str, precis
             != (spec.name, spec.pretrained, spec.quick_gelu)
             or not same_model(spec, dict(attrs.get("model") or {})) or store.pending_blocks(group)):
         return None
-    summary = store.summarize(group, path, max_failures=None)
+    summary = store.summarize(group, path, max_failures=20)
     summary["errors"] = []
     return summary
+
+
+def _refuse_foreign_key(cache: Path, dataset: str, spec: ModelSpec, split: str) -> None:
+    """Refuse, before loading the model, a model key whose features are another model's (its recorded name,
+    weights or flags differ); --replace-mismatched rebuilds them, as for any other change."""
+    path = features_path(cache, dataset, spec.tag, split)
+    if not (path / "zarr.json").exists():
+        return
+    try:
+        attrs = store.open_group(path, mode="r").attrs
+    except (store.DamagedStore, OSError):
+        return
+    recorded = dict(attrs.get("model_spec") or {})
+    if not recorded:
+        return  # imported features: no model to compare
+    changed = identity_changes(spec, dict(attrs.get("model") or {}))
+    if changed:
+        theirs = f"{recorded.get('name')}" + (f" {recorded['pretrained']}" if recorded.get("pretrained") else "")
+        raise FingerprintMismatch(
+            f"the model key {spec.tag!r} of {dataset} holds features of another model ({theirs}; changed: "
+            f"{', '.join(changed)}): give this one its own --model-key NAME, or --replace-mismatched if the old "
+            "features are of no use (they are deleted)")
 
 
 # Parameters of a feature store that describe the model itself, not how it was run.
@@ -127,6 +152,6 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 [(location(path), location(fpath), b, spec, device, batch_size, threads, compile_, nxt)
                  for b, nxt in zip(pending, ahead, strict=True)],
                 workers=workers, scheduler_address=scheduler_address, on_result=done)
-        summary = store.summarize(group, path, max_failures=None)
+        summary = store.summarize(group, path, max_failures=20)
     summary["errors"] = errors
     return summary

@@ -137,7 +137,7 @@ def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: 
     if head == "text" and not encoder:
         raise PipelineError("--head text needs --encoder hf:NAME (the text encoder of the labels stage)")
     hgroup = store.open_existing(heads_path(cache, dataset, model_tag, head, enc),
-                                 f"{head} head of {dataset} (run `pipeline heads --kind {head}` first)")
+                                 f"{head} head of {dataset} (run `pipeline heads --head {head}` first)")
     require_fresh(cache, hgroup, f"{head} head of {dataset}")
     return torch.from_numpy(hgroup["head"][:]), hgroup.attrs["fingerprint"]
 
@@ -145,6 +145,11 @@ def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: 
 def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: bool) -> None:
     config_file = run_dir / "run.json"
     recorded = _recorded_fingerprint(config_file)
+    if recorded is None and (run_dir / CHECKPOINT).exists():
+        try:  # run.json lost (or deleted by `verify --repair`): the checkpoint says whose run this is
+            recorded = load_checkpoint(run_dir / CHECKPOINT)["fingerprint"]
+        except PipelineError:
+            recorded = None
     holds_work = run_dir.is_dir() and any(run_dir.iterdir())
     if holds_work and recorded != fp:
         why = ("exists with other parameters or inputs" if recorded
@@ -403,7 +408,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     if frames > t_cache:
         raise PipelineError(f"--frames {frames} > the {t_cache} frames stored per video")
     if distributed.is_main() and not quiet:
-        say(f"loading {spec.name} ...")
+        say(f"loading {spec.name} ...", quiet)
     clip = load_clip(spec)
     weights, head_fp = head_weights(cache, dataset, spec.tag, head, encoder, len(names), clip.embed_dim, cfg.seed)
     torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed

@@ -92,7 +92,7 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
                     bar.update(result.n)
                 errors = run_blocks(extract_block, [(location(path), b, threads) for b in pending],
                                     workers=workers, scheduler_address=scheduler_address, on_result=done)
-            summary = store.summarize(group, path, max_failures=None)
+            summary = store.summarize(group, path, max_failures=20)
             summary["errors"] = errors
             summaries.append(summary)
     return summaries

@@ -46,7 +46,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
             enc_tag = encoder_tag("clip", model_tag)
         else:
             if not encoder or not encoder.startswith("hf:"):
-                raise PipelineError("--kind text needs --encoder hf:NAME_OR_PATH (the labels stage's text encoder)")
+                raise PipelineError("--head text needs --encoder hf:NAME_OR_PATH (the labels stage's text encoder)")
             enc_tag = encoder_tag(encoder, model_tag)
         what = f"label embeddings ({enc_tag})"
         labels = open_fresh(cache, labels_path(cache, dataset, enc_tag), what)

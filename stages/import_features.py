@@ -60,6 +60,8 @@ def _init_imported(g, *, part, split: str, feats: np.ndarray, status: np.ndarray
     g.attrs.update({"stage": "features", "dataset": part.dataset, "split": split, "class_names": part.class_names,
                     "model": {"imported_from": source.name}, "model_tag": model_tag, "precision": "imported",
                     "embed_dim": int(width), "num_frames": int(num_frames), "n": n, "block_size": block_size})
+    g[store.DIGEST_ARRAY][:] = np.array([store.block_digest({"features": feats[store.block_slice(g, b)]})
+                                         for b in range(store.n_blocks_of(g))], dtype=np.str_)
 
 
 def run(cache: Path, data: DatasetArgs, source: Path, model_tag: str, num_frames: int, *, block_size: int = 16,

@@ -65,13 +65,13 @@ def stale_reason(cache: Path, group: zarr.Group) -> str | None:
             current = _fingerprint_at(labels_path(cache, dataset, attrs["encoder_tag"]))
             if current != params["labels"]:
                 return (f"the label embeddings {attrs['encoder_tag']} of {dataset} changed since: re-run "
-                        f"`pipeline heads --kind {kind}` (with --replace-mismatched)")
+                        f"`pipeline heads --head {kind}` (with --replace-mismatched)")
         if params.get("features"):
             split = params.get("split", "train")
             current = _fingerprint_at(features_path(cache, dataset, model_tag, split))
             if current != params["features"]:
                 return (f"the features {dataset}/{split} of {model_tag} changed since: re-run "
-                        f"`pipeline heads --kind {kind}` (with --replace-mismatched)")
+                        f"`pipeline heads --head {kind}` (with --replace-mismatched)")
     if stage in ("labels", "heads") and attrs.get("model_tag"):
         reason = _labels_model_mismatch(cache, group)
         if reason:
@@ -98,6 +98,28 @@ def _labels_model_mismatch(cache: Path, group: zarr.Group) -> str | None:
     if features_model and "imported_from" not in features_model and features_model != text_model:
         return (f"its CLIP text tower is not the model of the cached features {attrs['dataset']}/{attrs['model_tag']}: "
                 "re-run `pipeline labels` (then `pipeline heads`) with --replace-mismatched")
+    return None
+
+
+def run_stale_reason(cache: Path, info: dict) -> str | None:
+    """Why a run no longer matches the stores it was trained and validated on (they were rebuilt or are gone
+    since), from its run.json; None when they are as they were."""
+    dataset = info.get("dataset")
+    for split in ("train", "val"):
+        recorded = info.get(split)
+        if not recorded or not dataset:
+            continue
+        if info.get("backbone") == "frozen":
+            path, what = features_path(cache, dataset, info.get("model_tag"), split), "features"
+        else:
+            path, what = frames_path(cache, dataset, split), "frame store"
+        try:
+            current = _fingerprint_at(path)
+        except PipelineError:
+            current = None
+        if current != recorded:
+            return (f"its {what} {dataset}/{split} was {'rebuilt' if current else 'deleted'} since it was trained: "
+                    "its numbers are of the old data (re-run it with --replace-mismatched)")
     return None
 
 

@@ -96,7 +96,7 @@ def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec,
     done = _already_done(cache, dataset, encoder, spec, class_names, templates, prompt_names)
     if done is not None:  # a no-op re-run: no model to load
         return done
-    say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...")
+    say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...", quiet)
     with Progress(len(templates), f"labels {dataset} ({len(class_names)} classes)", quiet, unit="template") as bar:
         if encoder == "clip":
             clip = load_clip(spec, device)

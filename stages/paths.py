@@ -61,3 +61,16 @@ def splits_of(cache: Path, stage: str, *parts: str) -> list[str]:
     """Splits that have an output of ``stage`` under cache/<stage>/<parts...>/<split>."""
     base = as_path(cache).joinpath(stage, *parts)
     return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists()) if base.is_dir() else []
+
+
+def run_dirs(cache: Path) -> list[Path]:
+    """Every run folder under ``runs/``: ``runs/<run>`` and ``runs/<run>/s<seed>`` (several seeds), by their
+    run.json or, for a run whose run.json is lost, by a checkpoint or history."""
+    base = as_path(cache) / "runs"
+    if not base.is_dir():
+        return []
+    found = set()
+    for marker in ("run.json", "checkpoint.pt", "history.jsonl"):
+        for pattern in (f"*/{marker}", f"*/s*/{marker}"):
+            found.update(p.parent for p in base.glob(pattern))
+    return sorted(found, key=str)

@@ -1,75 +1,115 @@
-"""Status: what the cache holds (stores, runs, reports, metrics), and what is damaged or stale."""
+"""Status: what the cache holds (stores, runs, reports, metrics), and what is damaged or stale.
+
+Damage is what can be seen cheaply (:func:`pipeline.store.cheap_damage`: missing arrays and chunk files,
+wrong chunk sizes, altered heads; a run's unreadable files or truncated checkpoint); ``pipeline verify``
+reads everything, and each entry says when that last happened (``verified``).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline import store
 from pipeline.cachefs import as_path
 from pipeline.errors import DamagedStore
+from pipeline.files import read_history, read_json
 
-from .inputs import stale_reason
+from .inputs import run_stale_reason, stale_reason
+from .paths import run_dirs
+from .verified import current, last_verified
 
 
-def run(cache: Path) -> list[dict]:
-    """One entry per output. Stores: counts, failures, fingerprint, ``kind`` and ``model``, ``stale`` and
-    ``damaged`` (why, or null). Runs: state, step, best metric. Reports and metrics files: their path."""
+def run(cache: Path, all_failures: bool = False) -> list[dict]:
+    """One entry per output. Stores: counts, the first failures (every one with ``all_failures``) and their
+    counts by reason, fingerprint, ``kind`` and ``model``, ``stale`` and ``damaged`` (why, or null),
+    ``verified`` (when ``pipeline verify`` last read it whole, and what it found). Runs: state, step, best
+    metric, ``stale`` and ``damaged``. Reports and metrics files: their path."""
     cache = as_path(cache)
+    verified = last_verified(cache)
     entries = []
     for path, group in store.find_stores(cache):
         if group is None:
             entry = store.damaged_entry(path, cache, "unreadable metadata (zarr.json)")
         else:
             try:
-                entry = store.summarize(group, path)  # with "damaged": finished blocks without status
+                entry = store.summarize(group, path, max_failures=None if all_failures else 20)
                 entry["stale"] = stale_reason(cache, group)
                 entry["kind"] = group.attrs.get("kind") or group.attrs.get("encoder_tag")
                 entry["model"] = group.attrs.get("model_tag")
-            except (DamagedStore, ValueError, KeyError, TypeError) as e:
+                entry["random_weights"] = bool((group.attrs.get("model") or {}).get("random_weights"))
+            except (DamagedStore, ValueError, KeyError, TypeError, OSError) as e:
                 entry = store.damaged_entry(path, cache, str(e))
         entry["name"] = _name(path, cache)
+        entry["verified"] = current(verified.get(_key(path, cache)), entry.get("fingerprint"))
         entries.append(entry)
-    return entries + _runs(cache) + _files(cache)
+    return entries + _runs(cache, verified) + _files(cache)
+
+
+def _key(path: Path, cache: Path) -> str:
+    return str(path)[len(str(cache)):].strip("/")
 
 
 def _name(path: Path, cache: Path) -> str:
     """The output's name under its stage folder: ``toy/val``, ``toy/ViT-B-16-openai/clip-text``."""
-    rel = str(path)[len(str(cache)):].strip("/")
+    rel = _key(path, cache)
     return rel.split("/", 1)[1] if "/" in rel else rel
 
 
-def _runs(cache: Path) -> list[dict]:
-    base = cache / "runs"
-    if not base.is_dir():
-        return []
+def _runs(cache: Path, verified: dict) -> list[dict]:
+    from pipeline.training import CHECKPOINT
+
     found = []
-    for info_file in sorted(list(base.glob("*/run.json")) + list(base.glob("*/s*/run.json")), key=str):
-        run_dir = info_file.parent
+    for run_dir in run_dirs(cache):
         entry = {"stage": "run", "name": _name(run_dir, cache), "split": "-", "path": str(run_dir),
-                 "state": "started", "step": 0}
+                 "state": "started", "step": 0, "damaged": None, "stale": None,
+                 "verified": None}
+        problems = []
+        info: dict = {}
         try:
-            info = json.loads(info_file.read_text())
+            info = read_json(run_dir / "run.json", "run settings")
             entry.update(dataset=info.get("dataset"), model=info.get("model_tag"), kind=info.get("head"),
                          temporal=info.get("temporal"), backbone=info.get("backbone"),
-                         fingerprint=info.get("fingerprint"))
-        except (OSError, ValueError) as e:
-            entry.update(state="damaged", damaged=f"run.json unreadable ({type(e).__name__})")
-            found.append(entry)
-            continue
-        history = run_dir / "history.jsonl"
-        if history.exists():
-            steps = [json.loads(line).get("step", 0) for line in history.read_text().splitlines()
-                     if line.strip().endswith("}")]
+                         fingerprint=info.get("fingerprint"),
+                         random_weights=bool((info.get("model") or {}).get("random_weights")))
+        except FileNotFoundError:
+            problems.append("run.json is missing")
+        except DamagedStore:
+            problems.append("run.json is unreadable")
+        try:
+            steps = [r.get("step", 0) for r in read_history(run_dir / "history.jsonl")]
             entry["step"] = max(steps, default=0)
-        metrics = run_dir / "metrics.json"
-        if metrics.exists():
-            m = json.loads(metrics.read_text())
-            entry.update(state="complete", steps=m.get("steps"), best_val_top1=m.get("best_val_top1"))
-        elif (run_dir / "checkpoint.pt").exists():
-            entry["state"] = "partial"
+        except DamagedStore:
+            problems.append("history.jsonl is damaged")
+        if (run_dir / "metrics.json").exists():
+            try:
+                m = read_json(run_dir / "metrics.json", "run metrics")
+                entry.update(state="complete", steps=m.get("steps"), best_val_top1=m.get("best_val_top1"))
+            except DamagedStore:
+                problems.append("metrics.json is unreadable")
+        if (run_dir / CHECKPOINT).exists():
+            if entry["state"] != "complete":
+                entry["state"] = "partial"
+            why = _checkpoint_cheaply(run_dir / CHECKPOINT)
+            if why:
+                problems.append(f"{CHECKPOINT} {why}")
+        entry["verified"] = current(verified.get(_key(run_dir, cache)), info.get("fingerprint"))
+        if problems:
+            entry.update(state="damaged", damaged="; ".join(problems))
+        elif info:
+            entry["stale"] = run_stale_reason(cache, info)
         found.append(entry)
     return found
+
+
+def _checkpoint_cheaply(path: Path) -> str | None:
+    """Whether a checkpoint's zip directory can be read (a truncated file cannot); its CRCs are ``verify``'s."""
+    import zipfile
+
+    try:
+        with path.open("rb") as f, zipfile.ZipFile(f):
+            return None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"is truncated or not a checkpoint ({type(e).__name__})"
 
 
 def _files(cache: Path) -> list[dict]:
@@ -81,9 +121,9 @@ def _files(cache: Path) -> list[dict]:
     for path in sorted(metrics.glob("*.json"), key=str) if metrics.is_dir() else []:
         entry = {"stage": "metrics", "name": path.stem, "split": "-", "path": str(path), "state": "complete"}
         try:
-            full = json.loads(path.read_text()).get("full") or {}
+            full = read_json(path, "metrics").get("full") or {}
             entry["top1"] = full.get("top1")
-        except (OSError, ValueError):
+        except (DamagedStore, AttributeError):
             entry["state"] = "damaged"
         found.append(entry)
     return found

@@ -150,9 +150,15 @@ def test_quick_gelu_follows_the_pretrained_tag():
     assert ModelSpec("ViT-B-16", "openai").tag == "ViT-B-16-openai"
 
 
-def test_missing_weights_offline_is_a_one_line_error(tmp_path):
-    with pytest.raises(PipelineError, match="offline, or not in the local cache.*--pretrained /path/to/weights"):
+def test_missing_weights_offline_is_a_one_line_error_within_seconds(tmp_path):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="not in open_clip's local cache and the hub cannot be reached.*"
+                                            "--pretrained /path/to/the/file --quick-gelu") as e:
         load_clip(ModelSpec("ViT-B-16", "openai"))
+    assert time.monotonic() - started < 20  # no minute of silent retries (model construction included)
+    assert "huggingface.co/timm/vit_base_patch16_clip_224.openai" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(PipelineError, match="neither a checkpoint file nor a tag"):
         load_clip(ModelSpec("ViT-B-16", "no-such-tag"))
     with pytest.raises(PipelineError, match="no open_clip_config.json"):
@@ -280,8 +286,12 @@ def test_a_no_op_rerun_of_extract_loads_no_model(extracted, tmp_path, monkeypatc
     config = json.loads((edited / "open_clip_config.json").read_text())
     config["preprocess_cfg"]["mean"] = [0.4, 0.4, 0.4]
     (edited / "open_clip_config.json").write_text(json.dumps(config))
-    with pytest.raises(AssertionError, match="the model was loaded"):
+    # another model under the same key: refused before it loads (not a no-op, and no minutes of loading)
+    with pytest.raises(AssertionError, match="holds features of another model.*changed: config_sha256"):
         run_inproc(*[a if a != f"local-dir:{tiny}" else f"local-dir:{edited}" for a in args])
+    # asked to replace them, it loads
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        run_inproc(*[a if a != f"local-dir:{tiny}" else f"local-dir:{edited}" for a in args], "--replace-mismatched")
 
 
 def test_class_names_file_embeds_the_official_lists_names_and_is_named_in_the_output(extracted, tmp_path):

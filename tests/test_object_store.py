@@ -136,13 +136,19 @@ def test_a_killed_writer_on_s3_resumes_after_its_lease_and_a_second_writer_is_re
     local, remote = str(tmp_path / "local"), "s3://bucket/run2/cache"
     cli(*frames, "--cache", local, cwd=tmp_path)
     fs = s3fs.S3FileSystem()
-    marker = "bucket/run2/cache/frames/toy/train/block_done/c/0"
+
+    def marked() -> bool:  # every chunk is written (zeros too): wait for a set marker
+        fs.invalidate_cache()
+        try:
+            return bool(zarr.open_group(f"{remote}/frames/toy/train", mode="r")["block_done"][:].any())
+        except Exception:  # noqa: BLE001 - not created yet
+            return False
+
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *frames, "--cache", remote], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not fs.exists(marker):
+    while time.monotonic() < deadline and proc.poll() is None and not marked():
         time.sleep(0.05)
-        fs.invalidate_cache()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     group = zarr.open_group(f"{remote}/frames/toy/train", mode="r")

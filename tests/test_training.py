@@ -59,7 +59,7 @@ def imported(tmp_path) -> Path:
     (feats / "val" / "c3_5.npy").unlink()  # one video's file is missing
     cache = tmp_path / "cache"
     out = run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ext", "--from",
-                     str(feats.parent / "feats"), "--model-tag", "extfeat", "--cache-frames", "4", "--cache",
+                     str(feats.parent / "feats"), "--model-key", "extfeat", "--cache-frames", "4", "--cache",
                      str(cache),
                      "--quiet")
     assert "ext/val: 36 videos, 35 ok, 1 failed" in out and "no feature file" in out
@@ -110,7 +110,7 @@ def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
     cache = tmp_path / "cache"
     run_inproc("import", "--format", "csv", "--root", str(tmp_path / "videos.csv"), "--dataset", "ord", "--from",
                str(feats),
-               "--model-tag", "f", "--cache-frames", "8", "--cache", str(cache), "-q")
+               "--model-key", "f", "--cache-frames", "8", "--cache", str(cache), "-q")
     common = ["finetune", "--frozen-backbone", "-d", "ord", "--model", "f", "--frames", "8", "--epochs", "15",
               "--global-batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--min-lr", "1e-4", "--head",
               "learnable",

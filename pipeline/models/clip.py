@@ -14,6 +14,7 @@ activation that the pretrained tag was trained with.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,8 +30,9 @@ from ..errors import PipelineError
 # torch and open_clip are imported where they are used: importing open_clip takes ~10 s here,
 # and commands that only read the cache (heads, evaluate, status) must not pay for it.
 
-WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin",
-                "model.safetensors")
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                "pytorch_model.bin", "model.safetensors")
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ModelSpec:
     pretrained: str | None = None  # tag or checkpoint file (built-in names only)
     quick_gelu: bool | None = None  # None: what the pretrained tag was trained with (OpenAI: QuickGELU)
     key: str | None = None  # the model's name in the cache; None: derived (see ``tag``)
+    random_weights: bool = False  # a built-in architecture with random weights, asked for (tests, benchmarks)
 
     def absolute(self) -> ModelSpec:
         """This spec with its local paths absolute: recorded in runs, usable from any directory."""
@@ -47,7 +50,8 @@ class ModelSpec:
             name = "local-dir:" + os.path.abspath(os.path.expanduser(name[len("local-dir:"):]))
         if pretrained and os.path.isfile(pretrained):
             pretrained = os.path.abspath(pretrained)
-        return ModelSpec(name=name, pretrained=pretrained, quick_gelu=self.quick_gelu, key=self.key)
+        return ModelSpec(name=name, pretrained=pretrained, quick_gelu=self.quick_gelu, key=self.key,
+                         random_weights=self.random_weights)
 
     @property
     def tag(self) -> str:
@@ -66,9 +70,11 @@ class ModelSpec:
             if self.pretrained:
                 p = self.pretrained
                 base += "-" + (Path(p).stem if os.path.sep in p or os.path.isfile(p) else p)
-        weights = _weights_file(self) if not self.name.startswith("hf-hub:") else None
-        if weights:
-            base += "-" + _short_sha256(weights)
+            elif self.random_weights:
+                base += "-random"  # never the key of real weights
+        digest = weights_sha256(self) if not self.name.startswith("hf-hub:") else None
+        if digest:
+            base += "-" + digest[:8]
         return re.sub(r"[^A-Za-z0-9._-]+", "-", base)
 
 
@@ -83,20 +89,22 @@ def cached_file_sha256(path: str) -> str:
     return _sha256_of_version(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
-def _short_sha256(path: str) -> str:
-    return cached_file_sha256(path)[:8]
+def identity_changes(spec: ModelSpec, identity: dict) -> list[str]:
+    """What of ``identity`` (recorded by :func:`load_clip`) is no longer that of ``spec``'s files, checked
+    without loading the model: name, tag, random weights, and the sha256 of the weights and config files.
+    (The activation and preprocessing follow from these and from the spec's flags, compared by the caller.)"""
+    config = _config_file(spec)
+    name = spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}"
+    pretrained = spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None
+    now = {"name": name, "pretrained": pretrained, "random_weights": spec.random_weights,
+           "weights_sha256": weights_sha256(spec), "config_sha256": cached_file_sha256(config) if config else None}
+    recorded = {**identity, "random_weights": bool(identity.get("random_weights"))}
+    return [key for key, value in now.items() if recorded.get(key) != value]
 
 
 def same_model(spec: ModelSpec, identity: dict) -> bool:
-    """Whether ``identity`` (recorded by :func:`load_clip`) is still that of ``spec``'s files, checked
-    without loading the model: name, tag, and the sha256 of the weights and config files. (The
-    activation and preprocessing follow from these and from the spec's flags, compared by the caller.)"""
-    weights, config = _weights_file(spec), _config_file(spec)
-    name = spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}"
-    pretrained = spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None
-    return (identity.get("name") == name and identity.get("pretrained") == pretrained
-            and identity.get("weights_sha256") == (cached_file_sha256(weights) if weights else None)
-            and identity.get("config_sha256") == (cached_file_sha256(config) if config else None))
+    """Whether ``identity`` is still that of ``spec``'s files (see :func:`identity_changes`)."""
+    return not identity_changes(spec, identity)
 
 
 @dataclass
@@ -145,18 +153,38 @@ def _config_file(spec: ModelSpec) -> str | None:
     return None
 
 
-def _weights_file(spec: ModelSpec) -> str | None:
+def _weights_files(spec: ModelSpec) -> list[str]:
+    """Every file the model's weights may be loaded from. For a ``local-dir:`` folder that is every checkpoint
+    file in it (open_clip chooses among them by its own preference, e.g. a ``.safetensors`` beside a ``.bin``):
+    the identity covers them all, so it is that of the weights actually loaded."""
     if spec.name.startswith("hf-hub:"):
-        return _hub_file(spec.name[len("hf-hub:"):], WEIGHT_NAMES)
+        found = _hub_file(spec.name[len("hf-hub:"):], WEIGHT_NAMES)
+        return [found] if found else []
     if spec.name.startswith("local-dir:"):
         folder = Path(spec.name[len("local-dir:"):])
-        for name in WEIGHT_NAMES:
-            if (folder / name).is_file():
-                return str(folder / name)
-        return None
+        if not folder.is_dir():
+            return []
+        return sorted(str(p) for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
     if spec.pretrained and os.path.isfile(spec.pretrained):
-        return spec.pretrained
-    return None
+        return [spec.pretrained]
+    return []
+
+
+def _weights_file(spec: ModelSpec) -> str | None:
+    files = _weights_files(spec)
+    return files[0] if files else None
+
+
+def weights_sha256(spec: ModelSpec) -> str | None:
+    """sha256 of the model's weights file; with several candidate files (see :func:`_weights_files`), sha256 of
+    their names and sha256s. None for a tag (its name identifies it) or random weights."""
+    files = _weights_files(spec)
+    if not files:
+        return None
+    if len(files) == 1:
+        return cached_file_sha256(files[0])
+    listing = "".join(f"{Path(f).name}:{cached_file_sha256(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def quick_gelu_for(spec: ModelSpec) -> bool:
@@ -194,17 +222,33 @@ def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
                 tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
                 raise PipelineError(f"--pretrained {spec.pretrained!r} is neither a checkpoint file nor a tag of "
                                     f"{spec.name} (tags: {tags})")
+        if not spec.pretrained and not spec.random_weights:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)[:6]) or "none"
+            raise PipelineError(f"{spec.name} without --pretrained would have random weights, and every number made "
+                                f"with it would be noise: pass --pretrained TAG (tags: {tags}) or a checkpoint "
+                                "file, or --random-weights if random weights are what you want (tests, benchmarks)")
+    downloads = spec.name.startswith("hf-hub:") or bool(spec.pretrained and not os.path.isfile(spec.pretrained))
+    pretrained = spec.pretrained if not spec.name.startswith(("local-dir:", "hf-hub:")) else None
     logging.disable(logging.ERROR)  # open_clip logs download failures itself; we raise one clear line
     try:
-        model = open_clip.create_model(
-            spec.name, pretrained=spec.pretrained if not spec.name.startswith(("local-dir:", "hf-hub:")) else None,
-            force_quick_gelu=force_quick_gelu, device=device)
+        model = None
+        if downloads:
+            # the local caches first, without the network: a missing file is known at once, not after a
+            # minute of retries on an offline machine
+            with _hub_offline():
+                try:
+                    model = open_clip.create_model(spec.name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
+                                                   device=device)
+                except (RuntimeError, OSError, ValueError):
+                    model = None
+            if model is None and not _hub_reachable():
+                raise PipelineError(_offline_advice(spec))
+        if model is None:
+            model = open_clip.create_model(spec.name, pretrained=pretrained, force_quick_gelu=force_quick_gelu,
+                                           device=device)
     except (RuntimeError, OSError, ValueError) as e:
-        if spec.pretrained and not os.path.isfile(spec.pretrained) or spec.name.startswith("hf-hub:"):
-            raise PipelineError(
-                f"could not get the weights of {spec.name} {spec.pretrained or ''}".rstrip()
-                + " (offline, or not in the local cache): download them on a machine with internet and pass "
-                "--pretrained /path/to/weights.bin, or use --model local-dir:DIR") from None
+        if downloads:
+            raise PipelineError(_offline_advice(spec) + f" ({' '.join(str(e).split())[:160]})") from None
         raise PipelineError(f"could not load {spec.name}: {' '.join(str(e).split())[:300]}") from None
     finally:
         logging.disable(logging.NOTSET)
@@ -212,7 +256,7 @@ def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
-    weights, config = _weights_file(spec), _config_file(spec)
+    config = _config_file(spec)
     mean = tuple(float(v) for v in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in cfg.get("std", open_clip.OPENAI_DATASET_STD))
     interpolation = str(cfg.get("interpolation", "bicubic"))
@@ -221,19 +265,70 @@ def load_clip(spec: ModelSpec, device: str = "cpu") -> LoadedClip:
     identity = {
         "name": spec.name if not spec.name.startswith("local-dir:") else f"local-dir:{Path(spec.name[10:]).name}",
         "pretrained": spec.pretrained if not (spec.pretrained and os.path.isfile(spec.pretrained)) else None,
-        "weights_sha256": cached_file_sha256(weights) if weights else None,
+        "weights_sha256": weights_sha256(spec),
         "config_sha256": cached_file_sha256(config) if config else None,
         "quick_gelu": force_quick_gelu or _uses_quick_gelu(model),
         "image_size": int(size),
         "embed_dim": int(model.visual.output_dim),
         "preprocess": {"mean": list(mean), "std": list(std), "interpolation": interpolation,
                        "resize_mode": str(cfg.get("resize_mode", "shortest"))},
+        **({"random_weights": True} if spec.random_weights else {}),  # said in status and exports
     }
     return LoadedClip(
         model=model, tokenizer=open_clip.get_tokenizer(spec.name),
         image_size=int(size), mean=mean, std=std, interpolation=interpolation, identity=identity,
         resize_mode=identity["preprocess"]["resize_mode"],
     )
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Hugging Face Hub downloads from the local cache only, for the duration (huggingface_hub reads this
+    constant at each call)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a download could work: not in offline mode, and the hub answers a connection within seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_advice(spec: ModelSpec) -> str:
+    """How to get a tag's (or hub model's) weights onto an offline machine, in one line."""
+    if spec.name.startswith("hf-hub:"):
+        return (f"the weights of {spec.name} are not in the local Hugging Face cache and the hub cannot be reached "
+                f"(offline): on a machine with internet run `huggingface-cli download {spec.name[len('hf-hub:'):]}`, "
+                "copy the folder here and use --model local-dir:FOLDER")
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "") or {}
+    source = (f"https://huggingface.co/{cfg['hf_hub'].rstrip('/')}" if cfg.get("hf_hub") else cfg.get("url", ""))
+    gelu = (" --quick-gelu (OpenAI weights were trained with QuickGELU: without it the features are wrong)"
+            if cfg.get("quick_gelu") else "")
+    return (f"the weights of {spec.name} '{spec.pretrained}' are not in open_clip's local cache and the hub cannot be "
+            f"reached (offline): on a machine with internet download them ({source}, or run `python -c \"import "
+            f"open_clip; open_clip.create_model('{spec.name}', pretrained='{spec.pretrained}')\"` and take the file "
+            f"from ~/.cache/huggingface), copy the file here and pass --pretrained /path/to/the/file{gelu}")
 
 
 def _uses_quick_gelu(model: Any) -> bool:
