@@ -129,7 +129,8 @@ class FramesSettings(Replace, DataSource):
     codec: str = knob("jpeg", "Stored frame encoding: JPEG bytes, or lossless uint8 + zstd.",
                       type=("jpeg", "raw"))
     jpeg_quality: int = knob(90, "JPEG quality.", type="PERCENT")
-    block_size: int = knob(16, "Videos per block (the resume unit).", type="POSITIVE", maximum=65536)
+    block_size: int = knob(16, "Videos per block (the resume unit; at most the rows there are, and 2 GiB of "
+                               "decoded frames).", type="POSITIVE")
     workers: int = knob(1, "Decoding processes, through dask.", type="POSITIVE", maximum=4096)
     scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler instead of a local one.")
     strict: bool = knob(False, "Exit with status 1 if any video failed.", is_flag=True)
@@ -306,7 +307,7 @@ class ImportSettings(Replace, DataSource):
                                        "commands).", flag="--model-key", old_flags=("--model-tag",))
     cache_frames: int = knob(8, "Frames per video in the store (resampled).", type="POSITIVE", maximum=1024,
                              old_flags=("--num-frames",), old_keys=("num_frames",))
-    block_size: int = knob(16, "Videos per block.", type="POSITIVE", maximum=65536)
+    block_size: int = knob(16, "Videos per block.", type="POSITIVE")
 
 
 @dataclass
