@@ -675,7 +675,8 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
 @command("export", S.ExportSettings)
 @click.option("--format", "old_format", type=click.Choice(["npz", "h5"]), hidden=True)
 def export(ctx: Context, s: S.ExportSettings, old_format: str | None) -> None:
-    """Export a stored output to NumPy (.npz) or HDF5 (.h5), chosen by the suffix of --out.
+    """Export a stored output to NumPy (.npz) or HDF5 (.h5), chosen by the suffix of --out; both are
+    written block by block (memory for one block, not the store).
 
     \b
     Keys: frames    `frames` uint8 [N, T, H, W, 3], `frame_index`, `timestamp`, `video_id`, `label`,
@@ -694,14 +695,13 @@ def export(ctx: Context, s: S.ExportSettings, old_format: str | None) -> None:
     """
     from stages import export as export_stage
 
+    from .export import format_of
+
     if not s.out:
         raise PipelineError("export needs --out FILE (.npz or .h5)")
-    fmt = {".npz": "npz", ".h5": "h5", ".hdf5": "h5"}.get(Path(s.out).suffix.lower())
     if old_format:
         click.echo("warning: export --format is deprecated: the suffix of --out (.npz, .h5) chooses it", err=True)
-        fmt = old_format
-    if fmt is None:
-        raise PipelineError(f"--out {s.out}: name it .npz (NumPy) or .h5 (HDF5)")
+    fmt = format_of(s.out, old_format)  # a --format that contradicts the suffix is an error, never obeyed
     ds = need_dataset(s)
     needs_model = s.model or s.what in ("features", "head", "labels")
     spec = model_spec(ctx, s, dataset=ds) if needs_model else None

@@ -201,6 +201,70 @@ def test_exports_round_trip(extracted, tmp_path):
         assert np.array_equal(z["embeddings"], lab["embeddings"][:])
 
 
+def test_npz_exports_equal_the_store_and_the_suffix_always_names_the_format(extracted, tmp_path):
+    from pipeline.framestore import read_frames
+    from stages.export import FEATURE_ARRAYS, FRAME_ARRAYS
+
+    cache, tiny = extracted
+    run_inproc("export", "--what", "features", "-d", "toy", "--split", "train", *model_args(tiny),
+               "--out", str(tmp_path / "f.npz"), "--cache", str(cache))
+    run_inproc("export", "--what", "frames", "-d", "toy", "--split", "val", "--out", str(tmp_path / "v.npz"),
+               "--cache", str(cache))
+    for out, path, names in ((tmp_path / "f.npz", cache / "features" / "toy" / "tiny-clip" / "train", FEATURE_ARRAYS),
+                             (tmp_path / "v.npz", cache / "frames" / "toy" / "val", FRAME_ARRAYS)):
+        g = zarr.open_group(str(path), mode="r")
+        with np.load(out) as z:  # allow_pickle=False: plain arrays only
+            for name in names:
+                want = read_frames(g, slice(None)) if name == "frames" else g[name][:]
+                got = z[name]
+                assert got.shape == want.shape and got.dtype.kind == ("U" if want.dtype.kind in "OTU" else
+                                                                       want.dtype.kind), name
+                assert np.array_equal(got, np.asarray(want.tolist()) if want.dtype.kind in "OT" else want), name
+            assert z["attr_class_names"].tolist() == list(g.attrs["class_names"])
+            assert str(z["attr_fingerprint"]) == g.attrs["fingerprint"]
+
+    # the suffix names the format; the deprecated --format may only agree with it
+    proc = run_cli("export", "--what", "labels", "-d", "toy", *model_args(tiny), "--out", str(tmp_path / "x.npz"),
+                   "--format", "h5", "--cache", str(cache), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: format h5 contradicts --out") and len(lines) == 2
+    assert not (tmp_path / "x.npz").exists()
+    proc = run_cli("export", "--what", "labels", "-d", "toy", *model_args(tiny), "--out", str(tmp_path / "x.dat"),
+                   "--format", "npz", "--cache", str(cache), check=False)
+    assert proc.returncode == 2 and "error: --out" in proc.stderr and "name it .npz" in proc.stderr
+    run_inproc("export", "--what", "labels", "-d", "toy", *model_args(tiny), "--out", str(tmp_path / "x.h5"),
+               "--format", "h5", "--cache", str(cache))
+    assert (tmp_path / "x.h5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    assert (tmp_path / "f.npz").read_bytes()[:2] == b"PK"
+
+
+def test_npz_export_streams_a_store_larger_than_a_block(tmp_path):
+    """Peak memory of an .npz export is a few blocks, not the store (np.savez held it all)."""
+    import tracemalloc
+
+    from pipeline.export import export_arrays
+
+    rng = np.random.default_rng(0)
+    n, rows = 2048, 16
+    g = zarr.open_group(str(tmp_path / "store"), mode="w")
+    feats = g.create_array("features", shape=(n, 8, 256), dtype="float16", chunks=(rows, 8, 256))
+    feats[:] = rng.standard_normal((n, 8, 256)).astype(np.float16)  # 8 MiB
+    labels = g.create_array("label", shape=(n,), dtype="int64", chunks=(rows,))
+    labels[:] = rng.integers(0, 12, n)
+    tracemalloc.start()
+    try:
+        export_arrays(tmp_path / "big.npz", None, {"features": feats, "label": labels}, {"fingerprint": "abc"},
+                      rows_per_read=rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    total = feats.nbytes + labels.nbytes
+    assert peak < total / 8, f"peak {peak / 2**20:.1f} MiB for a {total / 2**20:.1f} MiB store"
+    with np.load(tmp_path / "big.npz") as z:
+        assert np.array_equal(z["features"], feats[:]) and z["features"].dtype == np.float16
+        assert np.array_equal(z["label"], labels[:]) and str(z["attr_fingerprint"]) == "abc"
+
+
 def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp_path):
     cache, tiny = extracted
     work = tmp_path / "cache"
