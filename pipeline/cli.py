@@ -413,10 +413,10 @@ def world(ctx: Context, s: S.WorldSettings) -> None:
 
 # ---- feature store -------------------------------------------------------------------------
 
-def model_spec(ctx: Context, s: Any, dataset: str | None = None):
+def model_spec(ctx: Context, s: Any, dataset: str | None = None, every_dataset: bool = False):
     """The model of ``s`` (--model / model.name ...). For commands that read the cache (``dataset``
     given): the cache's entry for that model, or, without --model, the one model whose features the
-    cache holds for the dataset."""
+    cache holds for the dataset. ``every_dataset`` (predict): the same over all the cache's datasets."""
     from .models.clip import ModelSpec
 
     found: dict = {}
@@ -424,14 +424,18 @@ def model_spec(ctx: Context, s: Any, dataset: str | None = None):
         from stages.inputs import cached_models
 
         found = cached_models(ctx.cache, dataset)
+    elif every_dataset:
+        from stages.inputs import cached_models_anywhere
+
+        found = cached_models_anywhere(ctx.cache)
     if s.model_key and s.model_key in found and not s.model:
         return _spec_from_cache(s.model_key, found[s.model_key])
-    if not s.model and dataset:
+    if not s.model and (dataset or every_dataset):
         if len(found) == 1:
             return _spec_from_cache(*next(iter(found.items())))
         if found:
-            raise PipelineError(f"the cache holds features of {dataset} from several models ({', '.join(found)}): "
-                                "choose one with --model-key KEY (or --model)")
+            raise PipelineError(f"the cache holds features {f'of {dataset} ' if dataset else ''}from several models "
+                                f"({', '.join(found)}): choose one with --model-key KEY (or --model)")
     if not s.model:
         raise PipelineError("no model given: pass --model (e.g. ViT-B-16 --pretrained openai, or local-dir:DIR) "
                             "or set model.name in params.yaml")
@@ -886,7 +890,8 @@ def pretrain(ctx: Context, s: S.PretrainSettings) -> None:
 def predict(ctx: Context, s: S.PredictSettings, videos, as_json) -> None:
     """Label videos with your own label names (zero-shot) or with a fine-tuned run; prints the top-5.
 
-    Zero-shot (--model): frames at the centres of uniform segments, preprocessed exactly as the
+    Zero-shot (--model; without it, the model whose features the cache holds, or the one --model-key
+    names there): frames at the centres of uniform segments, preprocessed exactly as the
     features stage does, CLIP image features averaged over time, cosine with the text embeddings
     of the labels, softmax at CLIP's logit scale. --run-name: the run's video model; --labels are
     embedded by the run's text encoder.
@@ -914,8 +919,9 @@ def predict(ctx: Context, s: S.PredictSettings, videos, as_json) -> None:
         results = predict_stage.run_trained(list(videos), ctx.cache, s.run_name, names, template=s.template,
                                             device=default_device(s.device), quiet=ctx.quiet or as_json)
     else:
-        results = predict_stage.run(list(videos), names, model_spec(ctx, s), template=s.template, frames=s.frames,
-                                    device=default_device(s.device), quiet=ctx.quiet or as_json)
+        # like every reader of the cache: without --model, the model whose features it holds
+        results = predict_stage.run(list(videos), names, model_spec(ctx, s, every_dataset=True), template=s.template,
+                                    frames=s.frames, device=default_device(s.device), quiet=ctx.quiet or as_json)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

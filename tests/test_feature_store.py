@@ -318,6 +318,33 @@ def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
         predict_stage.run([video], ["only"], ModelSpec(f"local-dir:{tiny_clip}"))
 
 
+def test_predict_takes_the_model_from_the_cache_like_every_reader(extracted, tmp_path):
+    """No --model: the one model whose features the cache holds (any dataset; imported features have no model
+    to encode a video with); several: a one-line error listing them, and --model-key chooses."""
+    from videos import write_video
+
+    cache, tiny = extracted
+    work = tmp_path / "cache"
+    shutil.copytree(cache / "features" / "toy", work / "features" / "toy")
+    shutil.copytree(cache / "features" / "toy", work / "features" / "ext")  # features imported from elsewhere
+    for split in ("train", "val"):
+        zarr.open_group(str(work / "features" / "ext" / "tiny-clip" / split), mode="r+").attrs["model_spec"] = None
+    video = write_video(tmp_path / "v.mp4", n_frames=12, width=48, height=32)
+    labels = ["--labels", "red,green,blue", "--frames", "4", "--json", "--cache", str(work)]
+    given = json.loads(run_inproc("predict", video, *model_args(tiny), *labels))
+    assert json.loads(run_inproc("predict", video, *labels)) == given
+
+    other = work / "features" / "other" / "other-clip"  # a second model, under another dataset
+    shutil.copytree(work / "features" / "toy" / "tiny-clip", other)
+    for split in ("train", "val"):
+        zarr.open_group(str(other / split), mode="r+").attrs["model_spec"] = {"name": "ViT-B-16", "pretrained": None}
+    proc = run_cli("predict", video, *labels, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: the cache holds features from several models (other-clip, tiny-clip): choose one with --model-key "
+        "KEY (or --model)"]
+    assert json.loads(run_inproc("predict", video, "--model-key", "tiny-clip", *labels)) == given
+
+
 def test_a_no_op_rerun_of_extract_loads_no_model(extracted, tmp_path, monkeypatch):
     """Everything is cached already: frames, features and labels are left as they are, and neither
     stage loads the model (minutes for a ViT-L on a cold disk); a changed model file does load it."""
