@@ -434,10 +434,10 @@ def world(ctx: Context, s: S.WorldSettings) -> None:
 
 # ---- feature store -------------------------------------------------------------------------
 
-def model_spec(ctx: Context, s: Any, dataset: str | None = None):
+def model_spec(ctx: Context, s: Any, dataset: str | None = None, every_dataset: bool = False):
     """The model of ``s`` (--model / model.name ...). For commands that read the cache (``dataset``
     given): the cache's entry for that model, or, without --model, the one model whose features the
-    cache holds for the dataset."""
+    cache holds for the dataset. ``every_dataset`` (predict): the same over all the cache's datasets."""
     from .models.clip import ModelSpec
 
     found: dict = {}
@@ -445,14 +445,18 @@ def model_spec(ctx: Context, s: Any, dataset: str | None = None):
         from stages.inputs import cached_models
 
         found = cached_models(ctx.cache, dataset)
+    elif every_dataset:
+        from stages.inputs import cached_models_anywhere
+
+        found = cached_models_anywhere(ctx.cache)
     if s.model_key and s.model_key in found and not s.model:
         return _spec_from_cache(s.model_key, found[s.model_key])
-    if not s.model and dataset:
+    if not s.model and (dataset or every_dataset):
         if len(found) == 1:
             return _spec_from_cache(*next(iter(found.items())))
         if found:
-            raise PipelineError(f"the cache holds features of {dataset} from several models ({', '.join(found)}): "
-                                "choose one with --model-key KEY (or --model)")
+            raise PipelineError(f"the cache holds features {f'of {dataset} ' if dataset else ''}from several models "
+                                f"({', '.join(found)}): choose one with --model-key KEY (or --model)")
     if not s.model:
         raise PipelineError("no model given: pass --model (e.g. ViT-B-16 --pretrained openai, or local-dir:DIR) "
                             "or set model.name in params.yaml")
@@ -697,7 +701,8 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
 @command("export", S.ExportSettings)
 @click.option("--format", "old_format", type=click.Choice(["npz", "h5"]), hidden=True)
 def export(ctx: Context, s: S.ExportSettings, old_format: str | None) -> None:
-    """Export a stored output to NumPy (.npz) or HDF5 (.h5), chosen by the suffix of --out.
+    """Export a stored output to NumPy (.npz) or HDF5 (.h5), chosen by the suffix of --out; both are
+    written block by block (memory for one block, not the store).
 
     \b
     Keys: frames    `frames` uint8 [N, T, H, W, 3], `frame_index`, `timestamp`, `video_id`, `label`,
@@ -716,14 +721,13 @@ def export(ctx: Context, s: S.ExportSettings, old_format: str | None) -> None:
     """
     from stages import export as export_stage
 
+    from .export import format_of
+
     if not s.out:
         raise PipelineError("export needs --out FILE (.npz or .h5)")
-    fmt = {".npz": "npz", ".h5": "h5", ".hdf5": "h5"}.get(Path(s.out).suffix.lower())
     if old_format:
         click.echo("warning: export --format is deprecated: the suffix of --out (.npz, .h5) chooses it", err=True)
-        fmt = old_format
-    if fmt is None:
-        raise PipelineError(f"--out {s.out}: name it .npz (NumPy) or .h5 (HDF5)")
+    fmt = format_of(s.out, old_format)  # a --format that contradicts the suffix is an error, never obeyed
     ds = need_dataset(s)
     needs_model = s.model or s.what in ("features", "head", "labels")
     spec = model_spec(ctx, s, dataset=ds) if needs_model else None
@@ -904,7 +908,8 @@ def pretrain(ctx: Context, s: S.PretrainSettings) -> None:
 def predict(ctx: Context, s: S.PredictSettings, videos, as_json) -> None:
     """Label videos with your own label names (zero-shot) or with a fine-tuned run; prints the top-5.
 
-    Zero-shot (--model): frames at the centres of uniform segments, preprocessed exactly as the
+    Zero-shot (--model; without it, the model whose features the cache holds, or the one --model-key
+    names there): frames at the centres of uniform segments, preprocessed exactly as the
     features stage does, CLIP image features averaged over time, cosine with the text embeddings
     of the labels, softmax at CLIP's logit scale. --run-name: the run's video model; --labels are
     embedded by the run's text encoder.
@@ -932,8 +937,9 @@ def predict(ctx: Context, s: S.PredictSettings, videos, as_json) -> None:
         results = predict_stage.run_trained(list(videos), ctx.cache, s.run_name, names, template=s.template,
                                             device=default_device(s.device), quiet=ctx.quiet or as_json)
     else:
-        results = predict_stage.run(list(videos), names, model_spec(ctx, s), template=s.template, frames=s.frames,
-                                    device=default_device(s.device), quiet=ctx.quiet or as_json)
+        # like every reader of the cache: without --model, the model whose features it holds
+        results = predict_stage.run(list(videos), names, model_spec(ctx, s, every_dataset=True), template=s.template,
+                                    frames=s.frames, device=default_device(s.device), quiet=ctx.quiet or as_json)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -142,7 +143,61 @@ def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: 
     return torch.from_numpy(hgroup["head"][:]), hgroup.attrs["fingerprint"]
 
 
-def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: bool) -> None:
+def derived_run_name(dataset: str, model_tag: str, head: str, temporal: str, *, frozen: bool = False,
+                     encoder: str | None = None, hard_templates: str | None = None, frames: int = 8,
+                     shots: int | None = None, objective: Objective = Objective(), init_from: str | None = None,
+                     seed: int = 0) -> str:
+    """The run's name when no --run-name is given: what tells apart the runs users commonly make (dataset,
+    model, head and its text encoder, temporal module, frames, frozen or full backbone, objective, shots,
+    transfer source, seed). Settings at their default are left out (the paper's recipe on K400 is
+    ``k400-ViT-B-16-openai-clip-text-tap``); any other setting that changes a run is in its fingerprint,
+    and reusing a name for it is refused naming the change. One path component."""
+    parts = [dataset, model_tag, head]
+    if head == "text" and encoder:
+        parts.append(encoder_tag(encoder, model_tag).removeprefix("hf-"))
+    if hard_templates:
+        parts.append("hard-" + (Path(hard_templates.removeprefix("text4vis:")).stem or "templates"))
+    parts.append(temporal)
+    if frames != 8:
+        parts.append(f"{frames}f")
+    if frozen:
+        parts.append("frozen")
+    if objective.kind != "ce":
+        parts.append(objective.kind + ("-online" if objective.text == "online" else "")
+                     + ("" if objective.batch_gather else "-nogather"))
+    if shots:
+        parts.append(f"{shots}shot")
+    if init_from:
+        parts.append(f"from-{init_from}")
+    if seed:
+        parts.append(f"s{seed}")
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", "-".join(str(p) for p in parts))
+
+
+# Keys of run.json compared (besides the fingerprinted settings) to say what makes two runs differ, and what the
+# input fingerprints are.
+NAMED_IN_CHANGES = ("dataset", "model_tag", "encoder")
+DESCRIBED = {"train": "train (its training store)", "val": "val (its validation store)",
+             "head_fingerprint": "head_fingerprint (the head's rows)"}
+
+
+def run_changes(config_file: Path, settings: dict, info: dict) -> list[str]:
+    """What differs between the run recorded in ``config_file`` (run.json) and a run of ``settings`` (the
+    fingerprinted record) and ``info``: dotted keys, as a frame store's mismatch names them."""
+    try:
+        old = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    keys = [*settings, *(k for k in NAMED_IN_CHANGES if k not in settings)]
+    # as run.json holds it: tuples as lists, other objects as text
+    new = json.loads(json.dumps({k: settings[k] if k in settings else info.get(k) for k in keys}, default=str))
+    return [DESCRIBED.get(k, k) for k in store._changed_keys({k: old.get(k) for k in keys}, new)]
+
+
+def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: bool,
+                     settings: dict | None = None) -> None:
     config_file = run_dir / "run.json"
     recorded = _recorded_fingerprint(config_file)
     if recorded is None and (run_dir / CHECKPOINT).exists():
@@ -152,8 +207,9 @@ def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: boo
             recorded = None
     holds_work = run_dir.is_dir() and any(run_dir.iterdir())
     if holds_work and recorded != fp:
-        why = ("exists with other parameters or inputs" if recorded
-               else "holds files but no readable run.json (another run's, or damaged)")
+        changed = run_changes(config_file, settings, info) if recorded and settings is not None else []
+        why = ("exists with other parameters or inputs" + (f" (changed: {', '.join(changed)})" if changed else "")
+               if recorded else "holds files but no readable run.json (another run's, or damaged)")
         if not replace_mismatched:
             raise PipelineError(f"run {run_dir.name!r} {why}; use another --run-name, or --replace-mismatched "
                                 "to delete it and start again")
@@ -258,7 +314,7 @@ def _tsv_step(header: list[str], row: str) -> float:
 
 def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cfg: TrainConfig, lr_of,
                epoch_length: int | None, device: torch.device, replace_mismatched: bool, quiet: bool,
-               objective=None) -> dict:
+               objective=None, settings: dict | None = None) -> dict:
     main = distributed.is_main()
     lock = store.writer_lock(run_dir) if main else None
     if lock is not None:
@@ -266,7 +322,7 @@ def _train_run(run_dir: Path, fp: str, info: dict, model, train_set, val_set, cf
         lock.__enter__()
     try:
         if main:
-            _prepare_run_dir(run_dir, fp, {**info, "world_size": rank_and_world()[1]}, replace_mismatched)
+            _prepare_run_dir(run_dir, fp, {**info, "world_size": rank_and_world()[1]}, replace_mismatched, settings)
         distributed.barrier()
         steps = cfg.epochs * math.ceil((epoch_length or len(train_set)) / cfg.batch_size)
         reporter = Reporter(run_dir, steps, f"finetune {run_dir.name}", quiet or not main)
@@ -311,7 +367,8 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
         rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
         epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
         x_train, y_train = x_train[rows], y_train[rows]
-    run_name = run_name or f"{dataset}-{model_tag}-{head}-{temporal}-frozen" + (f"-{shots}shot" if shots else "")
+    run_name = run_name or derived_run_name(dataset, model_tag, head, temporal, frozen=True, encoder=encoder,
+                                            frames=frames, shots=shots, objective=objective, seed=cfg.seed)
     record = {"stage": "finetune", "backbone": "frozen", "train": train_group.attrs["fingerprint"],
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
               "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
@@ -343,7 +400,8 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
             "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
             "model_spec": asdict(spec.absolute()) if spec else None}
     result = _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
-                        cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn)
+                        cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn,
+                        settings=record)
     if head == "coop":
         _write_coop_head(cache, dataset, model_tag, model, names, fp)
     return result
@@ -436,7 +494,9 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     if val_group is not None:
         val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group)
         val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
-    run_name = run_name or f"{dataset}-{spec.tag}-{head}-{temporal}" + (f"-{shots}shot" if shots else "")
+    run_name = run_name or derived_run_name(dataset, spec.tag, head, temporal, encoder=encoder,
+                                            hard_templates=hard_templates, frames=frames, shots=shots,
+                                            objective=objective, init_from=init_from, seed=cfg.seed)
     record = {"stage": "finetune", "backbone": "full", "model": clip.identity,
               "train": train_group.attrs["fingerprint"],
               "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
@@ -466,7 +526,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
     # Shared locks on the frame stores for the whole run: neither can be rebuilt while we train on it.
     with store.reader_lock(*(p for p in (train_path, val_path) if p is not None)):
         result = _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
-                            epoch_length, dev, replace_mismatched, quiet, objective_fn)
+                            epoch_length, dev, replace_mismatched, quiet, objective_fn, settings=record)
     if head == "coop":
         _write_coop_head(cache, dataset, spec.tag, model, names, fp)
     return result

@@ -47,6 +47,35 @@ def cached_models(cache: Path, dataset: str) -> dict[str, dict | None]:
             for tag, attrs in feature_store_attrs(cache, dataset).items()}
 
 
+def cached_models_anywhere(cache: Path) -> dict[str, dict]:
+    """Every model whose features the cache holds, over all its datasets: key -> recorded spec.
+
+    For readers of videos (``predict``), which need a model but no dataset. Imported features are
+    left out (no model to encode a video with). A key that names different models in two datasets
+    appears once per dataset, as ``key (dataset)``, so that neither is taken for the other.
+    """
+    base = as_path(cache) / "features"
+    by_key: dict[str, dict[str, dict]] = {}  # key -> dataset -> spec
+    for ds_dir in sorted(base.iterdir(), key=str) if base.is_dir() else []:
+        if not ds_dir.is_dir() or ds_dir.name.startswith("."):
+            continue
+        for tag, spec in cached_models(cache, ds_dir.name).items():
+            if spec:
+                by_key.setdefault(tag, {})[ds_dir.name] = spec
+    found: dict[str, dict] = {}
+    for tag, specs in by_key.items():
+        models = {_model_identity(spec) for spec in specs.values()}
+        if len(models) == 1:
+            found[tag] = next(iter(specs.values()))
+        else:
+            found.update({f"{tag} ({ds})": spec for ds, spec in specs.items()})
+    return found
+
+
+def _model_identity(spec: dict) -> tuple:
+    return tuple(str(spec.get(k)) for k in ("name", "pretrained", "quick_gelu"))
+
+
 def stale_reason(cache: Path, group: zarr.Group) -> str | None:
     """Why ``group`` no longer matches the inputs it was made from (``None`` when it does)."""
     attrs = group.attrs

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import warnings
 
 import pytest
 from conftest import copy_video
 
 from pipeline.datasets import load_manifest
+from pipeline.datasets.common import index_videos
 from pipeline.errors import PipelineError
 
 
@@ -141,6 +145,47 @@ def test_generic_csv_and_folder(tmp_path, template):
     assert m.class_names == ["play ball", "sit"]
     assert [(r.video_id, r.label, r.split) for r in m.records] == [
         ("train/play_ball/a", 0, "train"), ("val/play_ball/b", 0, "val"), ("val/sit/c", 1, "val")]
+
+
+def test_folder_ids_never_collide_hidden_files_are_skipped_and_empty_folders_are_not_classes(tmp_path, template):
+    root = tmp_path / "clips"
+    for rel in ("jump/x.mp4", "jump/x.webm", "jump/y.mp4", "run/r.mp4",
+                "jump/._x.mp4", "jump/.hidden.mp4", ".Trash/z.mp4", "run/.cache/w.mp4"):  # the last three: hidden
+        copy_video(template, root / rel)
+    (root / "jump" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "empty").mkdir()
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("no videos here\n")
+    with pytest.warns(UserWarning, match=r"2 class folder\(s\) under .* hold no videos and are not classes: "
+                                         r"empty, notes"):
+        m = load_manifest("folder", str(root))
+    assert m.class_names == ["jump", "run"]
+    assert [(r.video_id, os.path.basename(r.path), r.label) for r in m.records] == [
+        ("train/jump/x.mp4", "x.mp4", 0), ("train/jump/x.webm", "x.webm", 0), ("train/jump/y", "y.mp4", 0),
+        ("train/run/r", "r.mp4", 1)]
+    # annotation-driven adapters index no hidden copy either (a deleted video in .Trash is not "found")
+    assert set(index_videos(root)) == {"x", "y", "r"}
+    shutil.rmtree(root / "notes")
+    (root / "empty").rmdir()
+    copy_video(template, root / "jump" / "x.mp4.avi")  # its stem is x.mp4: no readable id would be unique
+    with pytest.raises(PipelineError, match="would share the video id 'train/jump/x.mp4': rename one"):
+        load_manifest("folder", str(root))
+
+
+def test_val_fraction_that_leaves_a_class_without_training_videos_warns_naming_it(tmp_path, template):
+    root = tmp_path / "clips"
+    for c, n in (("many", 10), ("pair", 2), ("trio", 3)):
+        for i in range(n):
+            copy_video(template, root / c / f"v{i}.mp4")
+    m = load_manifest("folder", str(root))
+    with pytest.warns(UserWarning, match=r"holding out 0.75 .* leaves 1 class\(es\) without any \(all in 'val'\): "
+                                         r"pair; a smaller --val-fraction"):
+        held = m.hold_out(0.75)  # pair: round(1.5) = 2 of 2 go; trio: 2 of 3; many: 8 of 10
+    assert {r.label for r in held.records if r.split == "train"} == {0, 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        held = m.hold_out(0.5)
+    assert {r.label for r in held.records if r.split == "train"} == {0, 1, 2}
 
 
 def test_clear_errors_for_unknown_dataset_and_missing_root(tmp_path):

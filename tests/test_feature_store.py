@@ -207,6 +207,70 @@ def test_exports_round_trip(extracted, tmp_path):
         assert np.array_equal(z["embeddings"], lab["embeddings"][:])
 
 
+def test_npz_exports_equal_the_store_and_the_suffix_always_names_the_format(extracted, tmp_path):
+    from pipeline.framestore import read_frames
+    from stages.export import FEATURE_ARRAYS, FRAME_ARRAYS
+
+    cache, tiny = extracted
+    run_inproc("export", "--what", "features", "-d", "toy", "--split", "train", *model_args(tiny),
+               "--out", str(tmp_path / "f.npz"), "--cache", str(cache))
+    run_inproc("export", "--what", "frames", "-d", "toy", "--split", "val", "--out", str(tmp_path / "v.npz"),
+               "--cache", str(cache))
+    for out, path, names in ((tmp_path / "f.npz", cache / "features" / "toy" / "tiny-clip" / "train", FEATURE_ARRAYS),
+                             (tmp_path / "v.npz", cache / "frames" / "toy" / "val", FRAME_ARRAYS)):
+        g = zarr.open_group(str(path), mode="r")
+        with np.load(out) as z:  # allow_pickle=False: plain arrays only
+            for name in names:
+                want = read_frames(g, slice(None)) if name == "frames" else g[name][:]
+                got = z[name]
+                assert got.shape == want.shape and got.dtype.kind == ("U" if want.dtype.kind in "OTU" else
+                                                                       want.dtype.kind), name
+                assert np.array_equal(got, np.asarray(want.tolist()) if want.dtype.kind in "OT" else want), name
+            assert z["attr_class_names"].tolist() == list(g.attrs["class_names"])
+            assert str(z["attr_fingerprint"]) == g.attrs["fingerprint"]
+
+    # the suffix names the format; the deprecated --format may only agree with it
+    proc = run_cli("export", "--what", "labels", "-d", "toy", *model_args(tiny), "--out", str(tmp_path / "x.npz"),
+                   "--format", "h5", "--cache", str(cache), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: format h5 contradicts --out") and len(lines) == 2
+    assert not (tmp_path / "x.npz").exists()
+    proc = run_cli("export", "--what", "labels", "-d", "toy", *model_args(tiny), "--out", str(tmp_path / "x.dat"),
+                   "--format", "npz", "--cache", str(cache), check=False)
+    assert proc.returncode == 2 and "error: --out" in proc.stderr and "name it .npz" in proc.stderr
+    run_inproc("export", "--what", "labels", "-d", "toy", *model_args(tiny), "--out", str(tmp_path / "x.h5"),
+               "--format", "h5", "--cache", str(cache))
+    assert (tmp_path / "x.h5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    assert (tmp_path / "f.npz").read_bytes()[:2] == b"PK"
+
+
+def test_npz_export_streams_a_store_larger_than_a_block(tmp_path):
+    """Peak memory of an .npz export is a few blocks, not the store (np.savez held it all)."""
+    import tracemalloc
+
+    from pipeline.export import export_arrays
+
+    rng = np.random.default_rng(0)
+    n, rows = 2048, 16
+    g = zarr.open_group(str(tmp_path / "store"), mode="w")
+    feats = g.create_array("features", shape=(n, 8, 256), dtype="float16", chunks=(rows, 8, 256))
+    feats[:] = rng.standard_normal((n, 8, 256)).astype(np.float16)  # 8 MiB
+    labels = g.create_array("label", shape=(n,), dtype="int64", chunks=(rows,))
+    labels[:] = rng.integers(0, 12, n)
+    tracemalloc.start()
+    try:
+        export_arrays(tmp_path / "big.npz", None, {"features": feats, "label": labels}, {"fingerprint": "abc"},
+                      rows_per_read=rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    total = feats.nbytes + labels.nbytes
+    assert peak < total / 8, f"peak {peak / 2**20:.1f} MiB for a {total / 2**20:.1f} MiB store"
+    with np.load(tmp_path / "big.npz") as z:
+        assert np.array_equal(z["features"], feats[:]) and z["features"].dtype == np.float16
+        assert np.array_equal(z["label"], labels[:]) and str(z["attr_fingerprint"]) == "abc"
+
+
 def test_features_kill_resume_identical_and_new_weights_never_mix(extracted, tmp_path):
     cache, tiny = extracted
     work = tmp_path / "cache"
@@ -258,6 +322,33 @@ def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
     assert "missing file" in results[1]["error"]
     with pytest.raises(PipelineError, match="at least two label names"):
         predict_stage.run([video], ["only"], ModelSpec(f"local-dir:{tiny_clip}"))
+
+
+def test_predict_takes_the_model_from_the_cache_like_every_reader(extracted, tmp_path):
+    """No --model: the one model whose features the cache holds (any dataset; imported features have no model
+    to encode a video with); several: a one-line error listing them, and --model-key chooses."""
+    from videos import write_video
+
+    cache, tiny = extracted
+    work = tmp_path / "cache"
+    shutil.copytree(cache / "features" / "toy", work / "features" / "toy")
+    shutil.copytree(cache / "features" / "toy", work / "features" / "ext")  # features imported from elsewhere
+    for split in ("train", "val"):
+        zarr.open_group(str(work / "features" / "ext" / "tiny-clip" / split), mode="r+").attrs["model_spec"] = None
+    video = write_video(tmp_path / "v.mp4", n_frames=12, width=48, height=32)
+    labels = ["--labels", "red,green,blue", "--frames", "4", "--json", "--cache", str(work)]
+    given = json.loads(run_inproc("predict", video, *model_args(tiny), *labels))
+    assert json.loads(run_inproc("predict", video, *labels)) == given
+
+    other = work / "features" / "other" / "other-clip"  # a second model, under another dataset
+    shutil.copytree(work / "features" / "toy" / "tiny-clip", other)
+    for split in ("train", "val"):
+        zarr.open_group(str(other / split), mode="r+").attrs["model_spec"] = {"name": "ViT-B-16", "pretrained": None}
+    proc = run_cli("predict", video, *labels, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: the cache holds features from several models (other-clip, tiny-clip): choose one with --model-key "
+        "KEY (or --model)"]
+    assert json.loads(run_inproc("predict", video, "--model-key", "tiny-clip", *labels)) == given
 
 
 def test_a_no_op_rerun_of_extract_loads_no_model(extracted, tmp_path, monkeypatch):

@@ -101,6 +101,48 @@ def test_frozen_backbone_training_learns_and_reports(imported):
     assert proc.returncode == 2 and "exists with other parameters" in proc.stderr
 
 
+def test_derived_run_names_tell_common_runs_apart_and_stay_one_path_component():
+    from stages.finetune import Objective, derived_run_name
+    from stages.paths import safe_name
+
+    def name(head="clip-text", **kw):
+        return derived_run_name("k400", "ViT-B-16-openai", head, "tap", **kw)
+
+    assert name() == "k400-ViT-B-16-openai-clip-text-tap"  # the paper's recipe: no suffixes
+    variants = [name(), name(frozen=True), name(shots=2), name(frames=16), name(seed=1),
+                name(objective=Objective("contrastive")), name(objective=Objective("contrastive", text="online")),
+                name(objective=Objective("contrastive", batch_gather=False)), name(init_from="k400-x/s1"),
+                name(hard_templates="kinetics28"), name("text", encoder="hf:all-MiniLM-L6-v2"),
+                name("text", encoder="hf:/models/distilbert-base-uncased/"), name("learnable"),
+                name(frozen=True, shots=2, seed=3)]
+    assert len(set(variants)) == len(variants), variants
+    assert name("text", encoder="hf:all-MiniLM-L6-v2") == "k400-ViT-B-16-openai-text-all-MiniLM-L6-v2-tap"
+    assert name(frozen=True, shots=2, seed=3) == "k400-ViT-B-16-openai-clip-text-tap-frozen-2shot-s3"
+    for v in [*variants, name(hard_templates="a video of {}"), derived_run_name("my clips", "m", "lda", "ttrans")]:
+        assert safe_name(v, "run") == v and "/" not in v and " " not in v
+
+
+def test_a_derived_run_name_reused_with_other_settings_is_refused_naming_what_changed(imported):
+    common = ["finetune", "--frozen-backbone", "-d", "ext", "--model", "extfeat", "--frames", "4", "--epochs", "1",
+              "--global-batch-size", "16", "--warmup-epochs", "0", "--head", "learnable", "--cache", str(imported),
+              "-q"]
+    name = "ext-extfeat-learnable-tap-4f-frozen"
+    assert f"run {name}:" in run_inproc(*common)
+    assert f"run {name}-2shot:" in run_inproc(*common, "--shots", "2")
+    assert f"run {name}-s1:" in run_inproc(*common, "--seed", "1")
+    assert {p.parent.name for p in (imported / "runs").glob("*/run.json")} == {name, f"{name}-2shot", f"{name}-s1"}
+    # the same command again: the finished run is found under its name, nothing is refused
+    assert f"run {name}:" in run_inproc(*common)
+    with pytest.raises(AssertionError) as refused:  # settings not in the name: the collision says which
+        run_inproc(*common, "--lr", "1e-3", "--weight-decay", "0.1")
+    assert (f"run {name!r} exists with other parameters or inputs (changed: config.lr, config.weight_decay); use "
+            "another --run-name") in str(refused.value)
+    run_inproc("heads", "-d", "ext", "--model", "extfeat", "--head", "orthogonal", "--cache", str(imported))
+    with pytest.raises(AssertionError) as refused:  # another head under a name given twice
+        run_inproc(*common, "--head", "orthogonal", "--run-name", name)
+    assert "(changed: head, head_fingerprint (the head's rows))" in str(refused.value)
+
+
 def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
     x = torch.randn(3, 5, 32)
     tt = TemporalTransformer(32, layers=2, max_frames=8, init="tap")

@@ -34,12 +34,19 @@ def read_text(path: Path, what: str) -> str:
         raise PipelineError(f"cannot read {what} {path}: {e}") from e
 
 
+def visible(name: str) -> bool:
+    """False for hidden files and folders: ``.DS_Store``, macOS's ``._x.mp4`` resource forks (named like
+    videos, holding none), ``.Trash``, ``.git``. Dataset layouts never put a video there."""
+    return not name.startswith(".")
+
+
 def index_videos(root: Path) -> dict[str, str]:
     """Map each video file's stem to its path, for every video-like name under ``root``.
 
     One walk of the tree (os.scandir, no stat of files) serves every annotation row, which
     matters at Kinetics scale (240k files). Entries that only look like videos (directories
     named ``x.mp4``, dangling symlinks) are indexed too: the frame stage reports why they fail.
+    Hidden files and folders are not (:func:`visible`).
     """
     index: dict[str, str] = {}
     stack = [str(root)]
@@ -51,6 +58,8 @@ def index_videos(root: Path) -> dict[str, str]:
             continue
         for entry in entries:
             name = entry.name
+            if not visible(name):
+                continue
             lower = name.lower()
             if lower.endswith(VIDEO_EXTENSIONS):
                 index.setdefault(os.path.splitext(name)[0], entry.path)

@@ -6,10 +6,12 @@ import csv
 import io
 import math
 import os
+import warnings
+from collections import Counter
 from pathlib import Path
 
 from ..errors import PipelineError
-from .common import VIDEO_EXTENSIONS, read_text, readable_snake, require_dir
+from .common import VIDEO_EXTENSIONS, read_text, readable_snake, require_dir, visible
 from .manifest import Manifest, VideoRecord
 
 
@@ -72,21 +74,43 @@ def load_csv(name: str, root: str) -> Manifest:
     return Manifest(dataset=name, class_names=class_names, records=records, root=str(path.parent))
 
 
-def class_folders(base: Path, extensions: tuple[str, ...], hint: str = "") -> tuple[list[str], list[VideoRecord]]:
-    """(class folder names, records) of ``<base>/<class>/<file>`` or ``<base>/{train,val,test}/<class>/<file>``."""
+def class_folders(base: Path, extensions: tuple[str, ...], hint: str = "",
+                  kind: str = "videos") -> tuple[list[str], list[VideoRecord]]:
+    """(class folder names, records) of ``<base>/<class>/<file>`` or ``<base>/{train,val,test}/<class>/<file>``.
+
+    Hidden files and folders are skipped (see :func:`visible`). A folder without a single file of
+    ``extensions`` in any split is not a class (a warning names it): it would be a class no video
+    teaches, counted by every head and metric. A video id is ``<split>/<class>/<stem>``, or
+    ``<split>/<class>/<file name>`` for files that share a stem (``x.mp4`` and ``x.webm``): ids key
+    the stores' rows, so two files must never share one.
+    """
     split_dirs = [s for s in ("train", "val", "test") if (base / s).is_dir()]
     layout = [(s, base / s) for s in split_dirs] if split_dirs else [("train", base)]
-    folders = sorted({d.name for _, top in layout for d in top.iterdir() if d.is_dir()})
+    listed = []  # (split, class folder, its file names)
+    for split, top in layout:
+        for folder in sorted(d.name for d in top.iterdir() if d.is_dir() and visible(d.name)):
+            names = sorted(f for f in os.listdir(top / folder) if visible(f) and f.lower().endswith(extensions))
+            listed.append((split, top / folder, names))
+    folders = sorted({d.name for _, d, names in listed if names})
+    empty = sorted({d.name for _, d, _ in listed} - set(folders))
+    if empty:
+        warnings.warn(f"{len(empty)} class folder(s) under {base} hold no {kind} and are not classes: "
+                      + ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""),
+                      stacklevel=2)
     if not folders:
-        raise PipelineError(f"no class folders under {base}{hint}")
+        raise PipelineError(f"no class folders with {kind} under {base}{hint}")
     index = {f: i for i, f in enumerate(folders)}
     records = []
-    for split, top in layout:
-        for folder in sorted(d.name for d in top.iterdir() if d.is_dir()):
-            for f in sorted(os.listdir(top / folder)):
-                if f.lower().endswith(extensions):
-                    records.append(VideoRecord(video_id=f"{split}/{folder}/{os.path.splitext(f)[0]}",
-                                               path=str(top / folder / f), label=index[folder], split=split))
+    seen: dict[str, str] = {}
+    for split, folder, names in listed:
+        stems = Counter(os.path.splitext(f)[0] for f in names)
+        for f in names:
+            stem = os.path.splitext(f)[0]
+            vid = f"{split}/{folder.name}/{stem if stems[stem] == 1 else f}"
+            if vid in seen:  # e.g. "x.mp4.avi" beside "x.mp4" and "x.webm": no readable id tells them apart
+                raise PipelineError(f"{folder / f} and {seen[vid]} would share the video id {vid!r}: rename one")
+            seen[vid] = str(folder / f)
+            records.append(VideoRecord(video_id=vid, path=str(folder / f), label=index[folder.name], split=split))
     return folders, records
 
 
@@ -109,7 +133,7 @@ def load_imagefolder(name: str, root: str) -> Manifest:
     in ``LOC_synset_mapping.txt`` / ``synset_words.txt`` / ``classes.txt`` at the root, else the folder."""
     base = require_dir(root, f"{name} root")
     folders, records = class_folders(base, IMAGE_EXTENSIONS, " (an ImageNet val/ folder must be sorted into "
-                                                            "val/<wnid>/ first)")
+                                                            "val/<wnid>/ first)", kind="images")
     mapping: dict[str, str] = {}
     for file in NAME_FILES:
         if (base / file).is_file():

@@ -50,8 +50,11 @@ class Manifest:
 
         For layouts without a validation split (a flat ``<class>/<video>`` folder, a CSV without a
         split column). Each class with at least 2 training videos gives ``round(fraction * n)`` of
-        them (at least 1); the draw depends on the seed and the video ids only.
+        them (at least 1); the draw depends on the seed and the video ids only. A class left without
+        training videos (a large fraction of a small class) is named in a warning: nothing trains it.
         """
+        import warnings
+
         import numpy as np
 
         if not 0.0 < fraction < 1.0:
@@ -59,6 +62,7 @@ class Manifest:
         if "val" in self.splits:
             raise ValueError("the dataset already has a 'val' split")
         moved: set[int] = set()
+        emptied = []
         labels = np.array([r.label if r.split == "train" else -2 for r in self.records])
         for c in sorted(set(labels.tolist()) - {-2}):
             rows = np.flatnonzero(labels == c)
@@ -67,6 +71,13 @@ class Manifest:
             k = max(1, int(round(fraction * rows.size)))
             rng = np.random.default_rng([seed, c + 1])
             moved.update(rows[rng.permutation(rows.size)[:k]].tolist())
+            if k == rows.size and 0 <= c < len(self.class_names):  # (-1: unlabelled rows, not a class)
+                emptied.append(self.class_names[c])
+        if emptied:
+            warnings.warn(f"holding out {fraction:g} of each class's training videos leaves {len(emptied)} class(es) "
+                          f"without any (all in 'val'): {', '.join(emptied[:10])}"
+                          + (f" and {len(emptied) - 10} more" if len(emptied) > 10 else "")
+                          + "; a smaller --val-fraction keeps some for training", stacklevel=2)
         records = [VideoRecord(**{**r.__dict__, "split": "val"}) if i in moved else r
                    for i, r in enumerate(self.records)]
         return Manifest(self.dataset, self.class_names, records, self.root)
