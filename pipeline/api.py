@@ -127,21 +127,34 @@ class Run:
         return load_checkpoint(as_path(self.path) / CHECKPOINT)["model"]
 
 
-def _open(path: str | os.PathLike, stage: str, what: str, cls: type[Output]) -> Output:
+def _open(path: str | os.PathLike, stage: str, what: str, cls: type[Output], partial: bool = False) -> Output:
     group = store.open_existing(path, what)
     if group.attrs.get("stage") != stage:
         raise PipelineError(f"{path} holds {group.attrs.get('stage')!r} output, not {stage!r}")
+    pending = store.pending_blocks(group) if "status" in group else []
+    if pending:
+        rows, n = store.rows_in(group, pending), int(group.attrs["n"])
+        if not partial:
+            raise PipelineError(f"{what} {path} is unfinished ({rows} of {n} videos pending, or being written): "
+                                f"finish it with `pipeline {stage}`, or open it with partial=True to read the "
+                                f"{n - rows} finished ones")
+        import warnings
+
+        warnings.warn(f"{what} {path} is unfinished: reading the {n - rows} finished of its {n} videos "
+                      f"({rows} pending are left out)", stacklevel=3)
     return cls(str(path), group)
 
 
-def open_frames(path: str | os.PathLike) -> Frames:
-    """A frame store, e.g. ``cache/frames/<dataset>/<split>``."""
-    return _open(path, "frames", "frame store", Frames)  # type: ignore[return-value]
+def open_frames(path: str | os.PathLike, partial: bool = False) -> Frames:
+    """A frame store, e.g. ``cache/frames/<dataset>/<split>``. An unfinished one is refused unless
+    ``partial`` (then a warning says how many videos are left out)."""
+    return _open(path, "frames", "frame store", Frames, partial)  # type: ignore[return-value]
 
 
-def open_features(path: str | os.PathLike) -> Features:
-    """A feature store, e.g. ``cache/features/<dataset>/<model>/<split>``."""
-    return _open(path, "features", "feature store", Features)  # type: ignore[return-value]
+def open_features(path: str | os.PathLike, partial: bool = False) -> Features:
+    """A feature store, e.g. ``cache/features/<dataset>/<model>/<split>``. An unfinished one is refused unless
+    ``partial`` (then a warning says how many videos are left out)."""
+    return _open(path, "features", "feature store", Features, partial)  # type: ignore[return-value]
 
 
 def open_head(path: str | os.PathLike) -> Head:

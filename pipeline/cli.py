@@ -656,6 +656,9 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
         click.echo(f"  ({result['videos_without_head_class']} videos of classes the head does not have were left out)")
 
 
+MAX_VIEWS = (64, 16)  # temporal clips, spatial crops: each view is a clip through the encoder
+
+
 def parse_views(text: str) -> tuple[int, int]:
     try:
         temporal, spatial = (int(v) for v in text.lower().split("x"))
@@ -663,6 +666,9 @@ def parse_views(text: str) -> tuple[int, int]:
             raise ValueError
     except ValueError:
         raise PipelineError(f"--views {text!r}: expected CLIPSxCROPS with positive numbers, e.g. 1x1 or 4x3") from None
+    if temporal > MAX_VIEWS[0] or spatial > MAX_VIEWS[1]:
+        raise PipelineError(f"--views {text!r}: at most {MAX_VIEWS[0]} clips x {MAX_VIEWS[1]} crops (the paper's "
+                            "multi-view test is 4x3)")
     return temporal, spatial
 
 
@@ -987,6 +993,11 @@ def main() -> None:
     except click.ClickException as e:
         _fail(e.format_message(), e.exit_code)
     except PipelineError as e:
+        if getattr(e, "exit_now", False):  # a library that would crash at interpreter exit (HDF5 after a failed write)
+            click.echo(f"error: {e}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         _fail(str(e), 2)
     except (KeyboardInterrupt, click.Abort):
         click.echo("interrupted; re-run the same command to resume", err=True)
@@ -1000,8 +1011,9 @@ def main() -> None:
     except (ValueError, RuntimeError) as e:
         if "checksum" not in str(e).lower():
             raise
-        _fail(f"damaged data in the cache ({' '.join(str(e).split())[:160]}): run `pipeline verify --repair` "
-              "and re-run the stage", 2)
+        from .store import read_error
+
+        _fail(f"damaged data in the cache ({read_error(e)}): run `pipeline verify --repair` and re-run the stage", 2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

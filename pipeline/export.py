@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 import zarr
 
 from .errors import PipelineError
+from .files import create_exclusive, describe_os_error
 from .progress import Progress
 
 FORMATS = ("npz", "h5")
@@ -50,13 +53,37 @@ def export_arrays(out: str | os.PathLike, fmt: str | None, arrays: Mapping[str, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     rows = sum(int(a.shape[0]) for a in arrays.values() if a.ndim > 1)
-    with Progress(rows, f"export {out.name}", quiet or rows < 1024, unit="row") as bar:
-        if fmt == "npz":
-            _write_npz(tmp, arrays, attrs, rows_per_read, bar)
-        else:
-            _write_h5(tmp, arrays, attrs, rows_per_read, bar)
-    os.replace(tmp, out)
+    try:
+        create_exclusive(tmp).close()  # never through a link planted at the temporary name
+        with Progress(rows, f"export {out.name}", quiet or rows < 1024, unit="row") as bar:
+            if fmt == "npz":
+                _write_npz(tmp, arrays, attrs, rows_per_read, bar)
+            else:
+                _write_h5(tmp, arrays, attrs, rows_per_read, bar)
+        os.replace(tmp, out)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # no partial file is left, and the old one stays
+        if isinstance(e, OSError):
+            error = PipelineError(f"cannot write {out}: {describe_os_error(e)}")
+            # HDF5 keeps a failed file open in its library and crashes at interpreter exit (exit 139): leave at once
+            error.exit_now = fmt == "h5"  # type: ignore[attr-defined]
+            raise error from None
+        raise
     return out
+
+
+# Kept free beside an HDF5 export: HDF5 cannot fail a write cleanly (a full disk makes it crash at exit), so an
+# export stops with one line before the disk is that full.
+H5_MARGIN = 64 << 20
+
+
+def _room_for(path: Path, nbytes: int) -> None:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return
+    if free < nbytes + H5_MARGIN:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
 def _write_h5(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any], rows_per_read: int,
@@ -72,7 +99,9 @@ def _write_h5(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any], r
                                     chunks=(1, *arr.shape[1:]) if arr.ndim > 1 and arr.shape[0] else None,
                                     compression="gzip" if arr.ndim > 2 else None)
             for lo in range(0, arr.shape[0], rows_per_read):
-                dset[lo:lo + rows_per_read] = arr[lo:lo + rows_per_read]
+                block = np.asarray(arr[lo:lo + rows_per_read])
+                _room_for(path, block.nbytes)
+                dset[lo:lo + rows_per_read] = block
                 if arr.ndim > 1:
                     bar.update(min(rows_per_read, arr.shape[0] - lo))
 

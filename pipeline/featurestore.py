@@ -248,6 +248,25 @@ def require_data(group: zarr.Group, feats: np.ndarray, rows: np.ndarray) -> None
                            "are missing; run `pipeline verify --repair`, then `pipeline features`")
 
 
+class CheckedFeatures:
+    """Array-like view of a feature store's ``features`` that refuses rows of finished videos read back as
+    zeros (a lost chunk), read block by block (for exports)."""
+
+    def __init__(self, group: zarr.Group) -> None:
+        self.group, self.array = group, group["features"]
+        self.shape, self.dtype, self.ndim = self.array.shape, self.array.dtype, self.array.ndim
+        self.status = group["status"][:]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if key is Ellipsis:
+            key = slice(None)
+        feats = store.read_array(self.group, "features", key)
+        rows = np.arange(self.shape[0])[key]
+        ok = self.status[rows] == OK
+        require_data(self.group, feats[ok], rows[ok])
+        return feats
+
+
 def read_rows(group: zarr.Group, rows: np.ndarray) -> np.ndarray:
     """float16 features [len(rows), T, D] of ok rows, checked for lost chunks."""
     feats = store.read_array(group, "features")[rows]
@@ -261,13 +280,12 @@ def video_features(group: zarr.Group, ok_only: bool = True) -> tuple[np.ndarray,
     rows = np.flatnonzero(status == OK) if ok_only else np.arange(status.size)
     feats = np.empty((rows.size, int(group.attrs["embed_dim"])), np.float32)
     block = int(group.attrs.get("block_size", 1024))
-    arr = group["features"]
     # Read in blocks: the full [N, T, D] array need not fit in memory.
     for lo in range(0, status.size, block * 64):
         hi = min(status.size, lo + block * 64)
         sel = rows[(rows >= lo) & (rows < hi)]
         if sel.size:
-            chunk = arr[lo:hi]
+            chunk = store.read_array(group, "features", slice(lo, hi))
             require_data(group, chunk[sel - lo], sel)
             # accumulate the temporal mean in float64 (the cache contract for statistics)
             feats[np.searchsorted(rows, sel)] = chunk[sel - lo].mean(axis=1, dtype=np.float64)

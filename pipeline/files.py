@@ -23,7 +23,7 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def _create_exclusive(path: Path) -> IO[bytes]:
+def create_exclusive(path: Path) -> IO[bytes]:
     """A new file at ``path``, never through a link planted there: a leftover (or planted) file or symlink
     is removed first (unlinking a symlink removes the link, not its target), then the file is created
     with ``O_EXCL | O_NOFOLLOW``."""
@@ -45,7 +45,7 @@ def write_atomic(path: Path, data: str | bytes | Callable[[IO[bytes]], None]) ->
     remote = is_remote(path)
     target = path if remote else partial_path(path)
     try:
-        with (target.open("wb") if remote else _create_exclusive(target)) as f:
+        with (target.open("wb") if remote else create_exclusive(target)) as f:
             if callable(data):
                 data(f)
             else:
@@ -60,13 +60,13 @@ def write_atomic(path: Path, data: str | bytes | Callable[[IO[bytes]], None]) ->
                 pass
         if isinstance(e, OSError):
             raise PipelineError(f"cannot write {path}: {describe_os_error(e)}") from None
-        if isinstance(e, RuntimeError) and not remote and _nearly_full(path.parent):
+        if isinstance(e, RuntimeError) and not remote and nearly_full(path.parent):
             # torch.save's zip writer reports a failed write as a RuntimeError ("unexpected pos ...")
             raise PipelineError(f"cannot write {path}: {describe_os_error(OSError(errno.ENOSPC, ''))}") from None
         raise
 
 
-def _nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
+def nearly_full(folder: Path, margin: int = 1 << 20) -> bool:
     try:
         return shutil.disk_usage(folder).free < margin
     except OSError:

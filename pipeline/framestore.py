@@ -222,8 +222,8 @@ def read_stored(group: zarr.Group, rows: np.ndarray, frame_indices: np.ndarray,
             uframes, f = np.unique(frame_indices, return_inverse=True)
             stored = frames.get_orthogonal_selection((urows, uframes))[r, f]
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise DamagedStore(f"array 'frames' of {group.store_path} cannot be read "
-                           f"({' '.join(str(e).split())[:120]}): run `pipeline verify --repair`") from None
+        raise DamagedStore(f"array 'frames' of {store.location_of(group)} cannot be read ({store.read_error(e)}): "
+                           "run `pipeline verify --repair`") from None
     require_frames(group, stored, rows)
     return stored
 

@@ -613,8 +613,21 @@ def read_array(group: zarr.Group, name: str, sel: Any = slice(None)) -> np.ndarr
     try:
         return group[name][sel]
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise DamagedStore(f"array {name!r} of {group.store_path} cannot be read "
-                           f"({' '.join(str(e).split())[:120]}): run `pipeline verify --repair`") from None
+        raise DamagedStore(f"array {name!r} of {location_of(group)} cannot be read ({read_error(e)}): run "
+                           "`pipeline verify --repair`") from None
+
+
+def read_error(e: BaseException) -> str:
+    """Why a chunk could not be read, in words (not the raw checksum bytes zarr puts in its message)."""
+    text = " ".join(str(e).split())
+    if "checksum" in text.lower():
+        return "a chunk fails its CRC-32C checksum: its bytes were altered"
+    return text[:120] or type(e).__name__
+
+
+def location_of(group: zarr.Group) -> str:
+    """The store's path as a user typed it (``file://`` dropped)."""
+    return str(group.store_path).removeprefix("file://")
 
 
 def check_bookkeeping(group: zarr.Group, path: str | Path) -> None:

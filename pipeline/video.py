@@ -29,6 +29,9 @@ class DecodeError(Exception):
     """A video (or segment) that cannot give frames; the message is the recorded reason."""
 
 
+MAX_VIDEO_BYTES = 2 << 30  # one video's decoded frames, held in memory by a decoder
+
+
 @dataclass(frozen=True)
 class FrameSpec:
     """How frames are taken from a video. Every field is part of the frame store's fingerprint."""
@@ -48,6 +51,10 @@ class FrameSpec:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
         if self.seek not in SEEK_MODES:
             raise ValueError(f"seek must be one of {SEEK_MODES}")
+        if self.num_frames * self.height * self.width * 3 > MAX_VIDEO_BYTES:
+            raise ValueError(f"{self.num_frames} frames of {self.height} x {self.width} are "
+                             f"{self.num_frames * self.height * self.width * 3 / 2**30:.1f} GiB a video, more than a "
+                             f"decoder holds ({MAX_VIDEO_BYTES >> 30} GiB): fewer --cache-frames or a smaller box")
 
     def as_dict(self) -> dict:
         return asdict(self)

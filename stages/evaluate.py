@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from pipeline import evaluation, store
 from pipeline.errors import PipelineError
 from pipeline.featurestore import read_rows, video_features
+from pipeline.files import write_atomic
 from pipeline.models.text import encoder_tag
 from pipeline.progress import Progress
 
@@ -94,7 +96,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
     result.update(score_protocols(evaluation.cosine_logits(feats, head), labels, head_names, protocols, subset_files))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_atomic(out, json.dumps(result, indent=2))  # never a 0-byte file on a full disk
     return result
 
 
@@ -145,10 +147,16 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     for one in (stored if split == "all" else [split]):
         if frozen:
             group = open_features(cache, dataset, info["model_tag"], one)
+        else:
+            group, path = open_frames(cache, dataset, one)
+        if dataset == info["dataset"] and info.get(one) and group.attrs["fingerprint"] != info[one]:
+            warnings.warn(f"the {'features' if frozen else 'frames'} of {dataset}/{one} were rebuilt since run "
+                          f"{run_name} was trained: this evaluates the new ones (re-train it for numbers of one "
+                          "snapshot)", stacklevel=2)
+        if frozen:
             rows, labels = usable_rows(group)
             parts.append(CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal))
         else:
-            group, path = open_frames(cache, dataset, one)
             rows, labels = usable_rows(group, multilabel="targets" in group)
             parts.append(FrameClipSet(str(path), rows, labels, info["frames"],
                                       Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
@@ -170,5 +178,5 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
         result.update(score_protocols(logits, y, list(group.attrs["class_names"]), others, subset_files))
     if out is not None and distributed.is_main():
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_atomic(out, json.dumps(result, indent=2))
     return result

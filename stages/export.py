@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline import store
 from pipeline.errors import PipelineError
 from pipeline.export import export_arrays
+from pipeline.featurestore import CheckedFeatures
 from pipeline.framestore import DecodedFrames
 from pipeline.models.text import encoder_tag
 
@@ -17,6 +19,15 @@ FRAME_ARRAYS = ("frames", "frame_index", "timestamp", "video_id", "label", "stat
 FEATURE_ARRAYS = ("features", "video_id", "label", "status", "reason")
 
 
+def require_finished(group, what: str, stage: str) -> None:  # noqa: ANN001
+    """Refuse an unfinished store: its pending rows would be exported as zeros beside the finished ones."""
+    pending = store.pending_blocks(group)
+    if pending:
+        rows = store.rows_in(group, pending)
+        raise PipelineError(f"{what} is unfinished ({rows} of {group.attrs['n']} videos pending, or being written): "
+                            f"run `pipeline {stage}` to finish it, then export")
+
+
 def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str | None = None,
         model_tag: str | None = None, encoder: str | None = None, kind: str | None = None, quiet: bool = True) -> Path:
     if what in ("frames", "features") and not split:
@@ -25,11 +36,14 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
         raise PipelineError(f"--what {what} needs --model")
     if what == "frames":
         group = open_fresh(cache, frames_path(cache, dataset, split), f"frame store for {dataset}/{split}")
+        require_finished(group, f"frame store {dataset}/{split}", "frames")
         arrays = {name: group[name] for name in FRAME_ARRAYS if name in group}
         arrays["frames"] = DecodedFrames(group)  # uint8, whatever the store's codec
     elif what == "features":
         group = open_fresh(cache, features_path(cache, dataset, model_tag, split), f"features of {dataset}/{split}")
+        require_finished(group, f"features of {dataset}/{split}", "features")
         arrays = {name: group[name] for name in FEATURE_ARRAYS}
+        arrays["features"] = CheckedFeatures(group)  # a lost chunk is an error, never zeros marked ok
     elif what == "labels":
         tag = encoder_tag(encoder or "clip", model_tag or "")
         group = open_fresh(cache, labels_path(cache, dataset, tag), f"label embeddings {tag} of {dataset}")

@@ -26,7 +26,7 @@ from pipeline.cachefs import as_path, is_remote, remove_tree
 from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
 from pipeline.errors import PipelineError
 from pipeline.featurestore import read_rows
-from pipeline.files import append_line, write_atomic
+from pipeline.files import append_line, read_json, write_atomic
 from pipeline.heads import sample_per_class
 from pipeline.losses import VideoTextContrastiveLoss
 from pipeline.models.classifier import (
@@ -46,8 +46,8 @@ from pipeline.sampling import sample_rng, segment_indices, view_positions
 from pipeline.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
 
 from .heads import open_features
-from .inputs import require_fresh
-from .paths import frames_path, heads_path, run_path, splits_of
+from .inputs import head_model_changes, require_fresh
+from .paths import features_path, frames_path, heads_path, run_path, splits_of
 
 HEAD_SEED_STREAM = 0x1EAD
 
@@ -194,6 +194,21 @@ def run_changes(config_file: Path, settings: dict, info: dict) -> list[str]:
     # as run.json holds it: tuples as lists, other objects as text
     new = json.loads(json.dumps({k: settings[k] if k in settings else info.get(k) for k in keys}, default=str))
     return [DESCRIBED.get(k, k) for k in store._changed_keys({k: old.get(k) for k in keys}, new)]
+
+
+def _require_heads_model(cache: Path, dataset: str, model_tag: str, head: str, encoder: str | None,
+                         identity: dict) -> None:
+    """Refuse to train an encoder against a head made with another model (its files were replaced in place
+    since the labels or features were made): the head's geometry is that other model's."""
+    if head in ("learnable", "coop", "random", "orthogonal", "text"):
+        return
+    hgroup = store.open_existing(heads_path(cache, dataset, model_tag, head, None), f"{head} head of {dataset}")
+    changed = head_model_changes(cache, hgroup, identity)
+    if changed:
+        source = "label embeddings (`pipeline labels`)" if head == "clip-text" else "features (`pipeline features`)"
+        raise PipelineError(f"the {head} head of {dataset} was made with another model than the one this run trains "
+                            f"(changed: {', '.join(changed)}): re-run its {source} and `pipeline heads --head {head}` "
+                            "with --replace-mismatched, or train the model they were made with")
 
 
 def _prepare_run_dir(run_dir: Path, fp: str, info: dict, replace_mismatched: bool,
@@ -352,59 +367,64 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
     if temporal == "tokent1d":
         raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
                             "not --frozen-backbone")
-    dev = distributed.setup(device)
-    train_group = open_features(cache, dataset, model_tag, "train")
-    has_val = "val" in splits_of(cache, "features", dataset, model_tag)
-    val_group = open_features(cache, dataset, model_tag, "val") if has_val else None
-    names = list(train_group.attrs["class_names"])
-    c, width = len(names), int(train_group.attrs["embed_dim"])
-    if frames > int(train_group.attrs["num_frames"]):
-        raise PipelineError(f"--frames {frames} > the {train_group.attrs['num_frames']} frames cached per video")
-    weights, head_fp = head_weights(cache, dataset, model_tag, head, encoder, c, width, cfg.seed)
-    x_train, y_train = load_split(train_group)
-    epoch_length = None
-    if shots:
-        rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
-        epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
-        x_train, y_train = x_train[rows], y_train[rows]
-    run_name = run_name or derived_run_name(dataset, model_tag, head, temporal, frozen=True, encoder=encoder,
-                                            frames=frames, shots=shots, objective=objective, seed=cfg.seed)
-    record = {"stage": "finetune", "backbone": "frozen", "train": train_group.attrs["fingerprint"],
-              "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
-              "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
-              "ttrans_init": ttrans_init if temporal == "ttrans" else None,
-              **_coop_record(head, coop_ctx, coop_lr, cfg),
-              "config": _fingerprinted(cfg), "objective": objective.record()}
-    fp = store.fingerprint(record)
-    torch.manual_seed(cfg.seed)
-    model = FrameFeatureClassifier(build_temporal(temporal, width, layers=layers, max_frames=frames,
-                                                  ttrans_init=ttrans_init),
-                                   CosineHead(weights, learnable=head == "learnable"), width, project=temporal == "tap")
-    temporal_lr = cfg.temporal_lr or cfg.lr
+    inputs = [features_path(cache, dataset, model_tag, s) for s in ("train", "val")
+              if s in splits_of(cache, "features", dataset, model_tag)]
+    # Shared locks on the feature stores before their fingerprints are read, for the whole run (see run_full)
+    with store.reader_lock(*inputs):
+        dev = distributed.setup(device)
+        train_group = open_features(cache, dataset, model_tag, "train")
+        has_val = "val" in splits_of(cache, "features", dataset, model_tag)
+        val_group = open_features(cache, dataset, model_tag, "val") if has_val else None
+        names = list(train_group.attrs["class_names"])
+        c, width = len(names), int(train_group.attrs["embed_dim"])
+        if frames > int(train_group.attrs["num_frames"]):
+            raise PipelineError(f"--frames {frames} > the {train_group.attrs['num_frames']} frames cached per video")
+        weights, head_fp = head_weights(cache, dataset, model_tag, head, encoder, c, width, cfg.seed)
+        x_train, y_train = load_split(train_group)
+        epoch_length = None
+        if shots:
+            rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
+            epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
+            x_train, y_train = x_train[rows], y_train[rows]
+        run_name = run_name or derived_run_name(dataset, model_tag, head, temporal, frozen=True, encoder=encoder,
+                                                frames=frames, shots=shots, objective=objective, seed=cfg.seed)
+        record = {"stage": "finetune", "backbone": "frozen", "train": train_group.attrs["fingerprint"],
+                  "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
+                  "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
+                  "ttrans_init": ttrans_init if temporal == "ttrans" else None,
+                  **_coop_record(head, coop_ctx, coop_lr, cfg),
+                  "config": _fingerprinted(cfg), "objective": objective.record()}
+        fp = store.fingerprint(record)
+        torch.manual_seed(cfg.seed)
+        model = FrameFeatureClassifier(build_temporal(temporal, width, layers=layers, max_frames=frames,
+                                                      ttrans_init=ttrans_init),
+                                       CosineHead(weights, learnable=head == "learnable"), width,
+                                       project=temporal == "tap")
+        temporal_lr = cfg.temporal_lr or cfg.lr
 
-    def lr_of(name: str) -> float:
-        if name == "head.ctx":
-            return coop_lr or cfg.lr
-        return temporal_lr if name.startswith("temporal.") else cfg.lr
+        def lr_of(name: str) -> float:
+            if name == "head.ctx":
+                return coop_lr or cfg.lr
+            return temporal_lr if name.startswith("temporal.") else cfg.lr
 
-    online = objective.text == "online" and objective.kind == "contrastive"
-    if head == "coop" and spec is None:
-        raise PipelineError("--head coop trains prompts in CLIP's text tower: these features need their model "
-                            "(imported features have none)")
-    clip = load_clip(spec) if (online or head == "coop") and spec else None
-    if head == "coop":
-        model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
-    model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-    val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
-    info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
-            "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
-            "model_spec": asdict(spec.absolute()) if spec else None}
-    result = _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
-                        cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn,
-                        settings=record)
-    if head == "coop":
-        _write_coop_head(cache, dataset, model_tag, model, names, fp)
-    return result
+        online = objective.text == "online" and objective.kind == "contrastive"
+        if head == "coop" and spec is None:
+            raise PipelineError("--head coop trains prompts in CLIP's text tower: these features need their model "
+                                "(imported features have none)")
+        clip = load_clip(spec) if (online or head == "coop") and spec else None
+        if head == "coop":
+            model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
+        model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
+        val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
+        info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
+                "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
+                "model_spec": asdict(spec.absolute()) if spec else None}
+        result = _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
+                            cfg.seed), val_set, cfg, lr_of, epoch_length, dev, replace_mismatched, quiet, objective_fn,
+                            settings=record)
+        if head == "coop":
+            _write_coop_head(cache, dataset, model_tag, model, names, fp)
+        return result
 
 
 def _shots_used(labels: np.ndarray, n_classes: int) -> dict:
@@ -456,80 +476,84 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
              device: str | None = None, objective: Objective = Objective(), data_device: str = "auto") -> dict:
     """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
-    dev = distributed.setup(device)
-    batched = batched_data_path(data_device, dev)
-    train_group, train_path = open_frames(cache, dataset, "train")
-    has_val = "val" in splits_of(cache, "frames", dataset)
-    val_group, val_path = open_frames(cache, dataset, "val") if has_val else (None, None)
-    names = list(train_group.attrs["class_names"])
-    t_cache = int(train_group.attrs["spec"]["num_frames"])
-    if frames > t_cache:
-        raise PipelineError(f"--frames {frames} > the {t_cache} frames stored per video")
-    if distributed.is_main() and not quiet:
-        say(f"loading {spec.name} ...", quiet)
-    clip = load_clip(spec)
-    weights, head_fp = head_weights(cache, dataset, spec.tag, head, encoder, len(names), clip.embed_dim, cfg.seed)
-    torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
-    model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing,
-                        ttrans_init)
-    start = init_from_run(model, cache, init_from) if init_from else None
-    if head == "coop":
-        model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
-    templates = None
-    if hard_templates:
-        if head != "clip-text":
-            raise PipelineError("--hard-templates draws CLIP-text rows per step: use it with --head clip-text")
-        templates = resolve_templates(hard_templates)
-        bank = torch.stack([torch.from_numpy(encode_with_clip(clip, names, [t], "cpu")) for t in templates])
-        model.head = TemplateDrawHead(bank, float(clip.model.logit_scale.detach()))
-    norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
-    rows, labels = usable_rows(train_group)
-    epoch_length = None
-    if shots:
-        picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
-        epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
-        rows, labels = rows[picked], labels[picked]
-    train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment, batched=batched)
-    val_set = None
-    if val_group is not None:
-        val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group)
-        val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
-    run_name = run_name or derived_run_name(dataset, spec.tag, head, temporal, encoder=encoder,
-                                            hard_templates=hard_templates, frames=frames, shots=shots,
-                                            objective=objective, init_from=init_from, seed=cfg.seed)
-    record = {"stage": "finetune", "backbone": "full", "model": clip.identity,
-              "train": train_group.attrs["fingerprint"],
-              "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
-              "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
-              "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
-              "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
-              **_coop_record(head, coop_ctx, coop_lr, cfg), **({"hard_templates": templates} if templates else {}),
-              "config": _fingerprinted(cfg), "objective": objective.record(),
-              # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
-              **({"data_path": "batched-gpu"} if batched else {})}
-    fp = store.fingerprint(record)
-    temporal_lr = cfg.temporal_lr or cfg.lr
-    backbone_lr = cfg.lr * cfg.backbone_lr_ratio
+    inputs = [frames_path(cache, dataset, s) for s in ("train", "val") if s in splits_of(cache, "frames", dataset)]
+    # Shared locks on the frame stores, taken before their fingerprints are read and held for the whole run: no
+    # store can be rebuilt between what run.json records and what the run trains on.
+    with store.reader_lock(*inputs):
+        dev = distributed.setup(device)
+        batched = batched_data_path(data_device, dev)
+        train_group, train_path = open_frames(cache, dataset, "train")
+        has_val = "val" in splits_of(cache, "frames", dataset)
+        val_group, val_path = open_frames(cache, dataset, "val") if has_val else (None, None)
+        names = list(train_group.attrs["class_names"])
+        t_cache = int(train_group.attrs["spec"]["num_frames"])
+        if frames > t_cache:
+            raise PipelineError(f"--frames {frames} > the {t_cache} frames stored per video")
+        if distributed.is_main() and not quiet:
+            say(f"loading {spec.name} ...", quiet)
+        clip = load_clip(spec)
+        weights, head_fp = head_weights(cache, dataset, spec.tag, head, encoder, len(names), clip.embed_dim, cfg.seed)
+        _require_heads_model(cache, dataset, spec.tag, head, encoder, clip.identity)
+        torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
+        model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing,
+                            ttrans_init)
+        start = init_from_run(model, cache, init_from) if init_from else None
+        if head == "coop":
+            model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
+        templates = None
+        if hard_templates:
+            if head != "clip-text":
+                raise PipelineError("--hard-templates draws CLIP-text rows per step: use it with --head clip-text")
+            templates = resolve_templates(hard_templates)
+            bank = torch.stack([torch.from_numpy(encode_with_clip(clip, names, [t], "cpu")) for t in templates])
+            model.head = TemplateDrawHead(bank, float(clip.model.logit_scale.detach()))
+        norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
+        rows, labels = usable_rows(train_group)
+        epoch_length = None
+        if shots:
+            picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
+            epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
+            rows, labels = rows[picked], labels[picked]
+        train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment, batched=batched)
+        val_set = None
+        if val_group is not None:
+            val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group)
+            val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
+        run_name = run_name or derived_run_name(dataset, spec.tag, head, temporal, encoder=encoder,
+                                                hard_templates=hard_templates, frames=frames, shots=shots,
+                                                objective=objective, init_from=init_from, seed=cfg.seed)
+        record = {"stage": "finetune", "backbone": "full", "model": clip.identity,
+                  "train": train_group.attrs["fingerprint"],
+                  "val": val_group.attrs["fingerprint"] if val_group is not None else None, "head": head,
+                  "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
+                  "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
+                  "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
+                  **_coop_record(head, coop_ctx, coop_lr, cfg), **({"hard_templates": templates} if templates else {}),
+                  "config": _fingerprinted(cfg), "objective": objective.record(),
+                  # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
+                  **({"data_path": "batched-gpu"} if batched else {})}
+        fp = store.fingerprint(record)
+        temporal_lr = cfg.temporal_lr or cfg.lr
+        backbone_lr = cfg.lr * cfg.backbone_lr_ratio
 
-    def lr_of(name: str) -> float:
-        if name == "head.ctx":
-            return coop_lr or cfg.lr
-        if name.startswith("temporal.") or ".t1d." in name:
-            return temporal_lr
-        # the official code trains CLIP's logit scale with the encoder (its `clip_params` group)
-        return backbone_lr if name.startswith("visual.") or name.endswith("logit_scale") else cfg.lr
+        def lr_of(name: str) -> float:
+            if name == "head.ctx":
+                return coop_lr or cfg.lr
+            if name.startswith("temporal.") or ".t1d." in name:
+                return temporal_lr
+            # the official code trains CLIP's logit scale with the encoder (its `clip_params` group)
+            return backbone_lr if name.startswith("visual.") or name.endswith("logit_scale") else cfg.lr
 
-    model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-    info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag, "model_spec": asdict(spec.absolute()),
-            "class_names": names, "encoder": encoder, "frame_spec": dict(train_group.attrs["spec"]),
-            "shots_per_class": _shots_used(labels, len(names)) if shots else None}
-    # Shared locks on the frame stores for the whole run: neither can be rebuilt while we train on it.
-    with store.reader_lock(*(p for p in (train_path, val_path) if p is not None)):
+        model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
+        info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag,
+                "model_spec": asdict(spec.absolute()), "class_names": names, "encoder": encoder,
+                "frame_spec": dict(train_group.attrs["spec"]),
+                "shots_per_class": _shots_used(labels, len(names)) if shots else None}
         result = _train_run(run_path(cache, run_name), fp, info, model, train_set, val_set, cfg, lr_of,
                             epoch_length, dev, replace_mismatched, quiet, objective_fn, settings=record)
-    if head == "coop":
-        _write_coop_head(cache, dataset, spec.tag, model, names, fp)
-    return result
+        if head == "coop":
+            _write_coop_head(cache, dataset, spec.tag, model, names, fp)
+        return result
 
 
 def _coop_record(head: str, coop_ctx: int, coop_lr: float | None, cfg: TrainConfig) -> dict:
@@ -556,7 +580,7 @@ def init_from_run(model: torch.nn.Module, cache: Path, source: str) -> dict:
     if not (run_dir / "run.json").is_file() or not (run_dir / CHECKPOINT).is_file():
         raise PipelineError(f"--init-from {source!r}: no fine-tuned run of that name with a checkpoint under "
                             f"{run_dir.parent}")
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_json(run_dir / "run.json", "run settings")
     state = load_checkpoint(run_dir / CHECKPOINT)["model"]
     if any(k.startswith("video.") for k in state):  # a contrastive run: its video model
         state = {k.removeprefix("video."): v for k, v in state.items() if k.startswith("video.")}
@@ -581,7 +605,7 @@ def load_run(cache: Path, run_name: str):
                                                                                     if known else ""))
     if not (run_dir / "checkpoint.pt").is_file():
         raise PipelineError(f"run {run_name!r} has no checkpoint yet (it has not finished an epoch)")
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_json(run_dir / "run.json", "run settings")
     state = load_checkpoint(run_dir / CHECKPOINT)["model"]
     objective = Objective(**info["objective"]) if info.get("objective") else Objective()
     contrastive = objective.kind == "contrastive"

@@ -130,6 +130,36 @@ def _labels_model_mismatch(cache: Path, group: zarr.Group) -> str | None:
     return None
 
 
+MODEL_FILES_KEYS = ("name", "pretrained", "weights_sha256", "config_sha256", "quick_gelu", "random_weights")
+
+
+def head_model_changes(cache: Path, hgroup: zarr.Group, identity: dict) -> list[str]:
+    """What differs between the model a head was made with (a clip-text head: its label embeddings' CLIP text
+    tower; an LDA or prototype head: the model of its features) and ``identity``, the model a run trains now.
+    Empty when the head has no model of its own (random, orthogonal, another text encoder, imported features)."""
+    attrs = hgroup.attrs
+    kind, dataset = attrs.get("kind"), attrs.get("dataset")
+    try:
+        if kind == "clip-text" and attrs.get("encoder_tag"):
+            source = labels_path(cache, dataset, attrs["encoder_tag"])
+            made_with = dict(zarr.open_group(str(source), mode="r").attrs.get("encoder") or {})
+        elif kind in ("lda", "prototype"):
+            split = dict(attrs.get("params") or {}).get("split") or "train"
+            source = features_path(cache, dataset, attrs["model_tag"], split)
+            made_with = dict(zarr.open_group(str(source), mode="r").attrs.get("model") or {})
+        else:
+            return []
+    except (FileNotFoundError, OSError, ValueError, KeyError, PipelineError):
+        return []
+    if not made_with or "imported_from" in made_with:
+        return []
+
+    def value(d: dict, key: str):  # noqa: ANN202 - flags absent from older records are off
+        return bool(d.get(key)) if key in ("quick_gelu", "random_weights") else d.get(key)
+
+    return [k for k in MODEL_FILES_KEYS if value(made_with, k) != value(identity, k)]
+
+
 def run_stale_reason(cache: Path, info: dict) -> str | None:
     """Why a run no longer matches the stores it was trained and validated on (they were rebuilt or are gone
     since), from its run.json; None when they are as they were."""

@@ -18,6 +18,7 @@ from pipeline import evaluation
 from pipeline.cachefs import as_path
 from pipeline.errors import PipelineError
 from pipeline.featurestore import video_features
+from pipeline.files import read_history, read_json
 from pipeline.plots import plot_curves
 
 from .heads import open_features
@@ -39,13 +40,12 @@ def _seeds(cache: Path, name: str) -> list[dict]:
         dirs = [base]
     out = []
     for d in dirs:
-        m = json.loads((d / "metrics.json").read_text())
-        history = [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()] if (
-            d / "history.jsonl").is_file() else []
+        m = read_json(d / "metrics.json", "run metrics")
+        history = read_history(d / "history.jsonl")
         steps = [h for h in history if h["kind"] == "step"]
         m["losses"] = [h["loss"] for h in steps]
         m["train_seconds"] = float(sum(h["seconds"] for h in steps))
-        m["settings"] = json.loads((d / "run.json").read_text())
+        m["settings"] = read_json(d / "run.json", "run settings")
         out.append(m)
     return out
 
@@ -66,7 +66,7 @@ def _top1(runs: list[dict], key: str = "val_top1") -> tuple[float, float] | None
 
 def _untuned(cache: Path, kind: str) -> dict | None:
     path = as_path(cache) / "metrics" / f"untuned-{kind}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, "metrics") if path.is_file() else None
 
 
 def _verdict(holds: bool | None, text: str) -> str:

@@ -345,8 +345,9 @@ def save_local_dir(model: Any, model_cfg: dict, out: str | os.PathLike, preproce
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {
         "size": model_cfg["vision_cfg"]["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
         "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    tmp = out / "open_clip_pytorch_model.bin.partial"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out / "open_clip_pytorch_model.bin")
+    from ..files import write_atomic
+
+    write_atomic(out / "open_clip_config.json", json.dumps(config, indent=2))
+    state = model.state_dict()
+    write_atomic(out / "open_clip_pytorch_model.bin", lambda f: torch.save(state, f))
     return out
