@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-gpu lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,14 @@ demo: setup
 	dvc repro
 	pipeline status
 
+# The CPU suite; the GPU tests (marker gpu) run in test-gpu.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not gpu"
 	$(BIN)/ruff check pipeline stages tests benchmarks
+
+# Where CUDA is absent every test reports skipped, with the reason.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests benchmarks
