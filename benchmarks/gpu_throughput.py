@@ -359,7 +359,7 @@ def main() -> None:
             from bench_data_path import make_store
 
             path = Path(tmp.name) / "frames"
-            make_store(path, 8 if args.smoke else 64, distinct=8)
+            make_store(path, 8 if args.smoke else 64, distinct=2 if args.smoke else 8)
             store_path.append(path)
         return store_path[0]
 
