@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:  `make demo` (set up + run the demo pipeline)  and  `make test`.
+# On a GPU machine: `make gpu-check` (GPU tests, the pipeline end to end on the GPU, the throughput table).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-gpu gpu-check lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +20,19 @@ demo: setup
 	dvc repro
 	pipeline status
 
+# The CPU suite; the GPU tests (marker gpu) run in test-gpu and gpu-check.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not gpu"
 	$(BIN)/ruff check pipeline stages tests benchmarks
+
+# Where CUDA is absent every test reports skipped, with the reason.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu -rs
+
+# GPU tests, the pipeline on a generated world with a random ViT-B/16, then gpu_throughput.py, within 8 minutes:
+# cache/gpu-check/gpu_check.md and .json. GPU_CHECK_FLAGS="--budget-s 600", or "--smoke" on a CPU.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)
 
 lint: setup
 	$(BIN)/ruff check pipeline stages tests benchmarks

@@ -52,7 +52,10 @@ def scene(rng: np.random.Generator, t: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def make_store(path: Path, videos: int) -> None:
+def make_store(path: Path, videos: int, distinct: int | None = None) -> None:
+    """A JPEG frame store of ``videos`` rows; with ``distinct``, only that many are encoded and the other rows
+    repeat their bytes (a decoder's cost does not depend on having seen the bytes before; encoding does take
+    about half a second a video on one core)."""
     records = [VideoRecord(f"v{i}", f"v{i}.mp4", i % 4, "train") for i in range(videos)]
     manifest = Manifest("bench", ["a", "b", "c", "d"], records)
     group = zarr.open_group(str(path), mode="w")
@@ -61,7 +64,8 @@ def make_store(path: Path, videos: int) -> None:
     rng = np.random.default_rng(0)
     frames = np.empty((videos, T_CACHE), dtype=object)
     for i in range(videos):
-        frames[i] = [encode_jpeg(scene(rng, t), 90) for t in range(T_CACHE)]
+        frames[i] = ([encode_jpeg(scene(rng, t), 90) for t in range(T_CACHE)] if i < (distinct or videos)
+                     else frames[i % distinct])
     group["frames"][:] = frames
     group["box"][:] = np.tile(np.array([0, HEIGHT, 0, WIDTH], np.int16), (videos, 1))
 

@@ -1,7 +1,7 @@
 """The batched data path (decode + augmentation a batch at a time on the training device), run on the CPU device.
 
 It must make the same clips as the per-clip path (same seeded draws, same kernels), keep resume bit-exact,
-and fail in one line where it cannot run. The GPU itself is exercised by benchmarks/gpu_throughput.py.
+and fail in one line where it cannot run. On a GPU, tests/test_gpu.py holds the device against this path.
 """
 
 from __future__ import annotations
@@ -169,20 +169,3 @@ def test_features_of_two_dask_processes_equal_one_process_with_read_ahead(tmp_pa
     pixels = read_frames(frames_group, slice(0, 1))[0][:, y0:y1, x0:x1]
     want = encode_frames(pixels, load_clip(ModelSpec(f"local-dir:{tiny_clip}")), "cpu", 4)
     assert np.array_equal(one["features"][0], want.astype(np.float16))
-
-
-def test_the_prepared_gpu_benchmark_runs_in_its_smoke_mode(tmp_path):
-    """benchmarks/gpu_throughput.py waits for a lent GPU; its CPU smoke mode keeps it runnable meanwhile."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
-    out = tmp_path / "table.json"
-    proc = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["what"]: r for r in json.loads(out.read_text())["rows"]}
-    assert {"features", "data path: worker share, one core", "data path: device share", "train tap"} <= set(rows)
-    assert all(r["per_s"] > 0 for r in rows.values()) and rows["train tap"]["gflop_per_clip"] > 0
