@@ -73,3 +73,17 @@ def test_same_bytes_in_parallel_processes_under_load(tmp_path):
     for i, d in enumerate(digests[1:], 1):
         differing = sorted(k for k in d if d[k] != digests[0][k])
         assert not differing, f"worker {i}: {len(differing)} files differ from worker 0's, e.g. {differing[:3]}"
+
+
+def test_order_world_reads_its_own_params_group_and_print_config_says_so(tmp_path):
+    # `pipeline world --kind order` takes order_world.*: the run, and --print-config, which DVC's params check reads
+    root = Path(__file__).resolve().parents[1]
+    params = tmp_path / "p.yaml"
+    params.write_text("world: {train_per_class: 2, val_per_class: 2, frames: 4, size: 32}\norder_world: "
+                      "{colours: [red, blue], train_per_class: 1, val_per_class: 1, frames: 4, size: 32}\n")
+    run = [sys.executable, "-m", "pipeline", "world", "--kind", "order", "--params", str(params), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    shown = subprocess.run([*run, "--print-config"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "params: order_world.train_per_class" in shown and "params: world." not in shown
+    subprocess.run([*run, "--out", str(tmp_path / "w")], env=env, capture_output=True, check=True)
+    assert len(list((tmp_path / "w" / "videos").rglob("*.mp4"))) == 2 * (1 + 1)  # 2 ordered pairs, 1 + 1 clips
