@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
+import os
+import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,10 +222,44 @@ def code_problems(stage: Stage) -> list[str]:
     return problems
 
 
-if __name__ == "__main__":  # python tests/dvcstages.py [PROJECT]: each stage definition's code deps, for dvc.yaml
-    import os
-    import sys
+_PRINT_CONFIG = """
+import contextlib, io, json, sys
+from pipeline.cli import cli
+found = {}
+for args in json.loads(sys.stdin.read()):
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            cli.main([*args, "--print-config"], prog_name="pipeline", standalone_mode=False)
+    except BaseException as e:  # a command that cannot even resolve its settings: the test shows why
+        out.write(f"failed: {type(e).__name__}: {e}")
+    found[json.dumps(args)] = out.getvalue()
+print(json.dumps(found))
+"""
 
+
+def print_configs(cwd: Path, argvs: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """``pipeline ARGS --print-config`` of each command line, run in ``cwd`` (one process for all of them)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _PRINT_CONFIG], input=json.dumps(sorted(set(argvs))), cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300, check=True)
+    return {tuple(json.loads(k)): v for k, v in json.loads(proc.stdout.splitlines()[-1]).items()}
+
+
+def params_read(printed: str, cwd: Path) -> tuple[Path, list[str]]:
+    """The params file a ``--print-config`` output names, and the keys it says it took from that file."""
+    header = re.search(r"params file: ([^;)]+)", printed)
+    assert header, printed
+    keys = re.findall(r" params: (\S+)$", printed, flags=re.M)
+    return (cwd / header.group(1).strip()).resolve(), keys
+
+
+def declared(key: str, keys: list[str]) -> bool:
+    """``group.key`` is declared by ``group.key`` itself or by a group that holds it."""
+    return any(key == d or key.startswith(d + ".") for d in keys)
+
+
+if __name__ == "__main__":  # python tests/dvcstages.py [PROJECT]: each stage definition's code deps, for dvc.yaml
     project = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT).resolve()
     by_definition: dict[str, set[Path]] = {}
     for st in load_stages(project):
