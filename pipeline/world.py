@@ -124,7 +124,8 @@ def rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
 # the 576 demo clips changed with the heap's leftover contents (MALLOC_PERTURB_), so a regeneration
 # whose allocations followed another timing (a progress bar's redraws under load) changed bytes.
 # Its C code (asm=0) reads only what it wrote, and does not vary with the CPU's instruction sets (with
-# assembly, SSE4 and AVX-512 paths give different bytes). Cost: the 720 demo clips take 12 s, not 7 s.
+# assembly, SSE4/AVX2 machines and AVX-512 ones encode differently). Cost: the 720 demo clips take 12 s,
+# not 7 s.
 X264_OPTIONS = {"preset": "veryfast", "crf": "18", "x264-params": "asm=0"}
 
 
