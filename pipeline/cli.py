@@ -19,7 +19,7 @@ import click
 
 from . import settings as S
 from .cachefs import cache_root
-from .errors import PipelineError
+from .errors import PipelineError, read_error
 from .params import DEFAULT_PARAMS, Params, load_params
 
 CACHE_ENV = "PIPELINE_CACHE"
@@ -41,9 +41,10 @@ class Context:
     def params_for(self, section: str) -> Params:
         return Params(self._loaded, section)
 
-    def resolve(self, cls: type, flags: dict[str, Any]) -> S.Resolved:
-        """The command's settings; old spellings and ignored params files are reported on stderr."""
-        resolved = S.resolve(cls, self.params_for, flags)
+    def resolve(self, cls: type, flags: dict[str, Any], group: str | None = None) -> S.Resolved:
+        """The command's settings (from params ``group`` instead of the settings' own when given); old
+        spellings and ignored params files are reported on stderr."""
+        resolved = S.resolve(cls, self.params_for if group is None else lambda _: self.params_for(group), flags)
         for line in resolved.notes:
             click.echo(line, err=True)
         return resolved
@@ -131,9 +132,12 @@ def setting_options(cls: type) -> Callable:
     return decorate
 
 
-def command(name: str, cls: type | None, section: str | None = None) -> Callable:
+def command(name: str, cls: type | None, section: str | None = None,
+            group_of: Callable[[dict[str, Any]], str | None] | None = None) -> Callable:
     """A sub-command with --cache, --params, --no-params, --quiet and, for ``cls``, its settings as
-    options, --print-config, and the resolved settings passed to the function as ``s``."""
+    options, --print-config, and the resolved settings passed to the function as ``s``. ``group_of(flags)``:
+    the params group the settings come from when the flags choose another one (``world --kind order``), so
+    that --print-config says what the command reads."""
 
     def decorate(fn: Callable) -> Callable:
         flag_names = set()
@@ -160,7 +164,7 @@ def command(name: str, cls: type | None, section: str | None = None) -> Callable
             print_config = kwargs.pop("print_config", False)
             flags = {k: kwargs.pop(k) for k in list(kwargs) if k in flag_names}
             ctx.flags = flags
-            resolved = ctx.resolve(cls, flags)
+            resolved = ctx.resolve(cls, flags, group_of(flags) if group_of else None)
             if print_config:
                 print_settings(name, cls, resolved, ctx)
                 return None
@@ -401,7 +405,7 @@ def verify(ctx: Context, repair: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
-@command("world", S.WorldSettings)
+@command("world", S.WorldSettings, group_of=lambda flags: "order_world" if flags.get("kind") == "order" else None)
 def world(ctx: Context, s: S.WorldSettings) -> None:
     """Generate the embedded demo world: synthetic H.264 clips of coloured shapes.
 
@@ -419,9 +423,7 @@ def world(ctx: Context, s: S.WorldSettings) -> None:
 
     from .world import WorldSpec
 
-    if s.kind == "order":  # the order world has its own params group, so both worlds live in one params.yaml
-        s = S.resolve(S.WorldSettings, lambda _: ctx.params_for("order_world"), ctx.flags).values
-        s.kind = "order"
+    # The order world has its own params group (order_world, see group_of), so both worlds live in one params.yaml.
     colours = s.colours or (("red", "green", "blue", "yellow") if s.kind == "order" else WorldSpec.colours)
     with settings_errors():
         spec = WorldSpec(colours=tuple(colours), shapes=tuple(s.shapes or WorldSpec.shapes),
@@ -1011,8 +1013,6 @@ def main() -> None:
     except (ValueError, RuntimeError) as e:
         if "checksum" not in str(e).lower():
             raise
-        from .store import read_error
-
         _fail(f"damaged data in the cache ({read_error(e)}): run `pipeline verify --repair` and re-run the stage", 2)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -15,3 +15,11 @@ class StoreLocked(PipelineError):
 
 class DamagedStore(PipelineError):
     """An output's bytes are missing or altered (a deleted chunk, a failed checksum)."""
+
+
+def read_error(e: BaseException) -> str:
+    """Why a chunk could not be read, in words (not the raw checksum bytes zarr puts in its message)."""
+    text = " ".join(str(e).split())
+    if "checksum" in text.lower():
+        return "a chunk fails its CRC-32C checksum: its bytes were altered"
+    return text[:120] or type(e).__name__

@@ -29,7 +29,7 @@ from zarr.core.dtype import VariableLengthBytes
 
 from . import store
 from .datasets import Manifest
-from .errors import DamagedStore
+from .errors import DamagedStore, read_error
 from .settings import FramesSettings as _S  # the defaults
 from .video import DecodeError, FrameSpec, decode_clip
 
@@ -222,7 +222,7 @@ def read_stored(group: zarr.Group, rows: np.ndarray, frame_indices: np.ndarray,
             uframes, f = np.unique(frame_indices, return_inverse=True)
             stored = frames.get_orthogonal_selection((urows, uframes))[r, f]
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        raise DamagedStore(f"array 'frames' of {store.location_of(group)} cannot be read ({store.read_error(e)}): "
+        raise DamagedStore(f"array 'frames' of {store.location_of(group)} cannot be read ({read_error(e)}): "
                            "run `pipeline verify --repair`") from None
     require_frames(group, stored, rows)
     return stored

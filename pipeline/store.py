@@ -36,7 +36,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import UnstableSpecificationWarning
 
 from .cachefs import as_path, is_remote, remove_tree, walk
-from .errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocked
+from .errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocked, read_error
 
 # Variable-length strings and bytes are not yet frozen in the Zarr v3 spec; zarr-python reads
 # and writes them fine and we pin zarr's minor version, so the warning is noise for our users.
@@ -615,14 +615,6 @@ def read_array(group: zarr.Group, name: str, sel: Any = slice(None)) -> np.ndarr
     except (ValueError, RuntimeError, OSError, KeyError) as e:
         raise DamagedStore(f"array {name!r} of {location_of(group)} cannot be read ({read_error(e)}): run "
                            "`pipeline verify --repair`") from None
-
-
-def read_error(e: BaseException) -> str:
-    """Why a chunk could not be read, in words (not the raw checksum bytes zarr puts in its message)."""
-    text = " ".join(str(e).split())
-    if "checksum" in text.lower():
-        return "a chunk fails its CRC-32C checksum: its bytes were altered"
-    return text[:120] or type(e).__name__
 
 
 def location_of(group: zarr.Group) -> str:

@@ -107,15 +107,47 @@ def render_order_clip(spec: WorldSpec, first: str, then: str, rng: np.random.Gen
     return np.concatenate([a, b])
 
 
+def rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
+    """uint8 [S*3/2, S] (the Y plane, then U and V) of an RGB image: BT.601 limited range, in integers.
+
+    Done here rather than by swscale so that the bytes handed to the encoder do not depend on which
+    SIMD path (or how many threads) FFmpeg picks on this machine. Chroma is the 2x2 mean."""
+    h, w = image.shape[:2]
+    if h % 2 or w % 2:
+        raise ValueError(f"4:2:0 video needs even sides, got {w}x{h}")
+    rgb = image.astype(np.int32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    mean = (rgb.reshape(h // 2, 2, w // 2, 2, 3).sum(axis=(1, 3)) + 2) >> 2
+    r, g, b = mean[..., 0], mean[..., 1], mean[..., 2]
+    u = ((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128
+    v = ((112 * r - 94 * g - 18 * b + 128) >> 8) + 128
+    planes = [y.reshape(-1), u.reshape(-1), v.reshape(-1)]
+    return np.concatenate(planes).clip(0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
+# x264's assembly reads memory it never wrote: with AVX-512 and macroblock-tree rate control, 68 of
+# the 576 demo clips changed with the heap's leftover contents (MALLOC_PERTURB_), so a regeneration
+# whose allocations followed another timing (a progress bar's redraws under load) changed bytes.
+# Its C code (asm=0) reads only what it wrote, and does not vary with the CPU's instruction sets (with
+# assembly, SSE4/AVX2 machines and AVX-512 ones encode differently). Cost: the 720 demo clips take 12 s,
+# not 7 s.
+X264_OPTIONS = {"preset": "veryfast", "crf": "18", "x264-params": "asm=0"}
+
+
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int) -> None:
-    """H.264 in MP4, single-threaded x264 so the bytes depend on the pixels alone."""
-    with av.open(str(path), "w") as out:
+    """H.264 in MP4 whose bytes depend on the pixels alone: not on the CPU, the load, the clock or
+    the process's history (single-threaded x264 without assembly, our own RGB -> YUV, and a muxer
+    that writes no library version)."""
+    with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "18", "threads": "1"}
+        stream.codec_context.thread_count = 1  # PyAV's default is 0: one thread per CPU
+        stream.options = dict(X264_OPTIONS)
         for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(image), format="yuv420p")
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)

@@ -42,8 +42,11 @@ def small_params() -> dict:
 
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # Every Python process DVC starts records the project modules it imported (tests/importlog), beside the copy.
+    (cwd.parent / "imports").mkdir(exist_ok=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+           "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "PIPELINE_IMPORT_LOG": str(cwd.parent / "imports"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "importlog"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=1500)
 
@@ -124,11 +127,12 @@ def test_dvc_tracks_code_and_params_as_users_expect(demo):
     shutil.rmtree(head)
     assert dvc("checkout", "cache/heads/demo/tiny-clip/clip-text", cwd=demo).returncode == 0
     assert (head / "zarr.json").is_file()
-    # a change to the code marks the stages that run it
+    # a change to the code marks the stages that import it, and only those
     with open(demo / "stages" / "heads.py", "a") as f:
         f.write("\n# changed\n")
     status = dvc("status", cwd=demo).stdout
-    assert "heads@clip-text:" in status and "modified:           stages" in status
+    assert "heads@clip-text:" in status and "modified:           stages/heads.py" in status
+    assert not {"world:", "frames:", "features:", "pretrain:"} & set(status.split()), status
 
 
 def test_dvc_exp_run_then_apply_restores_that_experiments_head(demo):
@@ -158,3 +162,19 @@ def test_dvc_exp_run_then_apply_restores_that_experiments_head(demo):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert yaml.safe_load((demo / "params.yaml").read_text())["lda"]["per_class"] == 2
     assert head_digest() == experiment
+
+
+def test_each_stage_imported_only_code_it_depends_on(demo):
+    """What the real `dvc repro` imported, process by process (DVC sets DVC_STAGE for each command and its
+    children: torchrun workers, dask workers): every project module is a dep of that stage. The static
+    check (tests/test_dvc_stages.py) covers every stage; this one, the imports that really happened."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from dvcstages import covered, load_stages, modules
+
+    deps = {st.name: st.deps for st in load_stages(demo)}
+    records = [json.loads(p.read_text()) for p in (demo.parent / "imports").glob("*.json")]
+    ran = [r for r in records if r["stage"] in deps and r["modules"]]
+    assert {r["stage"] for r in ran} >= {"world", "frames", "report", "t9@ours"}, sorted({r["stage"] for r in ran})
+    missing = sorted({f"{r['stage']}: {m}" for r in ran for m in r["modules"] if m in modules()
+                      and not covered(demo / modules()[m].relative_to(ROOT), deps[r["stage"]])})
+    assert not missing, missing
