@@ -155,7 +155,7 @@ def command(name: str, cls: type | None, section: str | None = None,
                       help="Parameters file [default: ./params.yaml if present].")
         @click.option("--no-params", is_flag=True,
                       help="Ignore every params file (./params.yaml too): flags and built-in defaults only.")
-        @click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of progress bars.")
+        @click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines: results and errors only.")
         @functools.wraps(fn)
         def wrapper(cache: str | None, params_file: str | None, no_params: bool, quiet: bool, **kwargs: Any) -> Any:
             ctx = Context(cache, params_file, quiet, section or (cls.SECTION if cls else name), no_params)
