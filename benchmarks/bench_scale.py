@@ -81,8 +81,9 @@ def main() -> None:
 
 
 def run(tmp: Path, rows: int, block: int, missing_fraction: float = 0.10) -> None:
-    print(f"synthetic K400 split: {rows:,} rows ({missing_fraction:.0%} missing, 1 % undecodable), block {block}")
     (missing, broken), setup_s = timed(lambda: make_dataset(tmp / "k400", rows, missing_fraction=missing_fraction))
+    print(f"synthetic K400 split: {rows:,} rows ({missing.mean():.0%} missing, {broken.mean():.0%} undecodable), "
+          f"block {block}")
     print(f"  (dataset written in {setup_s:.1f} s, not measured)")
     results: list[tuple[str, float, str]] = []
 
@@ -146,7 +147,7 @@ def run(tmp: Path, rows: int, block: int, missing_fraction: float = 0.10) -> Non
     results.append(("status (in process)", status_s, "< 5 s"))
     cli = [sys.executable, "-m", "pipeline", "status", "--json", "--cache", str(tmp / "cache")]
     proc, status_cli_s = timed(lambda: subprocess.run(cli, capture_output=True, text=True, check=True))
-    results.append(("pipeline status --json (new process)", status_cli_s, f"{len(proc.stdout) / 1e6:.2f} MB of JSON"))
+    results.append(("pipeline status --json (new process)", status_cli_s, f"{len(proc.stdout) / 1e3:.1f} kB of JSON"))
 
     # Baseline, same run: the per-element summary on a sample of failed rows.
     failed_rows = np.flatnonzero(group["status"][:] == store.FAILED)
