@@ -85,7 +85,7 @@ class SettingOption(click.Option):
 
     def get_help_extra(self, ctx: click.Context) -> Any:
         extra = super().get_help_extra(ctx)
-        k: S.Knob = self.field.metadata["knob"]
+        k: S.Knob = self.field.knob
         default = S.default_of(self.field)
         text = k.default_text or (None if default is None or default is False else _shown(default))
         found = False
@@ -112,7 +112,7 @@ def setting_options(cls: type) -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         for f in reversed(S.settings_fields(cls)):
-            k: S.Knob = f.metadata["knob"]
+            k: S.Knob = f.knob
             if k.toggle:
                 decls = [f"--{k.toggle}"]
             else:
@@ -144,7 +144,7 @@ def command(name: str, cls: type | None, section: str | None = None,
         if cls is not None:
             for f in S.settings_fields(cls):
                 flag_names.add(f.name)
-                flag_names.update(S.old_dest(o) for o in f.metadata["knob"].old_flags)
+                flag_names.update(S.old_dest(o) for o in f.knob.old_flags)
             if issubclass(cls, S.DataSource):
                 flag_names.add(S.old_dest("--name"))
 

@@ -17,7 +17,9 @@ import zarr
 
 from .framestore import read_boxes, read_frames, read_stored
 from .sampling import sample_rng, segment_indices, view_positions
-from .settings import FinetuneSettings as _F  # the defaults
+from .settings import FinetuneSettings
+
+_F = FinetuneSettings.defaults()  # the defaults
 
 
 @dataclass(frozen=True)

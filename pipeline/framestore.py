@@ -30,8 +30,10 @@ from zarr.core.dtype import VariableLengthBytes
 from . import store
 from .datasets import Manifest
 from .errors import DamagedStore, read_error
-from .settings import FramesSettings as _S  # the defaults
+from .settings import FramesSettings
 from .video import DecodeError, FrameSpec, decode_clip
+
+_S = FramesSettings.defaults()  # the defaults
 
 PENDING, OK, FAILED = store.PENDING, store.OK, store.FAILED
 MISSING_REASON = "missing file: not found under the dataset root"

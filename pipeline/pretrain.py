@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .losses import VideoTextContrastiveLoss
-from .settings import PretrainSettings as _P  # the defaults
+from .settings import PretrainSettings
+
+_P = PretrainSettings.defaults()  # the defaults
 
 CAPTION = "a photo of a {}"
 

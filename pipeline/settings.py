@@ -1,9 +1,11 @@
-"""The settings of every command, typed: the single source of their defaults.
+"""The settings of every command, typed and validated by pydantic: the single source of their defaults.
 
-Each command has one dataclass here. A field is one setting: its default, its help text, the
-flag that sets it and the params.yaml key (``<command group>.<field>``, or ``data.<field>`` /
-``model.<field>`` for the shared groups). Resolution order: flag > params.yaml > default
-(:func:`resolve`), and every value remembers where it came from (``pipeline config COMMAND``).
+Each command has one settings model here. A field is one setting: its default, its help text, its type and
+range, the flag that sets it and the params file key (``<command group>.<field>``, or ``data.<field>`` /
+``model.<field>`` for the shared groups). Resolution order: flag > params file > default (:func:`resolve`);
+pydantic validates the result (types, ranges, unknown keys), and every value remembers where it came from
+(``pipeline config COMMAND``). The same declaration gives the click option (type, range, help), so a flag
+and its params key accept exactly the same values.
 
 The library's own dataclasses (TrainConfig, AugmentConfig, FrameSpec, FrameCodec, PretrainConfig)
 take their defaults from here, so that each default is written once. This module imports nothing
@@ -12,10 +14,11 @@ heavy: the CLI reads it before any command runs.
 
 from __future__ import annotations
 
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .params import DATA_KEYS, MODEL_KEYS
 
@@ -41,25 +44,65 @@ class Knob:
     maximum: int | None = None  # the largest value data and memory allow (a bound for POSITIVE, COUNT, SIDE)
 
 
+# The named ranges of settings: (minimum, maximum or None for the knob's own ``maximum``, exclusive bounds).
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "POSITIVE": (1, None, False), "COUNT": (0, None, False), "SIDE": (16, None, False), "PERCENT": (1, 100, False),
+    "PROBABILITY": (0.0, 1.0, False), "SPLIT_ID": (1, 3, False), "SEED": (0, 2**32 - 1, False),
+    "FRACTION": (0.0, 1.0, True),
+}
+
+
 def knob(default: Any, help: str, **kw: Any) -> Any:
-    """A settings field: its default plus its :class:`Knob`."""
+    """A settings field: its default, its range (pydantic's constraints, from a named ``type``) and its
+    :class:`Knob`."""
+    k = Knob(help=help, **kw)
+    constraints: dict[str, Any] = {}
+    if isinstance(k.type, str) and k.type in RANGES and not k.multiple:  # lists: checked item by item, below
+        low, high, exclusive = RANGES[k.type]
+        high = k.maximum if high is None else high
+        constraints = {"gt": low, "lt": high} if exclusive else {"ge": low, **({"le": high} if high is not None
+                                                                               else {})}
+    extra = {"knob": k}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"knob": Knob(help=help, **kw)})
-    return field(default=default, metadata={"knob": Knob(help=help, **kw)})
+        return Field(default_factory=lambda: type(default)(default), description=help, json_schema_extra=extra,
+                     **constraints)
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+class Settings(BaseModel):
+    """A command's settings: unknown names are an error, params numbers read as text ("5e-5") convert."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    SECTION: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _items_in_range(self) -> Settings:
+        for f in settings_fields(type(self)):
+            k = f.knob
+            if k.multiple and isinstance(k.type, str) and k.type in RANGES:
+                low, high, _ = RANGES[k.type]
+                high = k.maximum if high is None else high
+                for v in getattr(self, f.name):
+                    if v < low or (high is not None and v > high):
+                        raise ValueError(f"{f.name}: {v} is not in the range {low}<=x<={high}")
+        return self
+
+    @classmethod
+    def defaults(cls) -> Settings:
+        """Every setting at its default (no validation: the defaults are the declaration)."""
+        return cls.model_construct()
 
 
 # ---- shared groups ----------------------------------------------------------------------------
 
 
 
-@dataclass
-class DatasetName:
+class DatasetName(Settings):
     """The dataset's name in the cache (every command that reads the cache)."""
 
     dataset: str | None = knob(None, "Dataset name in the cache (params: data.dataset).", short="-d")
 
 
-@dataclass
 class DataSource(DatasetName):
     """Where videos come from (frames, extract, import)."""
 
@@ -75,7 +118,8 @@ class DataSource(DatasetName):
     val_fraction: float = knob(0.0, "Hold out this fraction of each class's training videos as 'val' (seeded; "
                                     "for flat folders and CSVs without a split column).", type="FRACTION")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _names(self) -> DataSource:
         from .datasets import DATASETS
 
         if self.format is None and self.dataset in DATASETS:
@@ -83,10 +127,10 @@ class DataSource(DatasetName):
         if self.dataset is None and self.format:
             stem = PurePath(str(self.root or "")).stem if self.format in ("csv", "folder", "imagefolder") else ""
             self.dataset = stem or self.format
+        return self
 
 
-@dataclass
-class ModelChoice:
+class ModelChoice(Settings):
     model: str | None = knob(None, "open_clip model: a name (ViT-B-16), local-dir:DIR or hf-hub:ORG/NAME "
                                    "(params: model.name) [the cache's model when it holds one].", short="-m")
     pretrained: str | None = knob(None, "Pretrained tag (openai) or a local checkpoint file (params: "
@@ -100,8 +144,7 @@ class ModelChoice:
                                 is_flag=True)
 
 
-@dataclass
-class Replace:
+class Replace(Settings):
     replace_mismatched: bool = knob(False, "Rebuild an output made with other parameters (a matching one is "
                                            "resumed).", is_flag=True)
 
@@ -113,7 +156,6 @@ DATA_DEVICE_HELP = ("Where clips are JPEG-decoded and augmented: cpu (in the loa
 
 # ---- commands ---------------------------------------------------------------------------------
 
-@dataclass
 class FramesSettings(Replace, DataSource):
     SECTION: ClassVar[str] = "frames"
     splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset].",
@@ -136,7 +178,6 @@ class FramesSettings(Replace, DataSource):
     strict: bool = knob(False, "Exit with status 1 if any video failed.", is_flag=True)
 
 
-@dataclass
 class FeaturesSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "features"
     splits: list[str] = knob([], "Split(s) [default: every stored split].", flag="--split", multiple=True)
@@ -149,7 +190,6 @@ class FeaturesSettings(Replace, ModelChoice, DatasetName):
     compile: bool = knob(False, "torch.compile the image tower (GPU; compiles on the first batches).", is_flag=True)
 
 
-@dataclass
 class LabelsSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "labels"
     encoder: str = knob("clip", "'clip' (the model's text tower) or 'hf:NAME_OR_PATH' (mean pooling).")
@@ -161,21 +201,21 @@ class LabelsSettings(Replace, ModelChoice, DatasetName):
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
 
 
-@dataclass
 class ExtractSettings(ModelChoice, FramesSettings):
     """frames, then features, then labels; each reads its own params group for the rest."""
 
     SECTION: ClassVar[str] = "frames"
-    encoder: str = knob(LabelsSettings.encoder, "Text encoder of the labels stage: clip or hf:NAME_OR_PATH.",
-                        section="labels")
-    template: str = knob(LabelsSettings.template, "Prompt template(s) of the labels stage.", section="labels")
+    encoder: str = knob(LabelsSettings.model_fields["encoder"].default,
+                        "Text encoder of the labels stage: clip or hf:NAME_OR_PATH.", section="labels")
+    template: str = knob(LabelsSettings.model_fields["template"].default, "Prompt template(s) of the labels stage.",
+                         section="labels")
     device: str | None = knob(None, "torch device for features and labels.", default_text="cuda when present, else cpu",
                               section="features")
-    batch_size: int = knob(FeaturesSettings.batch_size, "Frames per forward pass of the features stage.",
-                           type="POSITIVE", maximum=65536, section="features")
+    batch_size: int = knob(FeaturesSettings.model_fields["batch_size"].default,
+                           "Frames per forward pass of the features stage.", type="POSITIVE", maximum=65536,
+                           section="features")
 
 
-@dataclass
 class HeadsSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "heads"
     head: str | None = knob(None, "Head kind: " + ", ".join(HEADS) + ".", type=HEADS, old_flags=("--kind",),
@@ -189,13 +229,11 @@ class HeadsSettings(Replace, ModelChoice, DatasetName):
     split: str = knob("train", "Split the lda/prototype sample is drawn from.")
 
 
-@dataclass
 class LdaSettings(HeadsSettings):
     SECTION: ClassVar[str] = "lda"
     head: ClassVar[str] = "lda"
 
 
-@dataclass
 class EvaluateSettings(ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "evaluate"
     head: str = knob("clip-text", "Head kind (untuned evaluation; coop: the prompts a `finetune --head coop` run "
@@ -218,7 +256,6 @@ class EvaluateSettings(ModelChoice, DatasetName):
     data_device: str = knob("auto", "With --run-name: " + DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
 
 
-@dataclass
 class FinetuneSettings(Replace, ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "finetune"
     head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline; coop = learnable "
@@ -299,7 +336,6 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     text_template: str = knob("a video of a person {}.", "Contrastive, online text: the prompt, with {}.")
 
 
-@dataclass
 class ImportSettings(Replace, DataSource):
     SECTION: ClassVar[str] = "import"
     source: str | None = knob(None, "Folder of <video_id>.npy / .h5 files.", flag="--from", type="DIR")
@@ -310,7 +346,6 @@ class ImportSettings(Replace, DataSource):
     block_size: int = knob(16, "Videos per block.", type="POSITIVE")
 
 
-@dataclass
 class PredictSettings(ModelChoice):
     SECTION: ClassVar[str] = "predict"
     labels: str | None = knob(None, "Comma-separated label names: 'jumping,running,swimming'.")
@@ -322,7 +357,6 @@ class PredictSettings(ModelChoice):
                                       "uses the run's own classes.", old_flags=("--run",), old_keys=("run",))
 
 
-@dataclass
 class PretrainSettings(DatasetName):
     SECTION: ClassVar[str] = "pretrain"
     out: str | None = knob(None, "Model folder.", type="DIR", default_text="CACHE/tiny-clip")
@@ -344,8 +378,7 @@ class PretrainSettings(DatasetName):
     context_length: int = knob(16, "Its text tower's context length, in tokens.", type="POSITIVE", maximum=77)
 
 
-@dataclass
-class WorldSettings:
+class WorldSettings(Settings):
     SECTION: ClassVar[str] = "world"
     out: str | None = knob(None, "Output folder.", type="DIR", default_text="CACHE/world")
     kind: str = knob("objects", "Which world.", type=("objects", "order"))
@@ -362,7 +395,6 @@ class WorldSettings:
                             multiple=True)
 
 
-@dataclass
 class ExportSettings(ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "export"
     what: str = knob("frames", "Which output to export.", type=("frames", "features", "labels", "head"))
@@ -372,7 +404,6 @@ class ExportSettings(ModelChoice, DatasetName):
     out: str | None = knob(None, "Output file: .npz (NumPy) or .h5 (HDF5), by its suffix.", type="FILE")
 
 
-@dataclass
 class PlotSettings(ModelChoice, DatasetName):
     SECTION: ClassVar[str] = "plot"
     heads: list[str] = knob([], "Head kind(s) to plot (repeatable) [every cached head].", flag="--head",
@@ -381,7 +412,6 @@ class PlotSettings(ModelChoice, DatasetName):
     out: str | None = knob(None, "Output folder.", type="DIR", default_text="CACHE/plots/DATASET")
 
 
-@dataclass
 class ReportSettings(DatasetName):
     SECTION: ClassVar[str] = "report"
     out: str | None = knob(None, "Report folder.", type="DIR", default_text="CACHE/report")
@@ -406,10 +436,21 @@ def params_keys() -> dict[str, set[str]]:
     for cls in COMMANDS.values():
         for f in settings_fields(cls):
             group, _, key = key_of(cls, f).partition(".")
-            keys.setdefault(group, set()).update({key, *f.metadata["knob"].old_keys})
+            keys.setdefault(group, set()).update({key, *f.knob.old_keys})
     for variant, group in VARIANT_GROUPS.items():
         keys[variant] = set(keys[group])
     return keys
+
+
+def params_file_model() -> type[BaseModel]:
+    """A params file as a pydantic model: one sub-model per group, each of the keys some setting reads, and
+    nothing else (``extra="forbid"``). Values are checked when a command resolves them (:func:`resolve`)."""
+    from pydantic import create_model
+
+    strict = ConfigDict(extra="forbid")
+    groups = {group: (create_model(f"Group_{group}", __config__=strict, **{k: (Any, None) for k in sorted(keys)})
+                      | None, None) for group, keys in params_keys().items()}
+    return create_model("ParamsFile", __config__=strict, **groups)
 
 
 def check_params(params: dict[str, Any], where: str) -> None:
@@ -419,54 +460,70 @@ def check_params(params: dict[str, Any], where: str) -> None:
 
     from .errors import PipelineError
 
-    known = params_keys()
-    for group, values in params.items():
-        if group not in known:
-            close = difflib.get_close_matches(str(group), sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (groups: {', '.join(sorted(known))})"
-            raise PipelineError(f"{where}: unknown params group {group!r}{hint}")
-        if not isinstance(values, dict):
-            raise PipelineError(f"{where}: params group {group!r} must be a mapping of keys to values")
-        for key in values:
-            if key not in known[group]:
-                close = difflib.get_close_matches(str(key), sorted(known[group]), n=1)
-                raise PipelineError(f"{where}: unknown params key {group}.{key}"
-                                    + (f"; did you mean {group}.{close[0]}?" if close else
-                                       f" (keys of {group}: {', '.join(sorted(known[group]))})"))
+    try:
+        params_file_model().model_validate(params)
+    except ValidationError as e:
+        known = params_keys()
+        for err in e.errors():
+            loc = [str(part) for part in err["loc"]]
+            if err["type"] == "extra_forbidden" and len(loc) == 1:
+                close = difflib.get_close_matches(loc[0], sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (groups: {', '.join(sorted(known))})"
+                raise PipelineError(f"{where}: unknown params group {loc[0]!r}{hint}") from None
+            if err["type"] == "extra_forbidden":
+                group, key = loc[0], loc[-1]
+                close = difflib.get_close_matches(key, sorted(known[group]), n=1)
+                hint = (f"; did you mean {group}.{close[0]}?" if close else
+                        f" (keys of {group}: {', '.join(sorted(known[group]))})")
+                raise PipelineError(f"{where}: unknown params key {group}.{key}{hint}") from None
+            if len(loc) == 1:
+                raise PipelineError(f"{where}: params group {loc[0]!r} must be a mapping of keys to values") \
+                    from None
+        raise PipelineError(f"{where}: {e.errors()[0]['msg']}") from None
 
 
-def settings_fields(cls: type) -> list:
-    """The dataclass fields of ``cls`` that are settings, in declaration order."""
-    return [f for f in fields(cls) if "knob" in f.metadata]
+@dataclass(frozen=True)
+class SettingField:
+    """One setting of a settings model: its name, pydantic's field and its :class:`Knob`."""
+
+    name: str
+    info: Any  # pydantic FieldInfo
+
+    @property
+    def knob(self) -> Knob:
+        return self.info.json_schema_extra["knob"]
+
+    @property
+    def annotation(self) -> Any:
+        return self.info.annotation
 
 
-def default_of(f) -> Any:  # noqa: ANN001
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
+def settings_fields(cls: type) -> list[SettingField]:
+    """The settings of ``cls``, in declaration order."""
+    return [SettingField(name, info) for name, info in cls.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and "knob" in info.json_schema_extra]
 
 
-def scalar_kind(cls: type, f) -> type | None:  # noqa: ANN001
-    """bool, int, float or str: what a params.yaml value of this field converts to (None: as written)."""
-    hint = typing.get_type_hints(cls)[f.name]
+def default_of(f: SettingField) -> Any:
+    return f.info.get_default(call_default_factory=True)
+
+
+def scalar_kind(cls: type, f: SettingField) -> type | None:
+    """bool, int, float or str: the field's scalar type (``float | None`` is a float when given; None: other)."""
+    import typing
+
+    hint = f.annotation
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     if len(args) == 1 and args[0] in (bool, int, float, str):
         return args[0]
     return None
 
 
-def click_type(cls: type, f) -> Any:  # noqa: ANN001
-    """The click type of a setting: its one declaration of type and range, for its flag and its params key."""
+def click_type(cls: type, f: SettingField) -> Any:
+    """The click type of a setting, from its one declaration of type and range."""
     import click
 
-    k: Knob = f.metadata["knob"]
-    top = k.maximum
-    named = {"POSITIVE": lambda: click.IntRange(1, top), "COUNT": lambda: click.IntRange(0, top),
-             "PERCENT": lambda: click.IntRange(1, 100), "PROBABILITY": lambda: click.FloatRange(0, 1),
-             "SIDE": lambda: click.IntRange(16, top), "SPLIT_ID": lambda: click.IntRange(1, 3),
-             "SEED": lambda: click.IntRange(0, 2**32 - 1),
-             "FRACTION": lambda: click.FloatRange(0, 1, min_open=True, max_open=True),
-             "FILE": lambda: click.Path(dir_okay=False), "DIR": lambda: click.Path(file_okay=False)}
+    k = f.knob
     if k.type == "FORMATS":
         from .datasets import DATASETS
 
@@ -475,35 +532,24 @@ def click_type(cls: type, f) -> Any:  # noqa: ANN001
         from . import video
 
         return click.Choice(getattr(video, k.type))
+    if k.type == "FILE":
+        return click.Path(dir_okay=False)
+    if k.type == "DIR":
+        return click.Path(file_okay=False)
     if isinstance(k.type, str):
-        return named[k.type]()
+        low, high, exclusive = RANGES[k.type]
+        high = k.maximum if high is None else high
+        if isinstance(low, float):
+            return click.FloatRange(low, high, min_open=exclusive, max_open=exclusive)
+        return click.IntRange(low, high)
     if isinstance(k.type, tuple):
         return click.Choice(k.type)
     if k.nargs > 1:
         return (k.type,) * k.nargs
     if k.type is not None:
         return k.type
-    kind = scalar_kind(cls, f)  # from the annotation: `float | None` is a float when given
+    kind = scalar_kind(cls, f)
     return kind if kind in (int, float) else None
-
-
-def check_value(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
-    """A params-file value checked by the same type and range as its flag (one declaration for both)."""
-    import click
-
-    from .errors import PipelineError
-
-    if value is None:
-        return value
-    kind = click_type(cls, f)
-    if not isinstance(kind, click.ParamType):
-        return value
-    try:
-        if f.metadata["knob"].multiple:
-            return [kind.convert(v, None, None) for v in value]
-        return kind.convert(value, None, None)
-    except click.BadParameter as e:
-        raise PipelineError(f"{where} in the params file: {' '.join(e.format_message().split())}") from None
 
 
 @dataclass
@@ -525,60 +571,27 @@ def old_dest(flag: str) -> str:
     return "old_" + flag.lstrip("-").replace("-", "_")
 
 
-def flag_of(f) -> str:  # noqa: ANN001
-    k: Knob = f.metadata["knob"]
+def flag_of(f: SettingField) -> str:
+    k = f.knob
     if k.toggle:
         return "--" + k.toggle.split("/")[0]
     return k.flag or "--" + f.name.replace("_", "-")
 
 
-def key_of(cls: type, f) -> str:  # noqa: ANN001
-    """The params.yaml key of a field, for messages: ``finetune.lr``, ``data.root``, ``model.name``."""
-    k: Knob = f.metadata["knob"]
+def key_of(cls: type, f: SettingField) -> str:
+    """The params file key of a field, for messages: ``finetune.lr``, ``data.root``, ``model.name``."""
     if f.name in MODEL_KEYS:
         return f"model.{MODEL_KEYS[f.name]}"
     if f.name in DATA_KEYS:
         return f"data.{f.name}"
-    return f"{k.section or cls.SECTION}.{f.name}"
+    return f"{f.knob.section or cls.SECTION}.{f.name}"
 
 
-def coerce(cls: type, f, value: Any, where: str) -> Any:  # noqa: ANN001
-    """A params-file value as the field's type, or a one-line error."""
-    from .errors import PipelineError
-
-    k: Knob = f.metadata["knob"]
-    if k.multiple:
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        kind = k.type if k.type in (int, float) else None
-        try:
-            return [kind(v) for v in items] if kind else [str(v) for v in items]
-        except (TypeError, ValueError):
-            raise PipelineError(f"{where} in the params file must be a list of {kind.__name__}s, not {value!r}") \
-                from None
-    if k.nargs > 1:
-        if not isinstance(value, (list, tuple)) or len(value) != k.nargs:
-            raise PipelineError(f"{where} in the params file must be a list of {k.nargs} numbers, not {value!r}")
-        try:
-            return tuple(k.type(v) for v in value)
-        except (TypeError, ValueError):
-            raise PipelineError(f"{where} in the params file must be a list of {k.nargs} numbers, not {value!r}") \
-                from None
-    kind = scalar_kind(cls, f)
-    if value is None or kind is None:
-        return value
-    if kind is str:
-        return str(value)
-    try:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and not isinstance(value, (bool, float)):
-            return int(value)
-        if kind is float and not isinstance(value, bool):
-            return float(value)  # PyYAML reads 5e-5 (no dot) as text
-    except (TypeError, ValueError):
-        pass
-    names = {bool: "true or false", int: "an integer", float: "a number"}
-    raise PipelineError(f"{where} in the params file must be {names[kind]}, not {value!r}")
+def _as_given(f: SettingField, value: Any) -> Any:
+    """A params value in the shape of its field: one item of a repeatable setting as a list of it."""
+    if f.knob.multiple and not isinstance(value, (list, tuple)):
+        return [value]
+    return value
 
 
 def _model_name(name: Any) -> str:
@@ -621,7 +634,7 @@ def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for f in settings_fields(cls):
-        k: Knob = f.metadata["knob"]
+        k = f.knob
         flag = flags.get(f.name)
         for old in k.old_flags:
             value = flags.get(old_dest(old))
@@ -636,18 +649,37 @@ def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
         if found:
             if old_key:
                 deprecated.append(f"params key {where} is deprecated: use {key_of(cls, f)}")
-            values[f.name] = check_value(cls, f, coerce(cls, f, value, where), where)
+            values[f.name] = _as_given(f, value)
             sources[f.name] = f"params: {where}"
-        else:
-            values[f.name] = default_of(f)
-            sources[f.name] = "default"
+        # else: pydantic fills the default
     try:
-        made = cls(**values)
-    except ValueError as e:
-        from .errors import PipelineError
-
-        raise PipelineError(f"bad settings: {e}") from None
+        made = cls.model_validate(values)
+    except ValidationError as e:
+        raise _one_line(cls, e, sources) from None
+    for f in settings_fields(cls):
+        sources.setdefault(f.name, "default")
     return Resolved(made, sources, [f"warning: {line}" for line in deprecated] + notes)
+
+
+def _one_line(cls: type, e: ValidationError, sources: dict[str, str]) -> Exception:
+    """pydantic's first complaint as one line, naming the flag or the params key the value came from."""
+    from .errors import PipelineError
+
+    err = e.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    if not name and ": " in err["msg"]:  # a model-level check names its field first ("seed: -1 is not ...")
+        name, _, rest = err["msg"].removeprefix("Value error, ").partition(": ")
+        err = {**err, "msg": rest}
+    by_name = {f.name: f for f in settings_fields(cls)}
+    source = sources.get(name, "")
+    if source.startswith("params: "):
+        where = f"{source[len('params: '):]} in the params file"
+    elif name in by_name:
+        where = flag_of(by_name[name])
+    else:
+        where = "settings"
+    value = f" (got {err['input']!r})" if err.get("loc") and "input" in err else ""
+    return PipelineError(f"{where}: {err['msg']}{value}")
 
 
 def describe(cls: type, resolved: Resolved) -> list[str]:

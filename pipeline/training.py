@@ -35,7 +35,9 @@ from .cachefs import as_path
 from .errors import DamagedStore, FingerprintMismatch, PipelineError
 from .evaluation import metrics, multilabel_metrics
 from .files import write_atomic
-from .settings import FinetuneSettings as _F  # the defaults
+from .settings import FinetuneSettings
+
+_F = FinetuneSettings.defaults()  # the defaults
 
 CHECKPOINT = "checkpoint.pt"
 

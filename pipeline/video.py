@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import av
 import numpy as np
 
-from .settings import FramesSettings as _S  # the defaults
+from .settings import FramesSettings
+
+_S = FramesSettings.defaults()  # the defaults
 
 # Largest frame (width x height) we agree to decode: 8K UHD. Larger streams are refused as
 # failed instead of allocating decoder buffers of unbounded size.
