@@ -345,12 +345,15 @@ def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
             notes.append(f"stale: {e['stale']}")
         if e.get("random_weights"):
             notes.append("RANDOM WEIGHTS: made with a model that has no pretrained weights (--random-weights)")
-        if "verified" in e and e["stage"] not in ("report", "metrics"):
-            v = e["verified"]
-            notes.append(f"verified {v['at']}: {'ok' if v['ok'] else 'DAMAGED'}" if v else
-                         "never verified whole (`pipeline verify`)")
+        v = e.get("verified")
+        if v:
+            notes.append(f"verified {v['at']}: {'ok' if v['ok'] else 'DAMAGED'}")
         for note in notes:
             click.echo(f"  {note}")
+    unverified = sum(1 for e in entries if "verified" in e and not e["verified"])
+    if unverified:
+        click.echo(f"{unverified} of {sum('verified' in e for e in entries)} outputs never read whole since they were "
+                   "made: `pipeline verify` checks every chunk (status sees missing files only)")
     if any(e.get("damaged") for e in entries):
         click.echo("damaged outputs: `pipeline verify --repair` marks what must be recomputed", err=True)
 
