@@ -651,7 +651,7 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
             batch_size=s.batch_size, workers=s.workers, device=s.device, data_device=s.data_device,
             out=Path(s.out) if s.out else None,
             quiet=ctx.quiet, progress=not as_json,  # machine output: nothing but the JSON
-            protocols=tuple(s.protocols), subset_files=list(s.subsets))
+            protocols=tuple(s.protocols), subset_files=list(s.subsets), test_scale=s.test_scale)
     finally:
         main = distributed.is_main()
         distributed.teardown()
@@ -790,7 +790,7 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             epochs=epochs, batch_size=s.global_batch_size, micro_batch=s.micro_batch, lr=s.lr,
             backbone_lr_ratio=s.backbone_lr_ratio, temporal_lr=s.temporal_lr, weight_decay=s.weight_decay,
             warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, checkpoint_every=s.checkpoint_every, amp=s.amp,
-            workers=workers, compile=s.compile, log_every=s.log_every)
+            workers=workers, compile=s.compile, log_every=s.log_every, betas=tuple(s.betas))
         augment = AugmentConfig(crop_scale=tuple(s.crop_scale), flip=s.flip, grayscale=s.grayscale,
                                 randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]),
                                 randaugment_per_frame=s.randaugment_per_frame)
@@ -815,7 +815,8 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
                 result = finetune_stage.run_full(ctx.cache, ds, spec, s.head, s.temporal, cfg, augment=augment,
                                                  t1d_init=s.t1d_init, run_name=run_name, init_from=s.init_from,
                                                  hard_templates=s.hard_templates, data_device=s.data_device,
-                                                 grad_checkpointing=s.grad_checkpointing, **common)
+                                                 grad_checkpointing=s.grad_checkpointing, test_scale=s.test_scale,
+                                                 **common)
             results.append(result)
     finally:
         main = distributed.is_main()
@@ -912,7 +913,8 @@ def predict(ctx: Context, s: S.PredictSettings, videos, as_json) -> None:
                             "--run-name)")
     if s.run_name:
         results = predict_stage.run_trained(list(videos), ctx.cache, s.run_name, names, template=s.template,
-                                            device=default_device(s.device), quiet=ctx.quiet or as_json)
+                                            device=default_device(s.device), quiet=ctx.quiet or as_json,
+                                            test_scale=s.test_scale)
     else:
         results = predict_stage.run(list(videos), names, model_spec(ctx, s), template=s.template, frames=s.frames,
                                     device=default_device(s.device), quiet=ctx.quiet or as_json)
@@ -944,8 +946,8 @@ def report(ctx: Context, s: S.ReportSettings) -> None:
     note = (f"Full fine-tuning settings (params.yaml `finetune`): frames {ft.frames}, epochs {ft.epochs}, "
             f"global_batch_size {ft.global_batch_size}, lr {ft.lr}, backbone_lr_ratio {ft.backbone_lr_ratio}, "
             f"warmup_epochs {ft.warmup_epochs}, min_lr {ft.min_lr}, crop_scale {list(ft.crop_scale)}, flip {ft.flip}, "
-            f"grayscale {ft.grayscale}, randaugment {list(ft.randaugment)}; AdamW betas (0.9, 0.98), weight decay "
-            f"{ft.weight_decay}.")
+            f"grayscale {ft.grayscale}, randaugment {list(ft.randaugment)}; AdamW betas {tuple(ft.betas)}, weight "
+            f"decay {ft.weight_decay}.")
     path, text = report_stage.run(ctx.cache, Path(s.out) if s.out else ctx.cache / "report",
                                   dataset=need_dataset(s), model_tag=model_key, settings_note=note)
     click.echo(text)

@@ -48,10 +48,30 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class Normalization:
+    """The model's input: its size, mean, std and interpolation; and the short side evaluation views are scaled to
+    before they are cropped (``test_scale`` pixels per 224 of input: test.py:94's 256 for a 224 input)."""
+
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    test_scale: int = _F.test_scale
+
+    def __post_init__(self) -> None:
+        if self.test_size < self.image_size:
+            raise ValueError(f"test scale {self.test_scale} gives a short side of {self.test_size} px, under the "
+                             f"{self.image_size}-px input: use at least 224")
+
+    @property
+    def test_size(self) -> int:
+        """The short side of evaluation frames before the crop, in pixels: 256 for a 224 input, 73 for a 64 one."""
+        return eval_short_side(self.image_size, self.test_scale)
+
+
+def eval_short_side(image_size: int, test_scale: int) -> int:
+    """``test_scale`` is given per 224 pixels of model input, so one setting fits every input size (the demo's
+    64-px tiny CLIP as ViT-B/16's 224)."""
+    return int(round(test_scale * image_size / 224))
 
 
 def _mode(name: str):
@@ -94,18 +114,31 @@ def train_transform(norm: Normalization, aug: AugmentConfig):
     return v2.Compose(steps)
 
 
+def crop_offsets(length: int, size: int, spatial: int) -> list[int]:
+    """Where ``spatial`` crops of ``size`` start along a side of ``length``: 1, the centre (torchvision's
+    CenterCrop, which test.py:103's GroupCenterCrop calls); 3, left / centre / right at 0, 2 and 4 steps of
+    (length - size) // 4, as GroupFullResSample (datasets/transforms.py:189-195); others spread evenly."""
+    if spatial == 1:
+        return [int(round((length - size) / 2.0))]
+    if spatial == 3:
+        step = (length - size) // 4
+        return [0, 2 * step, 4 * step]
+    return [round((length - size) * k / (spatial - 1)) for k in range(spatial)]
+
+
 def eval_views(clip: torch.Tensor, norm: Normalization, spatial: int) -> torch.Tensor:
-    """uint8 [T, 3, H, W] -> float [spatial, T, 3, S, S]: short side resized to S, then 1 (centre) or
-    ``spatial`` crops spread along the long side (3: the usual left/centre/right)."""
+    """uint8 [T, 3, H, W] -> float [spatial, T, 3, S, S]: the short side scaled to ``norm.test_size`` (256 for a
+    224 input, test.py:94 and 102), then 1 centre crop or ``spatial`` crops along the long side (3: left, centre,
+    right over the full width, test.py:107's GroupFullResSample); across the short side, centred."""
     from torchvision.transforms.v2 import functional as F
 
     s = norm.image_size
-    x = F.resize(clip, [s], interpolation=_mode(norm.interpolation), antialias=True)
+    x = F.resize(clip, [norm.test_size], interpolation=_mode(norm.interpolation), antialias=True)
     h, w = x.shape[-2:]
+    across = crop_offsets(min(h, w), s, 1 if spatial == 1 else 3)[1 if spatial != 1 else 0]
     crops = []
-    for k in range(spatial):
-        frac = 0.5 if spatial == 1 else k / (spatial - 1)
-        top, left = round((h - s) * frac) if h > w else (h - s) // 2, round((w - s) * frac) if w >= h else (w - s) // 2
+    for along in crop_offsets(max(h, w), s, spatial):
+        top, left = (along, across) if h > w else (across, along)
         crops.append(F.crop(x, top, left, s, s))
     out = torch.stack(crops).to(torch.float32).div_(255)
     return F.normalize(out.flatten(0, 1), list(norm.mean), list(norm.std)).view(out.shape)

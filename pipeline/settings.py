@@ -103,6 +103,9 @@ class Replace:
 
 
 DEVICE_HELP = "torch device: cpu, cuda or cuda:N."
+TEST_SCALE_HELP = ("Evaluation crops: the short side is first scaled to TEST_SCALE pixels per 224 of the model's "
+                   "input, then one centre crop (or 3 over the full width) of the input size: 256 is test.py:94's "
+                   "256 -> 224 (a 64-px input: 73 -> 64). 224: no extra scale (the official rule for 336-px models).")
 DATA_DEVICE_HELP = ("Where clips are JPEG-decoded and augmented: cpu (in the loader workers) or cuda (a whole "
                     "batch at once on the training GPU; workers only read bytes); auto: cuda when training on a GPU.")
 
@@ -210,6 +213,7 @@ class EvaluateSettings(ModelChoice, DatasetName):
     workers: int = knob(0, "With --run-name: data-loader processes.", type="COUNT")
     device: str | None = knob(None, "With --run-name: " + DEVICE_HELP, default_text="cuda when present, else cpu")
     data_device: str = knob("auto", "With --run-name: " + DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
+    test_scale: int = knob(256, "With --run-name: " + TEST_SCALE_HELP, type="POSITIVE")
 
 
 @dataclass
@@ -247,6 +251,8 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     temporal_lr: float | None = knob(None, "Learning rate of the temporal module.",
                                      default_text="--lr")
     weight_decay: float = knob(0.2, "AdamW weight decay.")
+    betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas: the released code's (0.9, 0.999) (train.py:280); "
+                                                    "the paper's Table A.3: 0.9 0.98.", nargs=2, type=float)
     warmup_epochs: float = knob(5.0, "Linear warm-up epochs.")
     min_lr: float = knob(0.0, "Cosine floor of the learning rate (the official code decays to 0).")
     layers: int = knob(6, "T-Trans layers.", type="POSITIVE")
@@ -266,6 +272,7 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     amp: bool = knob(True, "Mixed precision on GPU (bf16, or fp16 with a scaler).", toggle="amp/--no-amp")
     grad_checkpointing: bool = knob(False, "Recompute activations to save memory.", is_flag=True)
     data_device: str = knob("auto", DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
+    test_scale: int = knob(256, "Validation after each epoch: " + TEST_SCALE_HELP, type="POSITIVE")
     compile: bool = knob(False, "torch.compile the visual encoder (compiles on the first steps; GPU runs).",
                          is_flag=True)
     log_every: int = knob(10, "GPU: steps between loss read-backs from the device, the only host "
@@ -310,6 +317,7 @@ class PredictSettings(ModelChoice):
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
     run_name: str | None = knob(None, "A fine-tuned run (CACHE/runs/RUN) as the classifier; without --labels it "
                                       "uses the run's own classes.", old_flags=("--run",), old_keys=("run",))
+    test_scale: int = knob(256, "With --run-name: " + TEST_SCALE_HELP, type="POSITIVE")
 
 
 @dataclass

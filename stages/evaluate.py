@@ -101,16 +101,17 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
                 data_device: str = "auto", out: Path | None = None, quiet: bool = False, progress: bool = True,
-                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = ()) -> dict:
-    """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
-    classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
+                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (), test_scale: int = 256) -> dict:
+    """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops, the short side first
+    scaled to ``test_scale`` per 224 px of input, as test.py), on its own dataset's classes or, zero-shot, on
+    another dataset's (its cached head of the run's kind, e.g. clip-text)."""
     import torch
 
     from pipeline import distributed
-    from pipeline.clips import ConcatClipSet, FrameClipSet, Normalization, usable_rows
-    from pipeline.training import predict, rank_and_world
+    from pipeline.clips import ConcatClipSet, FrameClipSet, usable_rows
+    from pipeline.training import cosines_of, predict, rank_and_world
 
-    from .finetune import CachedFeatureSet, batched_data_path, load_run, open_frames
+    from .finetune import CachedFeatureSet, batched_data_path, load_run, normalization, open_frames
 
     dev = distributed.setup(device)
     batched = batched_data_path(data_device, dev)
@@ -141,6 +142,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     # --split all: every video of the dataset (the official whole-dataset zero-shot lists)
     stored = splits_of(cache, "features", dataset, info["model_tag"]) if frozen else splits_of(cache, "frames",
                                                                                               dataset)
+    norm = normalization(clip, test_scale) if not frozen else None
     parts = []
     for one in (stored if split == "all" else [split]):
         if frozen:
@@ -150,9 +152,8 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
         else:
             group, path = open_frames(cache, dataset, one)
             rows, labels = usable_rows(group, multilabel="targets" in group)
-            parts.append(FrameClipSet(str(path), rows, labels, info["frames"],
-                                      Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
-                                      views=(temporal, spatial), batched=batched))
+            parts.append(FrameClipSet(str(path), rows, labels, info["frames"], norm, 0, views=(temporal, spatial),
+                                      batched=batched))
     data = parts[0] if len(parts) == 1 else ConcatClipSet(parts)
     model.to(dev)
     rank, world = rank_and_world()
@@ -160,9 +161,13 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     with Progress(len(range(rank, len(data), world)) if progress else 0, f"evaluate {run_name} {temporal}x{spatial}",
                   quiet or rank != 0 or not progress, unit="video") as bar:
         logits, y = predict(model, data, batch_size, dev, workers, on_batch=bar.update)
-    scores = evaluation.multilabel_metrics(logits, y) if y.ndim == 2 else evaluation.metrics(logits, y)
+    if y.ndim == 2:  # mAP_official at the official code's 100 x cos, whatever scale the run trained
+        scores = evaluation.multilabel_metrics(logits, y, cosines=cosines_of(model, logits))
+    else:
+        scores = evaluation.metrics(logits, y)
     result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
-              "trained_on": info["dataset"], "head": info["head"], **scores}
+              "trained_on": info["dataset"], "head": info["head"], **scores,
+              **({"test_scale": test_scale, "test_short_side": norm.test_size} if norm is not None else {})}
     others = [p for p in protocols if p != "full"]
     if others:  # zero-shot protocols on the run's logits: a class subset scores its own columns only
         if y.ndim == 2:

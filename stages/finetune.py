@@ -377,6 +377,14 @@ def open_frames(cache: Path, dataset: str, split: str):
     return group, path
 
 
+def normalization(clip, test_scale: int) -> Normalization:  # noqa: ANN001 - a loaded open_clip model
+    """The model's input and the evaluation's short side (``test_scale`` per 224 px), or a one-line error."""
+    try:
+        return Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation, test_scale)
+    except ValueError as e:
+        raise PipelineError(f"--test-scale: {e}") from None
+
+
 def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, frames: int, layers: int,
                 t1d_init: str, grad_checkpointing: bool = False, ttrans_init: str = "official"):
     """The loaded open_clip model's visual tower wrapped as a video classifier against ``head_rows``."""
@@ -391,8 +399,10 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
              ttrans_init: str = "official", init_from: str | None = None, coop_ctx: int = 16,
              coop_lr: float | None = None, hard_templates: str | None = None,
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
-             device: str | None = None, objective: Objective = Objective(), data_device: str = "auto") -> dict:
-    """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
+             device: str | None = None, objective: Objective = Objective(), data_device: str = "auto",
+             test_scale: int = 256) -> dict:
+    """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store; the
+    validation after each epoch scales and crops as test.py (``test_scale`` per 224 px of input)."""
     dev = distributed.setup(device)
     batched = batched_data_path(data_device, dev)
     train_group, train_path = open_frames(cache, dataset, "train")
@@ -419,7 +429,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         templates = resolve_templates(hard_templates)
         bank = torch.stack([torch.from_numpy(encode_with_clip(clip, names, [t], "cpu")) for t in templates])
         model.head = TemplateDrawHead(bank, float(clip.model.logit_scale.detach()))
-    norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
+    norm = normalization(clip, test_scale)
     rows, labels = usable_rows(train_group)
     epoch_length = None
     if shots:
@@ -440,6 +450,8 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
               "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
               **_coop_record(head, coop_ctx, coop_lr, cfg), **({"hard_templates": templates} if templates else {}),
               "config": _fingerprinted(cfg), "objective": objective.record(),
+              # the validation's view (its metrics are part of the run's history)
+              "test_scale": test_scale,
               # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
               **({"data_path": "batched-gpu"} if batched else {})}
     fp = store.fingerprint(record)

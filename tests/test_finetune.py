@@ -199,8 +199,8 @@ def test_multi_view_clips_and_averaging(ft_cache, extracted):
     assert x.shape == (6, 2, 3, 32, 32)
     single = FrameClipSet(str(path), rows[:3], labels[:3], 2, norm, 0).item(0, 0, False)[0]
     # T_cache 4, T 2: clip 0 takes frames (0, 2), clip 1 (1, 3) = the single view's segment centres;
-    # square 32-px frames: the three crops coincide
-    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[3]) and torch.equal(x[3], x[5])
+    # square 32-px frames scaled to 37 px (256 per 224) first: the centre of the 3 crops is the single view's
+    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[4]) and not torch.equal(x[3], x[5])
     assert not torch.equal(x[0], x[3])
     # predict() averages the L2-normalised view embeddings before the head
     head = CosineHead(torch.randn(12, clip.embed_dim), learnable=False)
