@@ -814,7 +814,8 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             else:
                 result = finetune_stage.run_full(ctx.cache, ds, spec, s.head, s.temporal, cfg, augment=augment,
                                                  t1d_init=s.t1d_init, run_name=run_name, init_from=s.init_from,
-                                                 hard_templates=s.hard_templates, data_device=s.data_device,
+                                                 hard_templates=s.hard_templates,
+                                                 hard_templates_eval=s.hard_templates_eval, data_device=s.data_device,
                                                  grad_checkpointing=s.grad_checkpointing, test_scale=s.test_scale,
                                                  **common)
             results.append(result)

@@ -106,7 +106,7 @@ def half_classes(logits: np.ndarray, labels: np.ndarray, seeds=range(10)) -> dic
     runs = []
     for seed in seeds:
         classes = half_draw(c, seed)
-        runs.append(restricted(logits, labels, classes) | {"seed": int(seed), "classes": classes.tolist()})
+        runs.append(restricted(logits, labels, classes) | {"seed": int(seed), "class_indices": classes.tolist()})
     return summarize_runs(runs) | {"seeds": list(seeds), "classes_per_draw": c // 2, "draws": "numpy legacy "
                                    "np.random.seed(seed); permutation(C)[:C // 2], as test_zeroshot.py:300-302"}
 

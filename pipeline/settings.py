@@ -222,11 +222,16 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline; coop = learnable "
                                   "prompt context in the frozen CLIP text tower (Table A.4).",
                      type=(*HEADS, "learnable", "coop"))
-    coop_ctx: int = knob(16, "CoOp: learnable context vectors in front of the class name.", type="POSITIVE")
+    coop_ctx: int = knob(4, "CoOp: learnable context vectors in front of the class name (the paper's M = 4, "
+                            "App. A; CoOp's own default is 16).", type="POSITIVE")
     coop_lr: float | None = knob(None, "CoOp: the context vectors' learning rate.", default_text="--lr")
     hard_templates: str | None = knob(None, "Multiple hard templates (Table A.4): CLIP-text rows of one of these "
-                                            "templates (kinetics28, a file, ...) drawn per step; evaluation uses "
-                                            "their ensemble. Full fine-tuning, --head clip-text.")
+                                            "templates (kinetics28, a file, ...) drawn per step; evaluation: "
+                                            "the single template of the cached clip-text head (the paper). Full "
+                                            "fine-tuning, --head clip-text.")
+    hard_templates_eval: str = knob("single", "Multiple hard templates: evaluate with the single template of the "
+                                              "cached clip-text head (labels --template; the paper) or the "
+                                              "templates' ensemble.", type=("single", "ensemble"))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
     temporal: str = knob("tap", "Temporal module.", type=("tap", "ttrans", "tokent1d"))
     frozen_backbone: bool = knob(False, "Train only the temporal module (and projection) on cached features.",

@@ -340,9 +340,9 @@ def test_half_classes_are_the_official_legacy_draws_and_are_listed():
     logits = rng.normal(size=(600, 101)) + 3 * np.eye(101)[labels]
     result = half_classes(logits, labels)
     assert [r["seed"] for r in result["runs"]] == list(range(10)) and result["classes_per_draw"] == 50
-    assert result["runs"][0]["classes"] == OFFICIAL_FIRST_DRAW_101
-    assert all(r["classes"] == half_draw(101, r["seed"]).tolist() for r in result["runs"])
-    assert len({tuple(r["classes"]) for r in result["runs"]}) == 10
+    assert result["runs"][0]["class_indices"] == OFFICIAL_FIRST_DRAW_101
+    assert all(r["class_indices"] == half_draw(101, r["seed"]).tolist() for r in result["runs"])
+    assert len({tuple(r["class_indices"]) for r in result["runs"]}) == 10
 
 
 def test_activitynet_map_official_scores_100_cos_whatever_the_trained_scale():

@@ -275,6 +275,10 @@ def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_a
     mine = model.state_dict()
     copied = [k for k in source if k.startswith(("visual.", "temporal."))]
     assert copied and all(torch.equal(mine[k], source[k]) for k in copied)
+    # the trained logit scale too (the official code loads the whole state dict, train.py:245-250)
+    fresh = finetune_stage.build_model(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
+    assert not torch.equal(fresh.state_dict()["head.logit_scale"], source["head.logit_scale"])
+    assert torch.equal(mine["head.logit_scale"], source["head.logit_scale"]) and start["logit_scale"]
     assert start["run"] == "src" and start["fingerprint"]
     # through the CLI: another head, the same architecture -> trains and records where it started
     run_inproc(*common(m, "dst", "--head", "random", "--temporal", "ttrans", "--layers", "1", "--init-from", "src"))
@@ -314,6 +318,9 @@ def test_zero_shot_protocols_on_a_fine_tuned_run_score_only_the_chosen_classes(f
     assert [r["classes"] for r in runs] == [4, 5] and result["subsets"]["subsets"] == 2
     assert runs[0]["videos"] < result["videos"] and 0 <= result["subsets"]["top1"] <= 100
     assert result["half"]["classes_per_draw"] == 6 and len(result["half"]["runs"]) == 10
+    from pipeline.evaluation import half_draw  # `evaluate --json` lists each official draw's classes
+
+    assert [r["class_indices"] for r in result["half"]["runs"]] == [half_draw(12, k).tolist() for k in range(10)]
     # scored among the subset only: its top-1 is at least the full-label-set top-1 on the same videos
     assert all(r["top5"] == 100.0 for r in runs[:1])  # 4 classes: every class is in the top 5
 
@@ -347,7 +354,9 @@ def test_coop_trains_its_context_not_the_text_tower_and_writes_a_reusable_head(f
         head.ctx.copy_(clip.model.token_embedding.weight[x_id].expand(4, -1))
         assert torch.allclose(head.class_embeddings(), clip.model.encode_text(head.tokens), atol=1e-5)
 
-    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "coop", "--coop-ctx", "4", "--coop-lr", "1e-2",
+    # no --coop-ctx: the paper's M = 4 (App. A, "We set the M to 4"), not CoOp's own 16
+    assert CoOpHead(load_clip(ModelSpec(f"local-dir:{extracted[1]}")).model, clip.tokenizer, names).n_ctx == 4
+    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "coop", "--coop-lr", "1e-2",
             "--frames", "2", "--epochs", "1", "--global-batch-size", "8", "--warmup-epochs", "0", "-q"]
     run_inproc(*base, "--run-name", "coop")
     state = load_state(cache, "coop")
@@ -395,7 +404,7 @@ def test_coop_context_vectors_are_what_training_changes(extracted, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("head.text."))
 
 
-def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_ensemble(ft_cache, tmp_path):
+def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_the_single_template(ft_cache, tmp_path):
     from pipeline.models.classifier import TemplateDrawHead
 
     bank = torch.randn(3, 4, 8)
@@ -406,7 +415,7 @@ def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_e
     assert len(drawn) > 1  # training passes use different templates
     head.eval()
     normed = bank / bank.norm(dim=-1, keepdim=True)
-    assert torch.allclose(head.weight, normed.mean(0)) and torch.equal(head(video), head(video))
+    assert torch.allclose(head.weight, normed.mean(0)) and torch.equal(head(video), head(video))  # the ensemble
 
     cache, m = ft_cache
     templates = tmp_path / "templates.txt"
@@ -416,8 +425,17 @@ def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_e
     assert info["hard_templates"] == ["a photo of a {}.", "a video of a {}.", "{}, a shape."]
     state = load_state(cache, "hard")
     assert state["head.bank"].shape[:2] == (3, 12)
+    # evaluation with the single template, as the paper: the cached clip-text head's rows
+    import zarr
+
+    cached = zarr.open_group(str(cache / "heads" / "toy" / "tiny-clip" / "clip-text"), mode="r")["head"][:]
+    assert info["hard_templates_eval"] == "single" and torch.equal(state["head.weight"], torch.from_numpy(cached))
     result = json.loads(run_inproc("evaluate", "--run-name", "hard", "--cache", str(cache), "--json"))
     assert 0 <= result["top1"] <= 100
+    run_inproc(*common(m, "hard-ens", "--head", "clip-text", "--hard-templates", str(templates),
+                       "--hard-templates-eval", "ensemble"))
+    ensemble = load_state(cache, "hard-ens")
+    assert torch.allclose(ensemble["head.weight"], ensemble["head.bank"].mean(0))
 
 
 def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache):
