@@ -793,7 +793,8 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             workers=workers, compile=s.compile, log_every=s.log_every, betas=tuple(s.betas))
         augment = AugmentConfig(crop_scale=tuple(s.crop_scale), flip=s.flip, grayscale=s.grayscale,
                                 randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]),
-                                randaugment_per_frame=s.randaugment_per_frame)
+                                randaugment_per_frame=s.randaugment_per_frame, gaussian_blur=s.gaussian_blur,
+                                solarization=s.solarization)
     spec = model_spec(ctx, s, dataset=ds)
     goal = finetune_stage.Objective(kind=s.objective, batch_gather=s.batch_gather, text=s.text, text_lr=s.text_lr,
                                     text_weight_decay=s.text_weight_decay, template=s.text_template)

@@ -33,12 +33,16 @@ class AugmentConfig:
     randaugment_ops: int = _F.randaugment[0]  # RandAugment N (0: off)
     randaugment_magnitude: int = _F.randaugment[1]  # RandAugment M
     randaugment_per_frame: bool = _F.randaugment_per_frame  # the official GroupTransform: its own draw per frame
+    # the official GroupGaussianBlur / GroupSolarization (datasets/transforms.py:478-499): one draw per clip,
+    # after grayscale; the released code gives no probabilities, so 0 (off) unless asked
+    gaussian_blur: float = _F.gaussian_blur
+    solarization: float = _F.solarization
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, not {lo} {hi}")
-        for name in ("flip", "grayscale"):
+        for name in ("flip", "grayscale", "gaussian_blur", "solarization"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], not {getattr(self, name)}")
         if not 0 <= self.randaugment_ops <= 14 or not 0 <= self.randaugment_magnitude <= 30:
@@ -81,6 +85,13 @@ def _mode(name: str):
         name, InterpolationMode.BICUBIC)
 
 
+# GroupGaussianBlur draws sigma = random() * 1.9 + 0.1 (datasets/transforms.py:485); PIL blurs with it in pixels. A
+# 13-tap kernel spans +-3 sigma at the largest sigma, so the Gaussian is not truncated.
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_KERNEL = 13
+SOLARIZE_THRESHOLD = 128  # PIL's ImageOps.solarize default: pixels >= 128 inverted (transforms.py:497)
+
+
 class PerFrame(torch.nn.Module):
     """Apply ``transform`` to each frame of a clip separately (its own random draw each): the official
     `GroupTransform`."""
@@ -95,7 +106,8 @@ class PerFrame(torch.nn.Module):
 
 def train_transform(norm: Normalization, aug: AugmentConfig):
     """uint8 [T, 3, H, W] -> float [T, 3, S, S]. v2 draws one set of parameters per call, i.e. per clip;
-    RandAugment comes first, per frame (the official order) unless ``randaugment_per_frame`` is off."""
+    RandAugment comes first, per frame (the official order) unless ``randaugment_per_frame`` is off; then crop,
+    flip, grayscale, blur and solarization, in the logged K400 run's order."""
     from torchvision.transforms import v2
 
     steps = []
@@ -108,6 +120,10 @@ def train_transform(norm: Normalization, aug: AugmentConfig):
         steps.append(v2.RandomHorizontalFlip(aug.flip))
     if aug.grayscale > 0:
         steps.append(v2.RandomGrayscale(aug.grayscale))
+    if aug.gaussian_blur > 0:  # the logged order: grayscale, blur, solarization
+        steps.append(v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, BLUR_SIGMA)], p=aug.gaussian_blur))
+    if aug.solarization > 0:
+        steps.append(v2.RandomSolarize(SOLARIZE_THRESHOLD, p=aug.solarization))
     if randaugment is not None and not aug.randaugment_per_frame:
         steps.append(randaugment)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(norm.mean), list(norm.std))]

@@ -271,6 +271,12 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     grayscale: float = knob(0.2, "Grayscale probability.", type="PROBABILITY")
     randaugment: tuple[int, int] = knob((2, 9),
                                         "RandAugment N M (0 0: off).", nargs=2, type=int)
+    gaussian_blur: float = knob(0.0, "GaussianBlur probability per clip, sigma uniform in [0.1, 2] px after the crop "
+                                     "(GroupGaussianBlur, datasets/transforms.py:478-488; the logged K400 run used "
+                                     "it, its p is not released).", type="PROBABILITY")
+    solarization: float = knob(0.0, "Solarization probability per clip, pixels >= 128 inverted "
+                                    "(GroupSolarization, datasets/transforms.py:490-499; p not released).",
+                               type="PROBABILITY")
     randaugment_per_frame: bool = knob(True, "RandAugment draws its operations for each frame (the official "
                                              "GroupTransform, applied first) or once per clip.",
                                        toggle="randaugment-per-frame/--randaugment-per-clip")
