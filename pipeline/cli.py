@@ -272,6 +272,8 @@ def _print_summary(s: dict, shown: int = 5) -> None:
         click.echo(f"  failed {f['video_id']}: {f['reason']}  ({f['path'] or 'no file'})")
     if s["failed"] > shown:
         click.echo(f"  ... and {s['failed'] - shown} more (pipeline status --json lists them all)")
+    for note in s.get("notes", []):
+        click.echo(f"  note: {note}")
     for e in s.get("errors", []):
         click.echo(f"  block error: {e}")
 

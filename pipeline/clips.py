@@ -265,27 +265,6 @@ class FrameClipSet(torch.utils.data.Dataset):
         return eval_batch(batch, device, self.norm, self.frames, self.views)
 
 
-class ConcatClipSet:
-    """Several clip sets as one (evaluation over every split of a dataset)."""
-
-    def __init__(self, parts: list) -> None:
-        self.parts = parts
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def item(self, index: int, epoch: int, train: bool):
-        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return self.parts[k].item(index - int(self.offsets[k]), epoch, train)
-
-    def items(self, indices: list[int], epoch: int, train: bool) -> list[tuple]:
-        return [self.item(i, epoch, train) for i in indices]
-
-    def finish(self, batch: list, device: torch.device | str, train: bool) -> torch.Tensor:
-        return self.parts[0].finish(batch, device, train)  # the parts share frames, views and normalisation
-
-
 def usable_rows(group: zarr.Group, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a frame or feature store that decoded and carry a label: (rows, labels or multi-hot targets)."""
     status = group["status"][:]

@@ -115,7 +115,9 @@ DATA_DEVICE_HELP = ("Where clips are JPEG-decoded and augmented: cpu (in the loa
 @dataclass
 class FramesSettings(Replace, DataSource):
     SECTION: ClassVar[str] = "frames"
-    splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset].",
+    splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset]; 'all': "
+                                 "every video once, whole, one label (the official *_full_for_zeroshot lists: "
+                                 "HMDB51's unused videos and ActivityNet's whole training videos included).",
                              flag="--split", multiple=True)
     cache_frames: int = knob(16, "Frames kept per video in the store, T_cache.", type="POSITIVE",
                              old_flags=("--num-frames",), old_keys=("num_frames",))
@@ -198,7 +200,8 @@ class EvaluateSettings(ModelChoice, DatasetName):
     head: str = knob("clip-text", "Head kind (untuned evaluation; coop: the prompts a `finetune --head coop` run "
                                   "learned).", type=(*HEADS, "coop"))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
-    split: str = knob("val", "Split to evaluate; 'all': every stored split, i.e. the whole dataset.")
+    split: str = knob("val", "Split to evaluate; 'all': the whole dataset as the official zero-shot lists (the "
+                             "split `frames --split all` stores).")
     protocols: list[str] = knob(["full"], "full label set; half of the classes x 10 seeds; user subsets "
                                           "(repeatable).", flag="--protocol", multiple=True,
                                 type=("full", "half", "subsets"))

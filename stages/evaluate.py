@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import evaluation, store
+from pipeline.datasets.manifest import WHOLE
 from pipeline.errors import PipelineError
 from pipeline.featurestore import read_rows, video_features
 from pipeline.models.text import encoder_tag
@@ -63,14 +64,20 @@ def _names_file(cache: Path, dataset: str, hgroup) -> str | None:  # noqa: ANN00
     return store.open_group(path, mode="r").attrs.get("class_names_file")
 
 
+def require_split(stored: list[str], dataset: str, split: str, stage: str) -> None:
+    """``split`` is stored, or a one-line error; for ``all`` (the whole dataset) it says how to make it: the union of
+    the stored splits would miss HMDB51's unused videos and ActivityNet's whole training videos."""
+    if split == WHOLE and WHOLE not in stored:
+        raise PipelineError(f"no {stage} of {dataset}/{WHOLE} (every video of the dataset, as the official zero-shot "
+                            f"lists): run `pipeline frames --split {WHOLE}` (and `pipeline features`) first")
+
+
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
         out: Path | None = None) -> dict:
-    # --split all: every video of the dataset (the official whole-dataset zero-shot lists of UCF101 / HMDB51)
-    chosen = splits_of(cache, "features", dataset, model_tag) if split == "all" else [split]
-    parts = [video_features(open_features(cache, dataset, model_tag, s))[:2] for s in chosen]
-    feats, labels = np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
-    group = open_features(cache, dataset, model_tag, chosen[0])
+    require_split(splits_of(cache, "features", dataset, model_tag), dataset, split, "features")
+    group = open_features(cache, dataset, model_tag, split)
+    feats, labels = video_features(group)[:2]
     names = list(group.attrs["class_names"])
     enc_tag = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
     source = head_dataset or dataset
@@ -108,7 +115,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     import torch
 
     from pipeline import distributed
-    from pipeline.clips import ConcatClipSet, FrameClipSet, usable_rows
+    from pipeline.clips import FrameClipSet, usable_rows
     from pipeline.training import cosines_of, predict, rank_and_world
 
     from .finetune import CachedFeatureSet, batched_data_path, load_run, normalization, open_frames
@@ -139,22 +146,20 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     if frozen and spatial != 1:
         raise PipelineError("a frozen-backbone run evaluates cached features: spatial views need the frame "
                             "store and a fully fine-tuned run (use --views Cx1)")
-    # --split all: every video of the dataset (the official whole-dataset zero-shot lists)
+    # --split all: the stored whole-dataset split (`frames --split all`), the official zero-shot set
     stored = splits_of(cache, "features", dataset, info["model_tag"]) if frozen else splits_of(cache, "frames",
                                                                                               dataset)
+    require_split(stored, dataset, split, "features" if frozen else "frames")
     norm = normalization(clip, test_scale) if not frozen else None
-    parts = []
-    for one in (stored if split == "all" else [split]):
-        if frozen:
-            group = open_features(cache, dataset, info["model_tag"], one)
-            rows, labels = usable_rows(group)
-            parts.append(CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal))
-        else:
-            group, path = open_frames(cache, dataset, one)
-            rows, labels = usable_rows(group, multilabel="targets" in group)
-            parts.append(FrameClipSet(str(path), rows, labels, info["frames"], norm, 0, views=(temporal, spatial),
-                                      batched=batched))
-    data = parts[0] if len(parts) == 1 else ConcatClipSet(parts)
+    if frozen:
+        group = open_features(cache, dataset, info["model_tag"], split)
+        rows, labels = usable_rows(group)
+        data = CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal)
+    else:
+        group, path = open_frames(cache, dataset, split)
+        rows, labels = usable_rows(group, multilabel="targets" in group)
+        data = FrameClipSet(str(path), rows, labels, info["frames"], norm, 0, views=(temporal, spatial),
+                            batched=batched)
     model.to(dev)
     rank, world = rank_and_world()
     # Rank 0's share of the clips (every rank scores about as many): hours at Kinetics size with 4x3 views.

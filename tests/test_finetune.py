@@ -438,8 +438,12 @@ def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_the_sin
     assert torch.allclose(ensemble["head.weight"], ensemble["head.bank"].mean(0))
 
 
-def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache):
+def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache, extracted):
     cache, m = ft_cache
+    run_inproc("frames", "--format", "csv", "--root", str(extracted[0].parent / "world"), "--dataset", "toy", "--split",
+               "all", "--cache-frames", "4", "--height", "32", "--width", "32", "--block-size", "4", "--cache",
+               str(cache), "-q")
+    run_inproc("features", "-d", "toy", *m, "--model-key", "tiny-clip", "-q")
     base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--epochs", "1",
             "--global-batch-size", "8", "--warmup-epochs", "0", "-q", "--run-name", "all-splits"]
     run_inproc(*base)
