@@ -525,8 +525,16 @@ def labels(ctx: Context, s: S.LabelsSettings) -> None:
     path, emb = labels_stage.run(ctx.cache, ds, s.encoder, s.template, model_spec(ctx, s, dataset=ds),
                                  device=default_device(s.device), replace_mismatched=s.replace_mismatched,
                                  quiet=ctx.quiet, class_names_file=s.class_names)
-    names = f" (class names from {s.class_names})" if s.class_names else ""
-    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]}{names} -> {path}")
+    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]}{names_note(s.class_names)} -> {path}")
+
+
+def names_note(class_names: str | None) -> str:
+    """What the labels stage embedded: the dataset's readable names, a file's, or the official code's lists."""
+    if not class_names:
+        return " (the dataset's readable class names)"
+    official = class_names.startswith("text4vis:") or "lists" in Path(class_names).parts
+    whose = "the official code's " if official else ""
+    return f" ({whose}class names from {class_names})"
 
 
 def _heads(ctx: Context, s: S.HeadsSettings, kind: str) -> None:
@@ -752,8 +760,9 @@ def extract(ctx: Context, s: S.ExtractSettings) -> None:
     spec = model_spec(ctx, s)
     _run_features(ctx, s.dataset, spec, s)
     path, emb = labels_stage.run(ctx.cache, s.dataset, s.encoder, s.template, spec, device=default_device(s.device),
-                                 replace_mismatched=s.replace_mismatched, quiet=ctx.quiet)
-    click.echo(f"labels {s.dataset}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
+                                 replace_mismatched=s.replace_mismatched, quiet=ctx.quiet,
+                                 class_names_file=s.class_names)
+    click.echo(f"labels {s.dataset}: {emb.shape[0]} classes x {emb.shape[1]}{names_note(s.class_names)} -> {path}")
 
 
 @command("finetune", S.FinetuneSettings)
@@ -780,8 +789,13 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
 
     ds = need_dataset(s)
     workers = s.workers if s.workers is not None else (0 if s.frozen_backbone else 4)
-    # the paper's few-shot preset (App. B.1): --shots K alone gives its epochs; an --epochs flag still wins
-    epochs = s.few_shot_epochs if (s.shots and s.few_shot_epochs and ctx.flags.get("epochs") is None) else s.epochs
+    # few-shot: the released configs train --epochs (30, configs/*/*_few_shot.yaml) by default; the paper's preset
+    # (App. B.1) its own epochs per dataset (few_shot_epochs); an --epochs flag wins over both
+    paper = s.shots and s.few_shot_recipe == "paper"
+    if paper and not s.few_shot_epochs and ctx.flags.get("epochs") is None:
+        raise PipelineError("--few-shot-recipe paper needs --few-shot-epochs (App. B.1: 2 on Kinetics-400, 10 on "
+                            "UCF101, HMDB51, ActivityNet; the profiles set it) or --epochs")
+    epochs = s.few_shot_epochs if (paper and s.few_shot_epochs and ctx.flags.get("epochs") is None) else s.epochs
     if s.hard_templates and s.frozen_backbone:
         raise PipelineError("--hard-templates needs full fine-tuning (the CLIP text tower embeds each template)")
     if s.init_from and s.frozen_backbone:

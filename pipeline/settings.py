@@ -156,8 +156,9 @@ class LabelsSettings(Replace, ModelChoice, DatasetName):
     template: str = knob("paper", "paper ('a video of a person {}.'), bare, kinetics28, a file, or a text with {}.")
     class_names: str | None = knob(None, "Embed these class names instead of the dataset's readable ones: a file, "
                                          "one a line in the dataset's class order, or the official code's id,name "
-                                         "lists (lists/kinetics_400_labels.csv ...), so numbers compare with the "
-                                         "paper's.", type="FILE")
+                                         "lists (lists/ucf_labels.csv ..., or text4vis:ucf_labels.csv: downloaded "
+                                         "once), so numbers compare with the paper's; the profiles set them.",
+                                   type="FILE")
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
 
 
@@ -169,6 +170,8 @@ class ExtractSettings(ModelChoice, FramesSettings):
     encoder: str = knob(LabelsSettings.encoder, "Text encoder of the labels stage: clip or hf:NAME_OR_PATH.",
                         section="labels")
     template: str = knob(LabelsSettings.template, "Prompt template(s) of the labels stage.", section="labels")
+    class_names: str | None = knob(None, "Class names the labels stage embeds (a file, or the official lists as "
+                                         "text4vis:ucf_labels.csv).", type="FILE", section="labels")
     device: str | None = knob(None, "torch device for features and labels.", default_text="cuda when present, else cpu",
                               section="features")
     batch_size: int = knob(FeaturesSettings.batch_size, "Frames per forward pass of the features stage.",
@@ -241,9 +244,13 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
                                  is_flag=True)
     frames: int = knob(8, "Frames per clip, T.", type="POSITIVE")
     shots: int = knob(0, "K training videos per class (few-shot), seeded; 0: all.", type="COUNT")
-    few_shot_epochs: int | None = knob(None, "Epochs of a --shots run unless --epochs is given (App. B.1: 2 on "
-                                             "Kinetics-400, 10 on UCF101, HMDB51 and ActivityNet).", type="POSITIVE",
-                                       default_text="--epochs")
+    few_shot_recipe: str = knob("code", "A --shots run's recipe: 'code', the released configs "
+                                        "(configs/*/*_few_shot.yaml: --epochs, 30 there); 'paper', App. B.1's "
+                                        "epochs (--few-shot-epochs) unless --epochs is given.",
+                                type=("code", "paper"))
+    few_shot_epochs: int | None = knob(None, "Epochs of a --shots run with --few-shot-recipe paper unless --epochs "
+                                             "is given (App. B.1: 2 on Kinetics-400, 10 on UCF101, HMDB51 and "
+                                             "ActivityNet).", type="POSITIVE", default_text="--epochs")
     init_from: str | None = knob(None, "Start from this fine-tuned run's visual encoder and temporal module "
                                        "(transfer); the head is this dataset's.")
     run_name: str | None = knob(None, "Run name under CACHE/runs.", old_flags=("--run",), old_keys=("run",),

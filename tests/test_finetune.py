@@ -288,15 +288,19 @@ def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_a
     assert proc.returncode == 2 and "differs from this run's" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shots_alone_gives_the_profiles_few_shot_epochs(ft_cache, tmp_path):
+def test_few_shot_follows_the_released_configs_and_keeps_the_papers_epochs_as_a_preset(ft_cache, tmp_path):
+    """The released few-shot configs train `solver.epochs: 30` on the repeated K-shot list; App. B.1 says 2 (K400)
+    or 10 epochs: the code's by default, the paper's with --few-shot-recipe paper."""
     cache, m = ft_cache
     params = tmp_path / "p.yaml"
-    params.write_text("finetune:\n  few_shot_epochs: 2\n")
+    params.write_text("finetune:\n  epochs: 3\n  few_shot_epochs: 2\n")
     base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--shots", "1",
             "--global-batch-size", "4", "--warmup-epochs", "0", "-q", "--params", str(params)]
-    run_inproc(*base, "--run-name", "fs")
+    run_inproc(*base, "--run-name", "fs-code")
+    assert json.loads((cache / "runs" / "fs-code" / "run.json").read_text())["config"]["epochs"] == 3
+    run_inproc(*base, "--few-shot-recipe", "paper", "--run-name", "fs")
     assert json.loads((cache / "runs" / "fs" / "run.json").read_text())["config"]["epochs"] == 2
-    run_inproc(*base, "--epochs", "1", "--run-name", "fs1")  # a flag still wins
+    run_inproc(*base, "--few-shot-recipe", "paper", "--epochs", "1", "--run-name", "fs1")  # a flag still wins
     assert json.loads((cache / "runs" / "fs1" / "run.json").read_text())["config"]["epochs"] == 1
 
 
@@ -452,3 +456,52 @@ def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache, extracted):
     assert results["all"]["videos"] == results["train"]["videos"] + results["val"]["videos"] == 84
     hits = sum(results[s]["top1"] * results[s]["videos"] for s in ("train", "val")) / 84
     assert abs(results["all"]["top1"] - hits) < 1e-6
+
+
+def _profile_stage_cmd(stage: str, item: str) -> list[str]:
+    """The command of a foreach stage of data/profiles/dvc.yaml for one item, as DVC runs it."""
+    import shlex
+
+    import yaml
+
+    profiles = Path(__file__).resolve().parents[1] / "data" / "profiles"
+    cmd = yaml.safe_load((profiles / "dvc.yaml").read_text())["stages"][stage]["do"]["cmd"]
+    args = shlex.split(cmd.replace("${item}", item))
+    assert args[:2] == ["pipeline", "evaluate"]
+    # the profile by its path (DVC runs in data/profiles)
+    return [str(profiles / a) if a.endswith(".yaml") else a for a in args[1:]]
+
+
+def test_the_activitynet_zero_shot_stage_runs_to_a_number_for_full_and_half(ft_cache, extracted, tmp_path):
+    """table4@anet (data/profiles/dvc.yaml) on a small generated ActivityNet: the split all of whole training and
+    validation videos with one label each, scored by the K400 run, all classes and half of them x 10."""
+    cache, m = ft_cache
+    world = extracted[0].parent / "world"
+    classes = (world / "classes.txt").read_text().split("\n")[:4]
+    videos = {c: sorted((world / "videos").glob(f"*/{c.replace(' ', '_')}/*.mp4"))[:3] for c in classes}
+    root = tmp_path / "anet"
+    root.mkdir()
+    database = {}
+    for k, (c, files) in enumerate(videos.items()):
+        for n, f in enumerate(files):
+            vid = f"c{k}n{n}"
+            shutil.copyfile(f, root / f"v_{vid}.mp4")
+            anns = [{"segment": [0.0, 1.0], "label": c}]
+            if n == 2:  # a validation video with a second label (the majority stays its own class)
+                anns += [{"segment": [0.5, 1.5], "label": c}, {"segment": [1.0, 1.5], "label": classes[k - 1]}]
+            database[vid] = {"subset": "validation" if n == 2 else "training", "annotations": anns}
+    (root / "activity_net.v1-3.min.json").write_text(json.dumps({"database": database}))
+    out = run_inproc("frames", "--format", "anet", "--root", str(root), "--split", "all", "--cache-frames", "4",
+                     "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(cache), "-q")
+    assert "anet/all: 12 videos, 12 ok" in out and "4 carry several labels" in out
+    run_inproc("features", "-d", "anet", *m, "--model-key", "tiny-clip", "-q")
+    run_inproc("labels", "-d", "anet", *m, "--model-key", "tiny-clip")
+    run_inproc("heads", "-d", "anet", *m, "--model-key", "tiny-clip", "--head", "clip-text")
+    run_inproc(*common(m, "k400-vitl14-ttrans", "--head", "clip-text", "--temporal", "ttrans", "--layers", "1"))
+    args = _profile_stage_cmd("table4", "anet")
+    args[args.index("--out") + 1] = str(tmp_path / "table4-anet.json")
+    run_inproc(*args, "--cache", str(cache), "-q")
+    result = json.loads((tmp_path / "table4-anet.json").read_text())
+    assert result["split"] == "all" and result["videos"] == 12 and 0 <= result["top1"] <= 100
+    assert len(result["half"]["runs"]) == 10 and 0 <= result["half"]["top1"] <= 100
+    assert result["test_scale"] == 256 and result["views"] == "1x1"
