@@ -297,7 +297,7 @@ def test_evaluation_scales_the_short_side_to_256_per_224_before_the_crop():
         assert line.split()[1] == "256"
 
 
-def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_path):
+def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_path, monkeypatch):
     """train.py:278-281 and utils/solver.py:30-33 build AdamW with betas (0.9, 0.999); the paper's Table A.3 says
     0.98: the default is the code's, ``--betas 0.9 0.98`` the paper's."""
     from conftest import run_inproc
@@ -318,6 +318,16 @@ def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_pat
     assert next(x for x in shown.splitlines() if "--betas" in x).split()[1:3] == ["0.9", "0.999"]
     flagged = run_inproc("finetune", "--no-params", "--betas", "0.9", "0.98", "--print-config")
     assert next(x for x in flagged.splitlines() if "--betas" in x).split()[1:4] == ["0.9", "0.98", "flag"]
+    # the report's settings note reads the setting (it used to print (0.9, 0.98) whatever the run used)
+    from stages import report as report_stage
+
+    notes = []
+    monkeypatch.setattr(report_stage, "run", lambda cache, out, dataset, model_tag, settings_note: (
+        notes.append(settings_note), (out, ""))[1])
+    params = tmp_path / "p.yaml"
+    params.write_text("data:\n  dataset: demo\nfinetune:\n  betas: [0.9, 0.98]\n")
+    run_inproc("report", "--params", str(params), "--cache", str(tmp_path / "c"))
+    assert "AdamW betas (0.9, 0.98)" in notes[0]
 
 
 # test_zeroshot.py:301-302 run with numpy's legacy generator for C = 101, split 0: np.random.seed(0);
