@@ -1,13 +1,13 @@
 """Temporal jitter vs disk: what storing T_cache = 8, 16, 32 or 64 frames per video costs in top-1 and bytes.
 
 Training draws one stored frame per segment (TSN); with T_cache = 32 and T = 8 that is 1 of 4 stored frames, where
-the official code draws among all frames of the segment (datasets/datasets.py samples the decoded frame folder).
+the official code draws among all frames of the segment (datasets/datasets.py:102-112).
 The question (issue #20): how much of that jitter matters, against what the store costs. On the demo's world with
 long clips (64 frames a clip, so T_cache = 64 keeps every frame): one frame store per T_cache, the tiny CLIP
 pretrained once, then the demo's full fine-tuning (CLIP-text head, T = 4 frames, the demo's recipe) on each store,
 the same seeds. Prints one table: KiB a video, top-1 (mean +- std over seeds) on the validation clips.
 
-    python benchmarks/bench_cache_frames.py              # the demo world's 48 classes, ~25 min on 2 cores
+    python benchmarks/bench_cache_frames.py              # the demo world's 48 classes: 50 min on 2 shared cores
     python benchmarks/bench_cache_frames.py --quick      # 12 classes, fewer steps: a smoke run
 """
 

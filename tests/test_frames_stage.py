@@ -260,7 +260,9 @@ def test_real_data_profiles_are_valid(profile):
         return r.values
 
     frames = resolved(S.FramesSettings)
-    assert frames.cache_frames >= 32 and (frames.height, frames.width) == (256, 456)  # 4 clips x 8, whole 16:9 frames
+    # K400's 4x3 views need 4 clips x 8 distinct frames; the one-view profiles store 2 a segment (measured enough,
+    # benchmarks/bench_cache_frames.py); whole 16:9 frames
+    assert frames.cache_frames == (32 if profile == "k400" else 16) and (frames.height, frames.width) == (256, 456)
     FrameCodec(frames.codec, frames.jpeg_quality)
     assert frames.format == frames.dataset == profile
     # Table 1's K400 run is ViT-B/16; the zero-shot and few-shot configs use ViT-L/14
@@ -274,7 +276,7 @@ def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
                   "--cache", str(tmp_path / "c"), "-q")
     assert "ucf101/train: 6 videos, 6 ok" in out.stdout
     g = zarr.open_group(str(tmp_path / "c" / "frames" / "ucf101" / "train"), mode="r")
-    assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 456, 3)
+    assert g.attrs["spec"]["num_frames"] == 16 and read_frames(g, 0).shape == (16, 256, 456, 3)
 
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
