@@ -251,8 +251,9 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     few_shot_epochs: int | None = knob(None, "Epochs of a --shots run with --few-shot-recipe paper unless --epochs "
                                              "is given (App. B.1: 2 on Kinetics-400, 10 on UCF101, HMDB51 and "
                                              "ActivityNet).", type="POSITIVE", default_text="--epochs")
-    init_from: str | None = knob(None, "Start from this fine-tuned run's visual encoder and temporal module "
-                                       "(transfer); the head is this dataset's.")
+    init_from: str | None = knob(None, "Start from this fine-tuned run's visual encoder, temporal module and "
+                                       "logit scale (transfer; the official code loads the whole state dict); the "
+                                       "head's rows are this dataset's.")
     run_name: str | None = knob(None, "Run name under CACHE/runs.", old_flags=("--run",), old_keys=("run",),
                                 default_text="derived from the settings")
     epochs: int = knob(30, "Epochs.", type="POSITIVE")
