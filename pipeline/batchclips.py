@@ -4,7 +4,8 @@ Loader workers only read the bytes of a clip's T frames and draw its augmentatio
 (:class:`ClipDrawer`, from the clip's own seeded stream, as the per-clip path does); the training
 process then decodes the batch with ``torchvision.io.decode_jpeg`` on its device (batched nvJPEG on
 a GPU) and applies RandAugment, RandomResizedCrop, flip, grayscale and normalisation to the whole
-batch there (:func:`train_batch`, :func:`eval_batch`). The same code runs on ``device="cpu"``.
+batch there (:func:`train_batch`, :func:`eval_batch`), and the optional GaussianBlur and Solarization. The same
+code runs on ``device="cpu"``.
 
 Parameters are drawn as torchvision's transforms draw them, in the per-clip path's order, under the
 same seed: the batched path makes the same choices as :func:`pipeline.clips.train_transform` (the
@@ -38,6 +39,8 @@ class ClipDraw:
     crop: tuple[int, int, int, int]  # RandomResizedCrop's top, left, height, width inside the box
     flip: bool
     grayscale: bool
+    blur_sigma: float | None = None  # GaussianBlur's sigma when the clip drew it
+    solarize: bool = False
 
 
 @dataclass
@@ -94,6 +97,8 @@ class ClipDrawer:
         self.size = image_size
 
     def draw(self, frames: int, height: int, width: int, seed: int) -> ClipDraw:
+        from .clips import BLUR_SIGMA
+
         aug, ra = self.aug, self.randaugment
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # the CPU stream torch.manual_seed(seed) sets
@@ -105,9 +110,13 @@ class ClipDrawer:
             # v2's random-apply transforms: applied unless torch.rand(1) >= p (drawn only where p > 0)
             flip = aug.flip > 0 and bool(torch.rand(1) < aug.flip)
             gray = aug.grayscale > 0 and bool(torch.rand(1) < aug.grayscale)
+            sigma = None  # v2.RandomApply: applied unless torch.rand(1) >= p; then GaussianBlur draws its sigma
+            if aug.gaussian_blur > 0 and bool(torch.rand(1) < aug.gaussian_blur):
+                sigma = torch.empty(1).uniform_(*BLUR_SIGMA).item()
+            solarize = aug.solarization > 0 and bool(torch.rand(1) < aug.solarization)
             if ra is not None and not aug.randaugment_per_frame:  # after the crop: on S x S frames
                 ops = (ra.draw(self.size, self.size),)
-        return ClipDraw(ops, (c["top"], c["left"], c["height"], c["width"]), flip, gray)
+        return ClipDraw(ops, (c["top"], c["left"], c["height"], c["width"]), flip, gray, sigma, solarize)
 
 
 def decode_clips(clips: list[EncodedClip], device: torch.device | str) -> list[torch.Tensor]:
@@ -165,7 +174,7 @@ def _randaugment_frames(frames: list[torch.Tensor], draws: list[Ops], magnitude_
 
 def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug) -> torch.Tensor:  # noqa: ANN001
     """float [B, T, 3, S, S] training clips on ``device``: the per-clip path's augmentation, batched."""
-    from .clips import _mode
+    from .clips import BLUR_KERNEL, SOLARIZE_THRESHOLD, _mode
 
     frames = decode_clips(clips, device)
     t = frames[0].shape[0]
@@ -187,6 +196,13 @@ def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug)
     if gray:
         sel = _index(gray, x.device)
         x[sel] = F.rgb_to_grayscale(x[sel], num_output_channels=3)
+    for b, d in enumerate(draws):  # each clip its own sigma: one call per blurred clip
+        if d.blur_sigma is not None:
+            x[b] = F.gaussian_blur(x[b], [BLUR_KERNEL, BLUR_KERNEL], [d.blur_sigma, d.blur_sigma])
+    solarize = [b for b, d in enumerate(draws) if d.solarize]
+    if solarize:
+        sel = _index(solarize, x.device)
+        x[sel] = F.solarize(x[sel], SOLARIZE_THRESHOLD)
     if aug.randaugment_ops and not aug.randaugment_per_frame:  # one draw for all frames of a clip
         flat = _randaugment_frames(list(x.flatten(0, 1)), [d.randaugment[0] for d in draws for _ in range(t)], bins)
         x = torch.stack(flat).view(x.shape)

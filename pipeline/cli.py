@@ -272,6 +272,8 @@ def _print_summary(s: dict, shown: int = 5) -> None:
         click.echo(f"  failed {f['video_id']}: {f['reason']}  ({f['path'] or 'no file'})")
     if s["failed"] > shown:
         click.echo(f"  ... and {s['failed'] - shown} more (`pipeline status --json --all-failures` lists them all)")
+    for note in s.get("notes", []):
+        click.echo(f"  note: {note}")
     for e in s.get("errors", []):
         click.echo(f"  block error: {e}")
 
@@ -345,12 +347,15 @@ def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
             notes.append(f"stale: {e['stale']}")
         if e.get("random_weights"):
             notes.append("RANDOM WEIGHTS: made with a model that has no pretrained weights (--random-weights)")
-        if "verified" in e and e["stage"] not in ("report", "metrics"):
-            v = e["verified"]
-            notes.append(f"verified {v['at']}: {'ok' if v['ok'] else 'DAMAGED'}" if v else
-                         "never verified whole (`pipeline verify`)")
+        v = e.get("verified")
+        if v:
+            notes.append(f"verified {v['at']}: {'ok' if v['ok'] else 'DAMAGED'}")
         for note in notes:
             click.echo(f"  {note}")
+    unverified = sum(1 for e in entries if "verified" in e and not e["verified"])
+    if unverified:
+        click.echo(f"{unverified} of {sum('verified' in e for e in entries)} outputs never read whole since they were "
+                   "made: `pipeline verify` checks every chunk (status sees missing files only)")
     if any(e.get("damaged") for e in entries):
         click.echo("damaged outputs: `pipeline verify --repair` marks what must be recomputed", err=True)
 
@@ -551,8 +556,16 @@ def labels(ctx: Context, s: S.LabelsSettings) -> None:
     path, emb = labels_stage.run(ctx.cache, ds, s.encoder, s.template, model_spec(ctx, s, dataset=ds),
                                  device=default_device(s.device), replace_mismatched=s.replace_mismatched,
                                  quiet=ctx.quiet, class_names_file=s.class_names)
-    names = f" (class names from {s.class_names})" if s.class_names else ""
-    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]}{names} -> {path}")
+    click.echo(f"labels {ds}: {emb.shape[0]} classes x {emb.shape[1]}{names_note(s.class_names)} -> {path}")
+
+
+def names_note(class_names: str | None) -> str:
+    """What the labels stage embedded: the dataset's readable names, a file's, or the official code's lists."""
+    if not class_names:
+        return " (the dataset's readable class names)"
+    official = class_names.startswith("text4vis:") or "lists" in Path(class_names).parts
+    whose = "the official code's " if official else ""
+    return f" ({whose}class names from {class_names})"
 
 
 def _heads(ctx: Context, s: S.HeadsSettings, kind: str) -> None:
@@ -685,7 +698,7 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
             batch_size=s.batch_size, workers=s.workers, device=s.device, data_device=s.data_device,
             out=Path(s.out) if s.out else None,
             quiet=ctx.quiet, progress=not as_json,  # machine output: nothing but the JSON
-            protocols=tuple(s.protocols), subset_files=list(s.subsets))
+            protocols=tuple(s.protocols), subset_files=list(s.subsets), test_scale=s.test_scale)
     finally:
         main = distributed.is_main()
         distributed.teardown()
@@ -784,8 +797,9 @@ def extract(ctx: Context, s: S.ExtractSettings) -> None:
     spec = model_spec(ctx, s)
     _run_features(ctx, s.dataset, spec, s)
     path, emb = labels_stage.run(ctx.cache, s.dataset, s.encoder, s.template, spec, device=default_device(s.device),
-                                 replace_mismatched=s.replace_mismatched, quiet=ctx.quiet)
-    click.echo(f"labels {s.dataset}: {emb.shape[0]} classes x {emb.shape[1]} -> {path}")
+                                 replace_mismatched=s.replace_mismatched, quiet=ctx.quiet,
+                                 class_names_file=s.class_names)
+    click.echo(f"labels {s.dataset}: {emb.shape[0]} classes x {emb.shape[1]}{names_note(s.class_names)} -> {path}")
 
 
 @command("finetune", S.FinetuneSettings)
@@ -812,8 +826,13 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
 
     ds = need_dataset(s)
     workers = s.workers if s.workers is not None else (0 if s.frozen_backbone else 4)
-    # the paper's few-shot preset (App. B.1): --shots K alone gives its epochs; an --epochs flag still wins
-    epochs = s.few_shot_epochs if (s.shots and s.few_shot_epochs and ctx.flags.get("epochs") is None) else s.epochs
+    # few-shot: the released configs train --epochs (30, configs/*/*_few_shot.yaml) by default; the paper's preset
+    # (App. B.1) its own epochs per dataset (few_shot_epochs); an --epochs flag wins over both
+    paper = s.shots and s.few_shot_recipe == "paper"
+    if paper and not s.few_shot_epochs and ctx.flags.get("epochs") is None:
+        raise PipelineError("--few-shot-recipe paper needs --few-shot-epochs (App. B.1: 2 on Kinetics-400, 10 on "
+                            "UCF101, HMDB51, ActivityNet; the profiles set it) or --epochs")
+    epochs = s.few_shot_epochs if (paper and s.few_shot_epochs and ctx.flags.get("epochs") is None) else s.epochs
     if s.hard_templates and s.frozen_backbone:
         raise PipelineError("--hard-templates needs full fine-tuning (the CLIP text tower embeds each template)")
     if s.init_from and s.frozen_backbone:
@@ -824,10 +843,11 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             epochs=epochs, batch_size=s.global_batch_size, micro_batch=s.micro_batch, lr=s.lr,
             backbone_lr_ratio=s.backbone_lr_ratio, temporal_lr=s.temporal_lr, weight_decay=s.weight_decay,
             warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, checkpoint_every=s.checkpoint_every, amp=s.amp,
-            workers=workers, compile=s.compile, log_every=s.log_every)
+            workers=workers, compile=s.compile, log_every=s.log_every, betas=tuple(s.betas))
         augment = AugmentConfig(crop_scale=tuple(s.crop_scale), flip=s.flip, grayscale=s.grayscale,
                                 randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]),
-                                randaugment_per_frame=s.randaugment_per_frame)
+                                randaugment_per_frame=s.randaugment_per_frame, gaussian_blur=s.gaussian_blur,
+                                solarization=s.solarization)
     spec = model_spec(ctx, s, dataset=ds)
     goal = finetune_stage.Objective(kind=s.objective, batch_gather=s.batch_gather, text=s.text, text_lr=s.text_lr,
                                     text_weight_decay=s.text_weight_decay, template=s.text_template)
@@ -848,8 +868,10 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             else:
                 result = finetune_stage.run_full(ctx.cache, ds, spec, s.head, s.temporal, cfg, augment=augment,
                                                  t1d_init=s.t1d_init, run_name=run_name, init_from=s.init_from,
-                                                 hard_templates=s.hard_templates, data_device=s.data_device,
-                                                 grad_checkpointing=s.grad_checkpointing, **common)
+                                                 hard_templates=s.hard_templates,
+                                                 hard_templates_eval=s.hard_templates_eval, data_device=s.data_device,
+                                                 grad_checkpointing=s.grad_checkpointing, test_scale=s.test_scale,
+                                                 **common)
             results.append(result)
     finally:
         main = distributed.is_main()
@@ -943,7 +965,8 @@ def predict(ctx: Context, s: S.PredictSettings, videos, as_json) -> None:
                             "--run-name)")
     if s.run_name:
         results = predict_stage.run_trained(list(videos), ctx.cache, s.run_name, names, template=s.template,
-                                            device=default_device(s.device), quiet=ctx.quiet or as_json)
+                                            device=default_device(s.device), quiet=ctx.quiet or as_json,
+                                            test_scale=s.test_scale)
     else:
         # like every reader of the cache: without --model, the model whose features it holds
         results = predict_stage.run(list(videos), names, model_spec(ctx, s, every_dataset=True), template=s.template,
@@ -976,8 +999,8 @@ def report(ctx: Context, s: S.ReportSettings) -> None:
     note = (f"Full fine-tuning settings (params.yaml `finetune`): frames {ft.frames}, epochs {ft.epochs}, "
             f"global_batch_size {ft.global_batch_size}, lr {ft.lr}, backbone_lr_ratio {ft.backbone_lr_ratio}, "
             f"warmup_epochs {ft.warmup_epochs}, min_lr {ft.min_lr}, crop_scale {list(ft.crop_scale)}, flip {ft.flip}, "
-            f"grayscale {ft.grayscale}, randaugment {list(ft.randaugment)}; AdamW betas (0.9, 0.98), weight decay "
-            f"{ft.weight_decay}.")
+            f"grayscale {ft.grayscale}, randaugment {list(ft.randaugment)}; AdamW betas {tuple(ft.betas)}, weight "
+            f"decay {ft.weight_decay}.")
     path, text = report_stage.run(ctx.cache, Path(s.out) if s.out else ctx.cache / "report",
                                   dataset=need_dataset(s), model_tag=model_key, settings_note=note)
     click.echo(text)

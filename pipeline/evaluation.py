@@ -37,9 +37,10 @@ def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
             "mean_class": 100 * float(np.mean(per_class)), "videos": int(labels.size), "classes": int(classes.size)}
 
 
-def multilabel_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+def multilabel_metrics(scores: np.ndarray, targets: np.ndarray, cosines: np.ndarray | None = None) -> dict[str, float]:
     """Multi-label validation (ActivityNet): mAP over classes with a positive, and top-1/top-5 hit rates
-    (a hit: the predicted class is one of the video's labels), in percent."""
+    (a hit: the predicted class is one of the video's labels), in percent. ``mAP_official`` scores
+    100 x ``cosines`` as test_anet.py:244 does whatever the model's own logit scale (``scores`` when not given)."""
     from sklearn.metrics import average_precision_score
 
     if targets.size == 0:
@@ -50,7 +51,8 @@ def multilabel_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, flo
     k = min(5, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     hits = np.take_along_axis(targets, top, axis=1)
-    return {"mAP": 100 * float(np.mean(ap)), "mAP_official": official_anet_map(scores, targets),
+    official = official_anet_map(100.0 * cosines if cosines is not None else scores, targets)
+    return {"mAP": 100 * float(np.mean(ap)), "mAP_official": official,
             "top1": 100 * float(hits[:, 0].mean()),
             "top5": 100 * float(hits.any(axis=1).mean()), "videos": int(len(targets)), "classes": int(present.size)}
 
@@ -87,17 +89,26 @@ def restricted(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> d
     return metrics(logits[keep][:, classes], remap[labels[keep]])
 
 
+def half_draw(n_classes: int, seed: int) -> np.ndarray:
+    """The classes of one half-classes draw, as the official code draws them (test_zeroshot.py:300-302:
+    ``np.random.seed(split); np.random.permutation(C)[:C // 2]``, numpy's legacy MT19937 stream), sorted.
+    A private RandomState gives the same stream without touching numpy's global one."""
+    return np.sort(np.random.RandomState(seed).permutation(n_classes)[: n_classes // 2])
+
+
 def half_classes(logits: np.ndarray, labels: np.ndarray, seeds=range(10)) -> dict:
-    """The paper's UCF*/HMDB*/ANet* protocol: half of the classes drawn per seed; mean and std over seeds."""
+    """The paper's UCF*/HMDB*/ANet* protocol: half of the classes per draw, the official code's 10 draws (seeds
+    0..9); mean and std over draws. Each draw's class indices are listed with its metrics, so they can be checked."""
     c = logits.shape[1]
     if c < 4:
         warnings.warn(f"the half-classes protocol on {c} classes scores {c // 2} class(es) per draw: "
                       "its numbers say little (it is meant for UCF101, HMDB51, ActivityNet)", stacklevel=2)
     runs = []
     for seed in seeds:
-        classes = np.sort(np.random.default_rng(seed).permutation(c)[: c // 2])
-        runs.append(restricted(logits, labels, classes))
-    return summarize_runs(runs) | {"seeds": list(seeds), "classes_per_draw": c // 2}
+        classes = half_draw(c, seed)
+        runs.append(restricted(logits, labels, classes) | {"seed": int(seed), "class_indices": classes.tolist()})
+    return summarize_runs(runs) | {"seeds": list(seeds), "classes_per_draw": c // 2, "draws": "numpy legacy "
+                                   "np.random.seed(seed); permutation(C)[:C // 2], as test_zeroshot.py:300-302"}
 
 
 def subsets(logits: np.ndarray, labels: np.ndarray, class_names: list[str], subset_names: list[list[str]]) -> dict:

@@ -150,6 +150,9 @@ class Replace(Settings):
 
 
 DEVICE_HELP = "torch device: cpu, cuda or cuda:N."
+TEST_SCALE_HELP = ("Evaluation crops: the short side is first scaled to TEST_SCALE pixels per 224 of the model's "
+                   "input, then one centre crop (or 3 over the full width) of the input size: 256 is test.py:94's "
+                   "256 -> 224 (a 64-px input: 73 -> 64). 224: no extra scale (the official rule for 336-px models).")
 DATA_DEVICE_HELP = ("Where clips are JPEG-decoded and augmented: cpu (in the loader workers) or cuda (a whole "
                     "batch at once on the training GPU; workers only read bytes); auto: cuda when training on a GPU.")
 
@@ -158,7 +161,9 @@ DATA_DEVICE_HELP = ("Where clips are JPEG-decoded and augmented: cpu (in the loa
 
 class FramesSettings(Replace, DataSource):
     SECTION: ClassVar[str] = "frames"
-    splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset].",
+    splits: list[str] = knob([], "Split(s) to process (repeatable) [default: every split of the dataset]; 'all': "
+                                 "every video once, whole, one label (the official *_full_for_zeroshot lists: "
+                                 "HMDB51's unused videos and ActivityNet's whole training videos included).",
                              flag="--split", multiple=True)
     cache_frames: int = knob(16, "Frames kept per video in the store, T_cache.", type="POSITIVE", maximum=1024,
                              old_flags=("--num-frames",), old_keys=("num_frames",))
@@ -196,8 +201,9 @@ class LabelsSettings(Replace, ModelChoice, DatasetName):
     template: str = knob("paper", "paper ('a video of a person {}.'), bare, kinetics28, a file, or a text with {}.")
     class_names: str | None = knob(None, "Embed these class names instead of the dataset's readable ones: a file, "
                                          "one a line in the dataset's class order, or the official code's id,name "
-                                         "lists (lists/kinetics_400_labels.csv ...), so numbers compare with the "
-                                         "paper's.", type="FILE")
+                                         "lists (lists/ucf_labels.csv ..., or text4vis:ucf_labels.csv: downloaded "
+                                         "once), so numbers compare with the paper's; the profiles set them.",
+                                   type="FILE")
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
 
 
@@ -209,6 +215,8 @@ class ExtractSettings(ModelChoice, FramesSettings):
                         "Text encoder of the labels stage: clip or hf:NAME_OR_PATH.", section="labels")
     template: str = knob(LabelsSettings.model_fields["template"].default, "Prompt template(s) of the labels stage.",
                          section="labels")
+    class_names: str | None = knob(None, "Class names the labels stage embeds (a file, or the official lists as "
+                                         "text4vis:ucf_labels.csv).", type="FILE", section="labels")
     device: str | None = knob(None, "torch device for features and labels.", default_text="cuda when present, else cpu",
                               section="features")
     batch_size: int = knob(FeaturesSettings.model_fields["batch_size"].default,
@@ -239,7 +247,8 @@ class EvaluateSettings(ModelChoice, DatasetName):
     head: str = knob("clip-text", "Head kind (untuned evaluation; coop: the prompts a `finetune --head coop` run "
                                   "learned).", type=(*HEADS, "coop"))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
-    split: str = knob("val", "Split to evaluate; 'all': every stored split, i.e. the whole dataset.")
+    split: str = knob("val", "Split to evaluate; 'all': the whole dataset as the official zero-shot lists (the "
+                             "split `frames --split all` stores).")
     protocols: list[str] = knob(["full"], "full label set; half of the classes x 10 seeds; user subsets "
                                           "(repeatable).", flag="--protocol", multiple=True,
                                 type=("full", "half", "subsets"))
@@ -254,6 +263,7 @@ class EvaluateSettings(ModelChoice, DatasetName):
     workers: int = knob(0, "With --run-name: data-loader processes.", type="COUNT", maximum=1024)
     device: str | None = knob(None, "With --run-name: " + DEVICE_HELP, default_text="cuda when present, else cpu")
     data_device: str = knob("auto", "With --run-name: " + DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
+    test_scale: int = knob(256, "With --run-name: " + TEST_SCALE_HELP, type="POSITIVE")
 
 
 class FinetuneSettings(Replace, ModelChoice, DatasetName):
@@ -261,24 +271,33 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     head: str = knob("clip-text", "Classifier head; learnable = the vision-only baseline; coop = learnable "
                                   "prompt context in the frozen CLIP text tower (Table A.4).",
                      type=(*HEADS, "learnable", "coop"))
-    coop_ctx: int = knob(16, "CoOp: learnable context vectors in front of the class name.", type="POSITIVE",
-                         maximum=64)
+    coop_ctx: int = knob(4, "CoOp: learnable context vectors in front of the class name (the paper's M = 4, "
+                            "App. A; CoOp's own default is 16).", type="POSITIVE", maximum=64)
     coop_lr: float | None = knob(None, "CoOp: the context vectors' learning rate.", default_text="--lr")
     hard_templates: str | None = knob(None, "Multiple hard templates (Table A.4): CLIP-text rows of one of these "
-                                            "templates (kinetics28, a file, ...) drawn per step; evaluation uses "
-                                            "their ensemble. Full fine-tuning, --head clip-text.")
+                                            "templates (kinetics28, a file, ...) drawn per step; evaluation: "
+                                            "the single template of the cached clip-text head (the paper). Full "
+                                            "fine-tuning, --head clip-text.")
+    hard_templates_eval: str = knob("single", "Multiple hard templates: evaluate with the single template of the "
+                                              "cached clip-text head (labels --template; the paper) or the "
+                                              "templates' ensemble.", type=("single", "ensemble"))
     encoder: str | None = knob(None, "Text encoder of a 'text' head: hf:NAME_OR_PATH.")
     temporal: str = knob("tap", "Temporal module.", type=("tap", "ttrans", "tokent1d"))
     frozen_backbone: bool = knob(False, "Train only the temporal module (and projection) on cached features.",
                                  is_flag=True)
     frames: int = knob(8, "Frames per clip, T.", type="POSITIVE", maximum=1024)
     shots: int = knob(0, "K training videos per class (few-shot), seeded; 0: all.", type="COUNT", maximum=1_000_000)
-    few_shot_epochs: int | None = knob(None, "Epochs of a --shots run unless --epochs is given (App. B.1: 2 on "
-                                             "Kinetics-400, 10 on UCF101, HMDB51 and ActivityNet).", type="POSITIVE",
-                                       maximum=100_000,
+    few_shot_recipe: str = knob("code", "A --shots run's recipe: 'code', the released configs "
+                                        "(configs/*/*_few_shot.yaml: --epochs, 30 there); 'paper', App. B.1's "
+                                        "epochs (--few-shot-epochs) unless --epochs is given.",
+                                type=("code", "paper"))
+    few_shot_epochs: int | None = knob(None, "Epochs of a --shots run with --few-shot-recipe paper unless --epochs "
+                                             "is given (App. B.1: 2 on Kinetics-400, 10 on UCF101, HMDB51 and "
+                                             "ActivityNet).", type="POSITIVE", maximum=100_000,
                                        default_text="--epochs")
-    init_from: str | None = knob(None, "Start from this fine-tuned run's visual encoder and temporal module "
-                                       "(transfer); the head is this dataset's.")
+    init_from: str | None = knob(None, "Start from this fine-tuned run's visual encoder, temporal module and "
+                                       "logit scale (transfer; the official code loads the whole state dict); the "
+                                       "head's rows are this dataset's.")
     run_name: str | None = knob(None, "Run name under CACHE/runs.", old_flags=("--run",), old_keys=("run",),
                                 default_text="derived from the settings")
     epochs: int = knob(30, "Epochs.", type="POSITIVE", maximum=100_000)
@@ -293,6 +312,8 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     temporal_lr: float | None = knob(None, "Learning rate of the temporal module.",
                                      default_text="--lr")
     weight_decay: float = knob(0.2, "AdamW weight decay.")
+    betas: tuple[float, float] = knob((0.9, 0.999), "AdamW betas: the released code's (0.9, 0.999) (train.py:280); "
+                                                    "the paper's Table A.3: 0.9 0.98.", nargs=2, type=float)
     warmup_epochs: float = knob(5.0, "Linear warm-up epochs.")
     min_lr: float = knob(0.0, "Cosine floor of the learning rate (the official code decays to 0).")
     layers: int = knob(6, "T-Trans layers.", type="POSITIVE", maximum=64)
@@ -306,12 +327,19 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     grayscale: float = knob(0.2, "Grayscale probability.", type="PROBABILITY")
     randaugment: tuple[int, int] = knob((2, 9),
                                         "RandAugment N M (0 0: off).", nargs=2, type=int)
+    gaussian_blur: float = knob(0.0, "GaussianBlur probability per clip, sigma uniform in [0.1, 2] px after the crop "
+                                     "(GroupGaussianBlur, datasets/transforms.py:478-488; the logged K400 run used "
+                                     "it, its p is not released).", type="PROBABILITY")
+    solarization: float = knob(0.0, "Solarization probability per clip, pixels >= 128 inverted "
+                                    "(GroupSolarization, datasets/transforms.py:490-499; p not released).",
+                               type="PROBABILITY")
     randaugment_per_frame: bool = knob(True, "RandAugment draws its operations for each frame (the official "
                                              "GroupTransform, applied first) or once per clip.",
                                        toggle="randaugment-per-frame/--randaugment-per-clip")
     amp: bool = knob(True, "Mixed precision on GPU (bf16, or fp16 with a scaler).", toggle="amp/--no-amp")
     grad_checkpointing: bool = knob(False, "Recompute activations to save memory.", is_flag=True)
     data_device: str = knob("auto", DATA_DEVICE_HELP, type=("auto", "cpu", "cuda"))
+    test_scale: int = knob(256, "Validation after each epoch: " + TEST_SCALE_HELP, type="POSITIVE")
     compile: bool = knob(False, "torch.compile the visual encoder (compiles on the first steps; GPU runs).",
                          is_flag=True)
     log_every: int = knob(10, "GPU: steps between loss read-backs from the device, the only host "
@@ -355,6 +383,7 @@ class PredictSettings(ModelChoice):
     device: str | None = knob(None, DEVICE_HELP, default_text="cuda when present, else cpu")
     run_name: str | None = knob(None, "A fine-tuned run (CACHE/runs/RUN) as the classifier; without --labels it "
                                       "uses the run's own classes.", old_flags=("--run",), old_keys=("run",))
+    test_scale: int = knob(256, "With --run-name: " + TEST_SCALE_HELP, type="POSITIVE")
 
 
 class PretrainSettings(DatasetName):

@@ -103,6 +103,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _acquire(fd: int, mode: int) -> bool:
+    """Take the flock ``mode`` on ``fd`` without waiting, except for a lock whose writer is gone: a child it
+    forked may still hold the descriptor for the moment before that child closes it (the fork hook above runs
+    when the child is first scheduled), so such a lock is retried for a few seconds."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    if not holder.isdigit() or _pid_alive(int(holder)):
+        return False
+    deadline = time.monotonic() + DEAD_HOLDER_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
+
+
+DEAD_HOLDER_WAIT_S = 5.0
+
+
 def _holder_text(fd: int) -> str:
     """Who holds the lock, as written in it: the writer's pid (a reader writes nothing)."""
     holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
@@ -156,11 +182,9 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
     assert fd is not None
     _HELD_LOCKS.add(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _acquire(fd, fcntl.LOCK_EX):
             doing = _holder_text(fd).replace("{lock}", str(lp))
-            raise StoreLocked(f"{path} is being {doing}; wait for it to finish or stop it") from None
+            raise StoreLocked(f"{path} is being {doing}; wait for it to finish or stop it")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -260,11 +284,9 @@ def reader_lock(*paths: str | os.PathLike) -> Iterator[None]:
                 continue
             fds.append(fd)
             _HELD_LOCKS.add(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _acquire(fd, fcntl.LOCK_SH):
                 doing = _holder_text(fd).replace("{lock}", str(lock_path(path)))
-                raise StoreLocked(f"{path} is being {doing}; wait for it to finish, then re-run") from None
+                raise StoreLocked(f"{path} is being {doing}; wait for it to finish, then re-run")
         yield
     finally:
         for fd in fds:

@@ -85,7 +85,7 @@ class TrainConfig:
     backbone_lr_ratio: float = _F.backbone_lr_ratio  # the pretrained encoder's lr, relative to lr
     temporal_lr: float | None = None  # the temporal module's own lr (None: lr)
     weight_decay: float = _F.weight_decay
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = _F.betas  # the released code's (train.py:280); the paper's (0.9, 0.98) is an option
     warmup_epochs: float = _F.warmup_epochs
     min_lr: float = _F.min_lr  # cosine floor, for the lr of new modules (other groups scale with it)
     seed: int = 0
@@ -102,6 +102,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, not {value}")
         if self.temporal_lr is not None and (not math.isfinite(float(self.temporal_lr)) or self.temporal_lr < 0):
             raise ValueError(f"temporal_lr must be a finite number >= 0, not {self.temporal_lr}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"AdamW betas are two numbers in [0, 1), not {self.betas}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.lr == 0 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("lr must be > 0, and epochs and batch size at least 1")
 
@@ -240,10 +243,19 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
     return local[1][order].numpy(), local[2][order].numpy()
 
 
+def cosines_of(model: nn.Module, logits: np.ndarray) -> np.ndarray | None:
+    """The cosines behind a model's logits (``exp(s) * cos``), for metrics computed at another scale (the official
+    ActivityNet mAP scores 100 x cos, test_anet.py:244); None for a head without a logit scale."""
+    scale = getattr(getattr(model, "head", None), "logit_scale", None)
+    return None if scale is None else logits / float(scale.detach().float().exp())
+
+
 def evaluate(model: nn.Module, data: ClipSet, batch_size: int, device: torch.device | str = "cpu",
              workers: int = 0, amp: bool = True) -> dict[str, float]:
     logits, labels = predict(model, data, batch_size, device, workers, amp)
-    return multilabel_metrics(logits, labels) if labels.ndim == 2 else metrics(logits, labels)
+    if labels.ndim == 2:
+        return multilabel_metrics(logits, labels, cosines=cosines_of(model, logits))
+    return metrics(logits, labels)
 
 
 def _rng_states() -> dict:

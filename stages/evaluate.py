@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import evaluation, store
+from pipeline.datasets.manifest import WHOLE
 from pipeline.errors import PipelineError
 from pipeline.featurestore import read_rows, video_features
 from pipeline.files import write_atomic
@@ -65,14 +66,20 @@ def _names_file(cache: Path, dataset: str, hgroup) -> str | None:  # noqa: ANN00
     return store.open_group(path, mode="r").attrs.get("class_names_file")
 
 
+def require_split(stored: list[str], dataset: str, split: str, stage: str) -> None:
+    """``split`` is stored, or a one-line error; for ``all`` (the whole dataset) it says how to make it: the union of
+    the stored splits would miss HMDB51's unused videos and ActivityNet's whole training videos."""
+    if split == WHOLE and WHOLE not in stored:
+        raise PipelineError(f"no {stage} of {dataset}/{WHOLE} (every video of the dataset, as the official zero-shot "
+                            f"lists): run `pipeline frames --split {WHOLE}` (and `pipeline features`) first")
+
+
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
         out: Path | None = None) -> dict:
-    # --split all: every video of the dataset (the official whole-dataset zero-shot lists of UCF101 / HMDB51)
-    chosen = splits_of(cache, "features", dataset, model_tag) if split == "all" else [split]
-    parts = [video_features(open_features(cache, dataset, model_tag, s))[:2] for s in chosen]
-    feats, labels = np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
-    group = open_features(cache, dataset, model_tag, chosen[0])
+    require_split(splits_of(cache, "features", dataset, model_tag), dataset, split, "features")
+    group = open_features(cache, dataset, model_tag, split)
+    feats, labels = video_features(group)[:2]
     names = list(group.attrs["class_names"])
     enc_tag = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
     source = head_dataset or dataset
@@ -103,16 +110,17 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
                 data_device: str = "auto", out: Path | None = None, quiet: bool = False, progress: bool = True,
-                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = ()) -> dict:
-    """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
-    classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
+                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (), test_scale: int = 256) -> dict:
+    """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops, the short side first
+    scaled to ``test_scale`` per 224 px of input, as test.py), on its own dataset's classes or, zero-shot, on
+    another dataset's (its cached head of the run's kind, e.g. clip-text)."""
     import torch
 
     from pipeline import distributed
-    from pipeline.clips import ConcatClipSet, FrameClipSet, Normalization, usable_rows
-    from pipeline.training import predict, rank_and_world
+    from pipeline.clips import FrameClipSet, usable_rows
+    from pipeline.training import cosines_of, predict, rank_and_world
 
-    from .finetune import CachedFeatureSet, batched_data_path, load_run, open_frames
+    from .finetune import CachedFeatureSet, batched_data_path, load_run, normalization, open_frames
 
     dev = distributed.setup(device)
     batched = batched_data_path(data_device, dev)
@@ -140,37 +148,39 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     if frozen and spatial != 1:
         raise PipelineError("a frozen-backbone run evaluates cached features: spatial views need the frame "
                             "store and a fully fine-tuned run (use --views Cx1)")
-    # --split all: every video of the dataset (the official whole-dataset zero-shot lists)
+    # --split all: the stored whole-dataset split (`frames --split all`), the official zero-shot set
     stored = splits_of(cache, "features", dataset, info["model_tag"]) if frozen else splits_of(cache, "frames",
                                                                                               dataset)
-    parts = []
-    for one in (stored if split == "all" else [split]):
-        if frozen:
-            group = open_features(cache, dataset, info["model_tag"], one)
-        else:
-            group, path = open_frames(cache, dataset, one)
-        if dataset == info["dataset"] and info.get(one) and group.attrs["fingerprint"] != info[one]:
-            warnings.warn(f"the {'features' if frozen else 'frames'} of {dataset}/{one} were rebuilt since run "
-                          f"{run_name} was trained: this evaluates the new ones (re-train it for numbers of one "
-                          "snapshot)", stacklevel=2)
-        if frozen:
-            rows, labels = usable_rows(group)
-            parts.append(CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal))
-        else:
-            rows, labels = usable_rows(group, multilabel="targets" in group)
-            parts.append(FrameClipSet(str(path), rows, labels, info["frames"],
-                                      Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
-                                      views=(temporal, spatial), batched=batched))
-    data = parts[0] if len(parts) == 1 else ConcatClipSet(parts)
+    require_split(stored, dataset, split, "features" if frozen else "frames")
+    norm = normalization(clip, test_scale) if not frozen else None
+    if frozen:
+        group = open_features(cache, dataset, info["model_tag"], split)
+    else:
+        group, path = open_frames(cache, dataset, split)
+    if dataset == info["dataset"] and info.get(split) and group.attrs["fingerprint"] != info[split]:
+        warnings.warn(f"the {'features' if frozen else 'frames'} of {dataset}/{split} were rebuilt since run "
+                      f"{run_name} was trained: this evaluates the new ones (re-train it for numbers of one "
+                      "snapshot)", stacklevel=2)
+    if frozen:
+        rows, labels = usable_rows(group)
+        data = CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal)
+    else:
+        rows, labels = usable_rows(group, multilabel="targets" in group)
+        data = FrameClipSet(str(path), rows, labels, info["frames"], norm, 0, views=(temporal, spatial),
+                            batched=batched)
     model.to(dev)
     rank, world = rank_and_world()
     # Rank 0's share of the clips (every rank scores about as many): hours at Kinetics size with 4x3 views.
     with Progress(len(range(rank, len(data), world)) if progress else 0, f"evaluate {run_name} {temporal}x{spatial}",
                   quiet or rank != 0 or not progress, unit="video") as bar:
         logits, y = predict(model, data, batch_size, dev, workers, on_batch=bar.update)
-    scores = evaluation.multilabel_metrics(logits, y) if y.ndim == 2 else evaluation.metrics(logits, y)
+    if y.ndim == 2:  # mAP_official at the official code's 100 x cos, whatever scale the run trained
+        scores = evaluation.multilabel_metrics(logits, y, cosines=cosines_of(model, logits))
+    else:
+        scores = evaluation.metrics(logits, y)
     result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
-              "trained_on": info["dataset"], "head": info["head"], **scores}
+              "trained_on": info["dataset"], "head": info["head"], **scores,
+              **({"test_scale": test_scale, "test_short_side": norm.test_size} if norm is not None else {})}
     others = [p for p in protocols if p != "full"]
     if others:  # zero-shot protocols on the run's logits: a class subset scores its own columns only
         if y.ndim == 2:

@@ -362,7 +362,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
         encoder: str | None = None, run_name: str | None = None, frames: int = 8, shots: int | None = None,
         layers: int = 6, replace_mismatched: bool = False, quiet: bool = False, device: str | None = None,
         objective: Objective = Objective(), spec: ModelSpec | None = None, ttrans_init: str = "official",
-        coop_ctx: int = 16, coop_lr: float | None = None) -> dict:
+        coop_ctx: int = 4, coop_lr: float | None = None) -> dict:
     """Frozen backbone: the temporal module (and a projection) on cached frame features."""
     if temporal == "tokent1d":
         raise PipelineError("TokenT1D works inside the visual encoder: it needs full fine-tuning, "
@@ -460,6 +460,14 @@ def open_frames(cache: Path, dataset: str, split: str):
     return group, path
 
 
+def normalization(clip, test_scale: int) -> Normalization:  # noqa: ANN001 - a loaded open_clip model
+    """The model's input and the evaluation's short side (``test_scale`` per 224 px), or a one-line error."""
+    try:
+        return Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation, test_scale)
+    except ValueError as e:
+        raise PipelineError(f"--test-scale: {e}") from None
+
+
 def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, frames: int, layers: int,
                 t1d_init: str, grad_checkpointing: bool = False, ttrans_init: str = "official"):
     """The loaded open_clip model's visual tower wrapped as a video classifier against ``head_rows``."""
@@ -471,11 +479,13 @@ def build_model(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, f
 def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: str, cfg: TrainConfig, *,
              augment: AugmentConfig = AugmentConfig(), encoder: str | None = None, run_name: str | None = None,
              frames: int = 8, shots: int | None = None, layers: int = 6, t1d_init: str = "shift",
-             ttrans_init: str = "official", init_from: str | None = None, coop_ctx: int = 16,
-             coop_lr: float | None = None, hard_templates: str | None = None,
+             ttrans_init: str = "official", init_from: str | None = None, coop_ctx: int = 4,
+             coop_lr: float | None = None, hard_templates: str | None = None, hard_templates_eval: str = "single",
              grad_checkpointing: bool = False, replace_mismatched: bool = False, quiet: bool = False,
-             device: str | None = None, objective: Objective = Objective(), data_device: str = "auto") -> dict:
-    """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store."""
+             device: str | None = None, objective: Objective = Objective(), data_device: str = "auto",
+             test_scale: int = 256) -> dict:
+    """Full fine-tuning: the CLIP visual encoder and the temporal module on clips of the frame store; the
+    validation after each epoch scales and crops as test.py (``test_scale`` per 224 px of input)."""
     inputs = [frames_path(cache, dataset, s) for s in ("train", "val") if s in splits_of(cache, "frames", dataset)]
     # Shared locks on the frame stores, taken before their fingerprints are read and held for the whole run: no
     # store can be rebuilt between what run.json records and what the run trains on.
@@ -497,7 +507,6 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         torch.manual_seed(cfg.seed)  # new modules (T-Trans) start from the run's seed
         model = build_model(clip, weights, head == "learnable", temporal, frames, layers, t1d_init, grad_checkpointing,
                             ttrans_init)
-        start = init_from_run(model, cache, init_from) if init_from else None
         if head == "coop":
             model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
         templates = None
@@ -505,9 +514,15 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
             if head != "clip-text":
                 raise PipelineError("--hard-templates draws CLIP-text rows per step: use it with --head clip-text")
             templates = resolve_templates(hard_templates)
+            if hard_templates_eval not in ("single", "ensemble"):
+                raise PipelineError(f"--hard-templates-eval must be single or ensemble, not {hard_templates_eval!r}")
             bank = torch.stack([torch.from_numpy(encode_with_clip(clip, names, [t], "cpu")) for t in templates])
-            model.head = TemplateDrawHead(bank, float(clip.model.logit_scale.detach()))
-        norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
+            # the paper evaluates with the single template: the cached clip-text head's rows (labels --template)
+            model.head = TemplateDrawHead(bank, float(clip.model.logit_scale.detach()),
+                                          eval_rows=weights if hard_templates_eval == "single" else None)
+        # after the head is in place: the source run's logit scale goes to whichever head this run has
+        start = init_from_run(model, cache, init_from) if init_from else None
+        norm = normalization(clip, test_scale)
         rows, labels = usable_rows(train_group)
         epoch_length = None
         if shots:
@@ -528,8 +543,11 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
                   "head_fingerprint": head_fp, "temporal": temporal, "frames": frames, "shots": shots, "layers": layers,
                   "t1d_init": t1d_init if temporal == "tokent1d" else None, "augment": asdict(augment),
                   "ttrans_init": ttrans_init if temporal == "ttrans" else None, "init_from": start,
-                  **_coop_record(head, coop_ctx, coop_lr, cfg), **({"hard_templates": templates} if templates else {}),
+                  **_coop_record(head, coop_ctx, coop_lr, cfg),
+                  **({"hard_templates": templates, "hard_templates_eval": hard_templates_eval} if templates else {}),
                   "config": _fingerprinted(cfg), "objective": objective.record(),
+                  # the validation's view (its metrics are part of the run's history)
+                  "test_scale": test_scale,
                   # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
                   **({"data_path": "batched-gpu"} if batched else {})}
         fp = store.fingerprint(record)
@@ -573,9 +591,10 @@ def _write_coop_head(cache: Path, dataset: str, model_tag: str, model, names: li
 
 
 def init_from_run(model: torch.nn.Module, cache: Path, source: str) -> dict:
-    """Copy the visual encoder (TokenT1D included) and the temporal module of fine-tuned run ``source`` into
-    ``model`` (transfer, Tables 2 and 5); the head stays this run's. Returns what the new run records of
-    its start. Refused, naming a difference, when the architectures differ."""
+    """Copy the visual encoder (TokenT1D included), the temporal module and the logit scale of fine-tuned run
+    ``source`` into ``model`` (transfer, Tables 2 and 5); the head's rows stay this run's. The official code
+    loads the source's whole state dict (train.py:245-250), CLIP's trained logit scale with it. Returns what
+    the new run records of its start. Refused, naming a difference, when the architectures differ."""
     run_dir = run_path(cache, source)
     if not (run_dir / "run.json").is_file() or not (run_dir / CHECKPOINT).is_file():
         raise PipelineError(f"--init-from {source!r}: no fine-tuned run of that name with a checkpoint under "
@@ -592,8 +611,11 @@ def init_from_run(model: torch.nn.Module, cache: Path, source: str) -> dict:
         raise PipelineError(f"--init-from {source}: its encoder or temporal module differs from this run's "
                             f"({info.get('backbone')} {info.get('temporal')} vs this run; first difference: "
                             f"{differ[0]}); use the same model, --temporal and --layers")
+    scale = "head.logit_scale"
+    if scale in state and scale in model.state_dict():
+        taken[scale] = state[scale]
     model.load_state_dict(taken, strict=False)
-    return {"run": source, "fingerprint": info.get("fingerprint")}
+    return {"run": source, "fingerprint": info.get("fingerprint"), "logit_scale": scale in taken}
 
 
 def load_run(cache: Path, run_name: str):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline import store
 from pipeline.cachefs import location
-from pipeline.datasets import load_manifest
+from pipeline.datasets import WHOLE, load_manifest
 from pipeline.errors import PipelineError
 from pipeline.framestore import (
     FrameCodec,
@@ -55,16 +55,18 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
         block_size: int = 16,
         workers: int = 1, scheduler_address: str | None = None, replace_mismatched: bool = False,
         quiet: bool = False) -> list[dict]:
-    """Fill the frame store of each split; returns one summary dict per split."""
+    """Fill the frame store of each split; returns one summary dict per split. The split ``all`` (every video of the
+    dataset once, whole, one label: the official zero-shot set) is made only when asked for by name."""
     manifest = load_manifest(data.dataset, data.root, split_id=data.split_id, untrimmed=data.untrimmed,
-                             name=data.name)
+                             name=data.name, whole=WHOLE in (splits or []))
     manifest.dataset = data.cache_name
     manifest = with_validation(manifest, data)
     available = manifest.splits
     chosen = splits or available
     unknown = [s for s in chosen if s not in available]
     if unknown:
-        raise PipelineError(f"split {unknown[0]!r} not in {data.cache_name}; it has: {', '.join(available)}")
+        raise PipelineError(f"split {unknown[0]!r} not in {data.cache_name}; it has: {', '.join(available)} (and "
+                            f"'{WHOLE}': every video once, the official whole-dataset zero-shot set)")
     for split in chosen:  # every name checked before anything is written
         frames_path(cache, data.cache_name, split)
     summaries = []
@@ -94,5 +96,6 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
                                     workers=workers, scheduler_address=scheduler_address, on_result=done)
             summary = store.summarize(group, path, max_failures=20)
             summary["errors"] = errors
+            summary["notes"] = part.notes.get(split, [])
             summaries.append(summary)
     return summaries

@@ -29,21 +29,21 @@ def _top(logits: np.ndarray, labels: list[str], top: int) -> list[tuple[str, flo
 
 
 def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str] | None, *, template: str = "paper",
-                device: str = "cpu", top: int = 5, quiet: bool = False) -> list[dict]:
+                device: str = "cpu", top: int = 5, quiet: bool = False, test_scale: int = 256) -> list[dict]:
     """Top labels from a fine-tuned run: its own classes, or your ``labels`` through the run's text encoder.
 
-    Frames are decoded exactly as the run's frame store was made, then sampled and cropped as in
-    single-view evaluation.
+    Frames are decoded exactly as the run's frame store was made, then sampled, scaled (``test_scale`` per
+    224 px of input) and centre-cropped as in single-view evaluation.
     """
     import torch
 
-    from pipeline.clips import Normalization, eval_views
+    from pipeline.clips import eval_views
     from pipeline.models.classifier import TextTowerHead
     from pipeline.models.coop import CoOpHead
     from pipeline.models.text import encode_with_hf
     from pipeline.sampling import segment_indices
 
-    from .finetune import load_run
+    from .finetune import load_run, normalization
 
     model, info, clip = load_run(cache, run_name)
     if info["backbone"] != "full":
@@ -66,7 +66,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     else:
         labels = list(info["class_names"])
     model.to(device)
-    norm = Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation)
+    norm = normalization(clip, test_scale)
     frame_spec = FrameSpec(**{k: v for k, v in info["frame_spec"].items() if k in FrameSpec.__dataclass_fields__})
     results = []
     for video in Progress.over(videos, "predict", quiet):

@@ -259,8 +259,72 @@ def declared(key: str, keys: list[str]) -> bool:
     return any(key == d or key.startswith(d + ".") for d in keys)
 
 
-if __name__ == "__main__":  # python tests/dvcstages.py [PROJECT]: each stage definition's code deps, for dvc.yaml
-    project = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT).resolve()
+def write_code_deps(project: Path) -> list[str]:
+    """Rewrite ``project``'s dvc.yaml so that each stage definition's code deps are exactly what its commands
+    import (other deps, params and comments kept); returns the names of the definitions it changed."""
+    from ruamel.yaml import YAML
+
+    by_definition: dict[str, set[Path]] = {}
+    for st in load_stages(project):
+        by_definition.setdefault(st.name.partition("@")[0], set()).update(needed_code(st))
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    path = project / "dvc.yaml"
+    doc = yaml.load(path.read_text())
+    changed = []
+    for name, definition in doc["stages"].items():
+        body = definition.get("do", definition)
+        if name not in by_definition or "deps" not in body:
+            continue
+        code = [os.path.relpath(d, project) for d in code_deps(by_definition[name])]
+        is_code = [any(os.path.normpath(os.path.join(project, str(d))).startswith(str(ROOT / p)) for p in PACKAGES)
+                   and "${" not in str(d) for d in body["deps"]]
+        others = [d for d, c in zip(body["deps"], is_code, strict=True) if not c]
+        if [str(d) for d, c in zip(body["deps"], is_code, strict=True) if c] != code:
+            changed.append(name)
+        body["deps"].clear()
+        body["deps"].extend(code + others)
+    # params: every key a command reads from a params file (its --print-config) is declared, in the entry of
+    # the stage definition that names that file (``${key}.yaml`` for a foreach over profiles)
+    stages = load_stages(project)
+    printed = print_configs(project, [i.args for st in stages for i in invocations(st.cmd)])
+    for st in stages:
+        name = st.name.partition("@")[0]
+        body = doc["stages"][name].get("do", doc["stages"][name])
+        for inv in invocations(st.cmd):
+            params_file, keys = params_read(printed[inv.args], st.wdir)
+            missing = [k for k in keys if not declared(k, st.params.get(params_file, []))]
+            if not missing:
+                continue
+            entries = [e for e in body.setdefault("params", []) if isinstance(e, dict)
+                       and str(next(iter(e))) != "datasets.yaml"]
+            if params_file.name == "params.yaml" and not entries:  # the default file: plain keys
+                target = body["params"]
+            else:
+                target = next(iter(entries[0].values())) if entries else None
+            if target is None:
+                continue
+            for k in missing:
+                if k not in target:
+                    target.append(k)
+                    st.params.setdefault(params_file, []).append(k)
+            if name not in changed:
+                changed.append(name)
+    with path.open("w") as f:
+        yaml.dump(doc, f)
+    return changed
+
+
+if __name__ == "__main__":  # python tests/dvcstages.py [--write] [PROJECT]: each stage definition's code deps
+    args = sys.argv[1:]
+    write = "--write" in args
+    args = [a for a in args if a != "--write"]
+    project = Path(args[0] if args else ROOT).resolve()
+    if write:
+        print("rewrote the code deps of:", ", ".join(write_code_deps(project)) or "nothing")
+        sys.exit(0)
     by_definition: dict[str, set[Path]] = {}
     for st in load_stages(project):
         by_definition.setdefault(st.name.partition("@")[0], set()).update(needed_code(st))
@@ -268,4 +332,3 @@ if __name__ == "__main__":  # python tests/dvcstages.py [PROJECT]: each stage de
         print(f"{name}:\n  deps:")
         for dep in code_deps(needed):
             print(f"    - {os.path.relpath(dep, project)}")
-

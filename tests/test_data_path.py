@@ -70,6 +70,28 @@ def test_batched_training_clips_equal_the_per_clip_path(stores, codec, per_frame
     assert not torch.allclose(other, got)  # the draws do change with the epoch
 
 
+def test_gaussian_blur_and_solarization_draw_and_apply_alike_on_both_paths(stores):
+    """The released GroupGaussianBlur(p) and GroupSolarization(p) (datasets/transforms.py:478-499) as options:
+    one draw per clip after grayscale, sigma in [0.1, 2], pixels >= 128 inverted; the same clips on both paths."""
+    from pipeline.batchclips import ClipDrawer
+
+    aug = AugmentConfig(randaugment_ops=0, gaussian_blur=0.5, solarization=0.5)
+    draws = [ClipDrawer(32, aug).draw(8, 48, 64, seed) for seed in range(40)]
+    blurred = [d.blur_sigma for d in draws if d.blur_sigma is not None]
+    assert 8 < len(blurred) < 32 and all(0.1 <= s <= 2.0 for s in blurred)
+    assert 8 < sum(d.solarize for d in draws) < 32
+    assert all(d.blur_sigma is None and not d.solarize for d in (ClipDrawer(32, AugmentConfig()).draw(8, 48, 64, s)
+                                                                  for s in range(10)))  # off by default (p = 0)
+    per_clip, batched = both_paths(stores["jpeg"], aug)
+    indices = list(range(len(per_clip)))
+    want = torch.stack([per_clip.item(i, 0, True)[0] for i in indices])
+    got = batched_inputs(batched, indices, 0, True)
+    torch.testing.assert_close(got, want, atol=GREY_LEVEL, rtol=0)
+    plain_clip, _ = both_paths(stores["jpeg"], AugmentConfig(randaugment_ops=0))
+    plain = torch.stack([plain_clip.item(i, 0, True)[0] for i in indices])
+    assert not torch.allclose(plain, want)  # some clips were blurred or solarized
+
+
 def test_batched_evaluation_views_equal_the_per_clip_path(stores):
     per_clip, batched = both_paths(stores["jpeg"], views=(2, 3), frames=4)
     indices = list(range(len(per_clip)))

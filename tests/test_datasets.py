@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 from conftest import copy_video
@@ -195,3 +196,85 @@ def test_clear_errors_for_unknown_dataset_and_missing_root(tmp_path):
         load_manifest("ucf101", str(tmp_path / "nope"))
     with pytest.raises(PipelineError, match="UCF101 video folder not found"):
         load_manifest("ucf101", str(tmp_path))
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def _official_list(name: str) -> list[tuple[str, int]]:
+    """(video id, label id) of the official whole-dataset zero-shot list (lists/<ds>/<name>)."""
+    import gzip
+
+    path = SHARED / "text4vis-lists" / "zeroshot" / f"{name}.gz"
+    if not path.is_file():
+        pytest.skip(f"../shared/text4vis-lists/zeroshot/{name}.gz is absent")
+    rows = [line.split() for line in gzip.open(path, "rt").read().splitlines() if line.strip()]
+    return [(row[0].rstrip("/").split("/")[-1], int(row[-1])) for row in rows]
+
+
+def test_ucf101_split_all_is_the_official_whole_dataset_list(tmp_path):
+    """ucf_full_for_zeroshot.txt (configs/ucf101/ucf_zero_shot.yaml:12): all 13,320 videos with their labels."""
+    import gzip
+
+    official = _official_list("ucf_full_for_zeroshot.txt")
+    src = SHARED / "real-annotations" / "ucf101"
+    if not (src / "trainlist01.txt.gz").is_file():
+        pytest.skip("../shared/real-annotations/ucf101 is absent")
+    lists = tmp_path / "ucf101" / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (tmp_path / "ucf101" / "UCF-101").mkdir()
+    for f in src.glob("*.txt.gz"):
+        (lists / f.name[:-3]).write_bytes(gzip.open(f).read())
+    m = load_manifest("ucf101", str(tmp_path / "ucf101"), split_id=1, whole=True)
+    whole = m.split("all").records
+    assert len(whole) == len(official) == 13320
+    assert sorted((r.video_id, r.label) for r in whole) == sorted(official)
+    assert "all" not in load_manifest("ucf101", str(tmp_path / "ucf101")).splits  # only when asked for
+
+
+def test_hmdb51_split_all_keeps_the_unused_videos_as_the_official_list(tmp_path):
+    """hmdb_full_for_zeroshot.txt (configs/hmdb51/hmdb_zero_shot.yaml:12): all 6,766 videos, the 1,666 a split
+    tags 0 (unused) included; train + test alone are 5,100."""
+    import tarfile
+
+    official = _official_list("hmdb_full_for_zeroshot.txt")
+    tarball = SHARED / "real-annotations" / "hmdb51" / "testTrainMulti_7030_splits.tar.gz"
+    if not tarball.is_file():
+        pytest.skip("../shared/real-annotations/hmdb51 is absent")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path / "hmdb51", filter="data")
+    m = load_manifest("hmdb51", str(tmp_path / "hmdb51"), split_id=1, whole=True)
+    assert len(m.split("train").records) + len(m.split("test").records) == 5100
+    whole = m.split("all").records
+    assert len(whole) == len(official) == 6766
+    assert sorted((r.video_id, r.label) for r in whole) == sorted(official)
+
+
+def test_activitynet_split_all_is_every_training_and_validation_video_whole_with_one_label(tmp_path, template):
+    """anet_full_for_zeroshot.txt: the 10,024 + 4,926 training and validation videos, whole, one label each
+    (its 14,950 rows counted when ../shared is present); a video of several labels keeps its majority label."""
+    root = tmp_path / "anet"
+    root.mkdir()
+    db = {"database": {
+        "abc": {"subset": "training", "annotations": [{"segment": [1.0, 5.5], "label": "Surfing"},
+                                                      {"segment": [10.0, 20.0], "label": "Surfing"}]},
+        "def": {"subset": "validation", "annotations": [{"segment": [0.0, 4.0], "label": "Ballet"},
+                                                        {"segment": [5.0, 9.0], "label": "Surfing"},
+                                                        {"segment": [9.0, 12.0], "label": "Surfing"}]},
+        "jkl": {"subset": "validation", "annotations": [{"segment": [0.0, 4.0], "label": "Ballet"},
+                                                        {"segment": [5.0, 9.0], "label": "Surfing"}]},
+        "ghi": {"subset": "testing", "annotations": []}}}
+    (root / "activity_net.v1-3.min.json").write_text(json.dumps(db))
+    copy_video(template, root / "v_abc.mp4")
+    m = load_manifest("anet", str(root), whole=True)
+    whole = m.split("all")
+    assert [(r.video_id, r.label, r.labels) for r in whole.records] == [
+        ("v_abc", 1, ()), ("v_def", 1, ()), ("v_jkl", 0, ())]  # majority; a tie: the first annotated
+    assert all(math.isnan(r.start) and math.isnan(r.end) for r in whole.records) and not whole.multi_label
+    assert "3 whole training and validation videos" in whole.notes["all"][0] and "2 carry several" in \
+        whole.notes["all"][0]
+    assert m.split("val").multi_label  # the validation split itself stays multi-label (mAP)
+    path = SHARED / "text4vis-lists" / "zeroshot" / "anet_full_for_zeroshot.txt.gz"
+    if path.is_file():
+        official = _official_list("anet_full_for_zeroshot.txt")
+        assert len(official) == len({v for v, _ in official}) == 10024 + 4926

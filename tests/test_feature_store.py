@@ -419,6 +419,12 @@ def test_split_all_evaluates_every_video_of_the_dataset(extracted, tmp_path):
     shutil.copytree(cache, tmp_path / "cache")
     m = ["--model", f"local-dir:{tiny}", "--cache", str(tmp_path / "cache")]
     run_inproc("heads", "-d", "toy", *m, "--head", "clip-text", "--replace-mismatched")
+    proc = run_cli("evaluate", "-d", "toy", *m, "--head", "clip-text", "--split", "all", check=False)
+    assert proc.returncode == 2 and "run `pipeline frames --split all`" in proc.stderr  # never a union of splits
+    run_inproc("frames", "--format", "csv", "--root", str(cache.parent / "world"), "--dataset", "toy", "--split", "all",
+               "--cache-frames", "4", "--height", "32", "--width", "32", "--block-size", "4", "--cache",
+               str(tmp_path / "cache"), "-q")
+    run_inproc("features", "-d", "toy", *m, "--model-key", "tiny-clip", "-q")
     whole = json.loads(run_inproc("evaluate", "-d", "toy", *m, "--head", "clip-text", "--split", "all", "--json"))
     parts = [json.loads(run_inproc("evaluate", "-d", "toy", *m, "--head", "clip-text", "--split", s, "--json"))
              for s in ("train", "val")]

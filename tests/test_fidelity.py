@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from test_training import ToySet
@@ -216,7 +217,7 @@ def test_the_frame_store_keeps_each_videos_whole_frame_and_its_box(tmp_path):
     # padding (black, up to JPEG ringing next to the edge) around the video's own pixels
     assert frames[:, :, :8].mean() < 4 and frames[:, :, 55:].mean() < 4 and frames[:, :, 12:51].mean() > 20
 
-    # evaluation: 3 crops spanning the video's own width (short side to S, left / centre / right)
+    # evaluation: 3 crops spanning the video's own width (short side to 256/224 x S = 18, left / centre / right)
     s = 16
     norm = Normalization(s, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
     views = FrameClipSet(str(cache / "frames" / "v" / "train"), np.array([wide]), np.array([0]), 2, norm, 0,
@@ -225,10 +226,10 @@ def test_the_frame_store_keeps_each_videos_whole_frame_and_its_box(tmp_path):
     from torchvision.transforms.v2 import functional as F
 
     own = torch.from_numpy(read_frames(group, wide)[:, 0:32, 3:60]).permute(0, 3, 1, 2)
-    resized = F.resize(own, [s], interpolation=F.InterpolationMode.BILINEAR, antialias=True).float() / 255
-    assert resized.shape[-1] == 28
-    assert torch.allclose(views[0], resized[..., :, :s], atol=1e-6)  # the left crop starts at the video's left edge
-    assert torch.allclose(views[2], resized[..., :, -s:], atol=1e-6)  # the right crop ends at its right edge
+    resized = F.resize(own, [18], interpolation=F.InterpolationMode.BILINEAR, antialias=True).float() / 255
+    assert resized.shape[-1] == 32
+    assert torch.allclose(views[0], resized[..., :s, :s], atol=1e-6)  # the left crop starts at the video's left edge
+    assert torch.allclose(views[2], resized[..., :s, -s:], atol=1e-6)  # the right crop ends at its right edge
 
 
 def test_official_lists_download_once_from_the_repository_and_fail_in_one_line_offline(tmp_path, monkeypatch):
@@ -263,3 +264,126 @@ def test_official_lists_download_once_from_the_repository_and_fail_in_one_line_o
         resolve_list("text4vis:k600/k160_labels_split2.csv")
     with pytest.raises(PipelineError, match="under the official lists/ folder"):
         resolve_list("text4vis:../secret")
+
+
+def test_evaluation_scales_the_short_side_to_256_per_224_before_the_crop():
+    """test.py:94 (scale_size 256 for a 224 input), then GroupCenterCrop (test.py:102-103) or GroupFullResSample's
+    left / right / centre at 0, 4 and 2 steps of (w - 224) // 4 (datasets/transforms.py:189-195)."""
+    from conftest import run_inproc
+    from torchvision.transforms.v2 import functional as TF
+
+    from pipeline.clips import Normalization, eval_views
+    from pipeline.settings import EvaluateSettings, FinetuneSettings, PredictSettings
+
+    assert FinetuneSettings.test_scale == EvaluateSettings.test_scale == PredictSettings.test_scale == 256
+    assert Normalization(224, (0.0,) * 3, (1.0,) * 3).test_size == 256
+    norm = Normalization(32, (0.0,) * 3, (1.0,) * 3, "bilinear")  # a 32-px input: 256 / 224 x 32 = 37 px
+    clip = torch.randint(0, 256, (2, 3, 40, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    scaled = TF.resize(clip, [37], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    assert scaled.shape[-2:] == (37, 55)
+    one = eval_views(clip, norm, 1)[0]
+    assert torch.equal(one, TF.center_crop(scaled, [32, 32]).float() / 255)  # torchvision's CenterCrop, as official
+    three = eval_views(clip, norm, 3)
+    step, top = (55 - 32) // 4, 2 * ((37 - 32) // 4)
+    for view, left in zip(three, (0, 2 * step, 4 * step), strict=True):
+        assert torch.equal(view, scaled[..., top:top + 32, left:left + 32].float() / 255)
+    # the old view (short side straight to the input size) sees a wider field: not what the official code scores
+    old = TF.center_crop(TF.resize(clip, [32], interpolation=TF.InterpolationMode.BILINEAR, antialias=True), [32, 32])
+    assert not torch.allclose(one, old.float() / 255, atol=0.05)
+    with pytest.raises(ValueError, match="under the 32-px input"):
+        Normalization(32, (0.0,) * 3, (1.0,) * 3, test_scale=200)
+    for command in ("evaluate", "finetune"):
+        line = next(x for x in run_inproc("config", command, "--no-params").splitlines() if "--test-scale" in x)
+        assert line.split()[1] == "256"
+
+
+def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_path, monkeypatch):
+    """train.py:278-281 and utils/solver.py:30-33 build AdamW with betas (0.9, 0.999); the paper's Table A.3 says
+    0.98: the default is the code's, ``--betas 0.9 0.98`` the paper's."""
+    from conftest import run_inproc
+
+    from pipeline.settings import FinetuneSettings
+
+    assert FinetuneSettings.betas == TrainConfig().betas == (0.9, 0.999)
+    for betas in ((0.9, 0.999), (0.9, 0.98)):
+        model = FrameFeatureClassifier(TemporalTransformer(16, layers=1, max_frames=8),
+                                       CosineHead(torch.randn(6, 16), learnable=False), 16, project=False)
+        cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, betas=betas)
+        train(model, ToySet(), None, cfg, tmp_path / str(betas[1]), "fp")
+        saved = torch.load(tmp_path / str(betas[1]) / "checkpoint.pt", weights_only=True)["optimizer"]
+        assert {tuple(g["betas"]) for g in saved["param_groups"]} == {betas}
+    with pytest.raises(ValueError, match="betas"):
+        TrainConfig(betas=(0.9, 1.0))
+    shown = run_inproc("config", "finetune", "--no-params")
+    assert next(x for x in shown.splitlines() if "--betas" in x).split()[1:3] == ["0.9", "0.999"]
+    flagged = run_inproc("finetune", "--no-params", "--betas", "0.9", "0.98", "--print-config")
+    assert next(x for x in flagged.splitlines() if "--betas" in x).split()[1:4] == ["0.9", "0.98", "flag"]
+    # the report's settings note reads the setting (it used to print (0.9, 0.98) whatever the run used)
+    from stages import report as report_stage
+
+    notes = []
+    monkeypatch.setattr(report_stage, "run", lambda cache, out, dataset, model_tag, settings_note: (
+        notes.append(settings_note), (out, ""))[1])
+    params = tmp_path / "p.yaml"
+    params.write_text("data:\n  dataset: demo\nfinetune:\n  betas: [0.9, 0.98]\n")
+    run_inproc("report", "--params", str(params), "--cache", str(tmp_path / "c"))
+    assert "AdamW betas (0.9, 0.98)" in notes[0]
+
+
+# test_zeroshot.py:301-302 run with numpy's legacy generator for C = 101, split 0: np.random.seed(0);
+# np.random.permutation(101)[:50], sorted. Written out, so that a change of generator cannot pass unnoticed.
+OFFICIAL_FIRST_DRAW_101 = [1, 2, 3, 4, 5, 6, 7, 8, 13, 15, 16, 17, 18, 22, 24, 26, 27, 30, 33, 38, 40, 41, 42, 43, 45,
+                           48, 51, 53, 54, 55, 56, 60, 61, 62, 63, 68, 71, 73, 74, 75, 76, 78, 80, 82, 86, 91, 93, 94,
+                           96, 100]
+
+
+def test_half_classes_are_the_official_legacy_draws_and_are_listed():
+    import numpy as np
+
+    from pipeline.evaluation import half_classes, half_draw
+
+    before = np.random.get_state()[1].copy()
+    assert half_draw(101, 0).tolist() == OFFICIAL_FIRST_DRAW_101
+    assert np.array_equal(np.random.get_state()[1], before)  # numpy's global stream is left alone
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 101, 600)
+    logits = rng.normal(size=(600, 101)) + 3 * np.eye(101)[labels]
+    result = half_classes(logits, labels)
+    assert [r["seed"] for r in result["runs"]] == list(range(10)) and result["classes_per_draw"] == 50
+    assert result["runs"][0]["class_indices"] == OFFICIAL_FIRST_DRAW_101
+    assert all(r["class_indices"] == half_draw(101, r["seed"]).tolist() for r in result["runs"])
+    assert len({tuple(r["class_indices"]) for r in result["runs"]}) == 10
+
+
+def test_activitynet_map_official_scores_100_cos_whatever_the_trained_scale():
+    """test_anet.py:244 scores `100.0 * image_features @ text_features.T`: mAP_official uses 100 x cos, not the
+    run's exp(s) x cos (here s = ln 20)."""
+    import numpy as np
+
+    from pipeline.evaluation import official_anet_map
+    from pipeline.training import evaluate
+
+    class MultiLabel:
+        def __init__(self) -> None:
+            g = np.random.default_rng(1)
+            self.t = np.zeros((48, 6), dtype=np.int64)
+            self.t[np.arange(48), g.integers(0, 6, 48)] = 1
+            self.t[:8, 0] = 1  # some videos carry a second label
+            self.x = (g.standard_normal((48, 4, 16)) + 0.8 * (self.t @ g.standard_normal((6, 16)))[:, None])
+            self.x = self.x.astype(np.float32)
+
+        def __len__(self) -> int:
+            return len(self.t)
+
+        def item(self, i: int, epoch: int, train: bool):
+            return torch.from_numpy(self.x[i])[None], torch.from_numpy(self.t[i])
+
+    rows = torch.randn(6, 16)
+    model = FrameFeatureClassifier(TemporalTransformer(16, layers=1, max_frames=8, init="tap"),
+                                   CosineHead(rows, learnable=False, logit_scale=math.log(20.0)), 16, project=False)
+    data = MultiLabel()
+    got = evaluate(model, data, batch_size=8)
+    video = torch.from_numpy(data.x).mean(dim=1)
+    cos = (F.normalize(video, dim=-1) @ F.normalize(rows, dim=-1).t()).numpy()
+    assert got["mAP_official"] == pytest.approx(official_anet_map(100 * cos, data.t.astype(bool)), abs=1e-6)
+    assert abs(got["mAP_official"] - official_anet_map(20 * cos, data.t.astype(bool))) > 1e-3

@@ -207,8 +207,8 @@ def test_multi_view_clips_and_averaging(ft_cache, extracted):
     assert x.shape == (6, 2, 3, 32, 32)
     single = FrameClipSet(str(path), rows[:3], labels[:3], 2, norm, 0).item(0, 0, False)[0]
     # T_cache 4, T 2: clip 0 takes frames (0, 2), clip 1 (1, 3) = the single view's segment centres;
-    # square 32-px frames: the three crops coincide
-    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[3]) and torch.equal(x[3], x[5])
+    # square 32-px frames scaled to 37 px (256 per 224) first: the centre of the 3 crops is the single view's
+    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[4]) and not torch.equal(x[3], x[5])
     assert not torch.equal(x[0], x[3])
     # predict() averages the L2-normalised view embeddings before the head
     head = CosineHead(torch.randn(12, clip.embed_dim), learnable=False)
@@ -283,6 +283,10 @@ def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_a
     mine = model.state_dict()
     copied = [k for k in source if k.startswith(("visual.", "temporal."))]
     assert copied and all(torch.equal(mine[k], source[k]) for k in copied)
+    # the trained logit scale too (the official code loads the whole state dict, train.py:245-250)
+    fresh = finetune_stage.build_model(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
+    assert not torch.equal(fresh.state_dict()["head.logit_scale"], source["head.logit_scale"])
+    assert torch.equal(mine["head.logit_scale"], source["head.logit_scale"]) and start["logit_scale"]
     assert start["run"] == "src" and start["fingerprint"]
     # through the CLI: another head, the same architecture -> trains and records where it started
     run_inproc(*common(m, "dst", "--head", "random", "--temporal", "ttrans", "--layers", "1", "--init-from", "src"))
@@ -292,15 +296,19 @@ def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_a
     assert proc.returncode == 2 and "differs from this run's" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shots_alone_gives_the_profiles_few_shot_epochs(ft_cache, tmp_path):
+def test_few_shot_follows_the_released_configs_and_keeps_the_papers_epochs_as_a_preset(ft_cache, tmp_path):
+    """The released few-shot configs train `solver.epochs: 30` on the repeated K-shot list; App. B.1 says 2 (K400)
+    or 10 epochs: the code's by default, the paper's with --few-shot-recipe paper."""
     cache, m = ft_cache
     params = tmp_path / "p.yaml"
-    params.write_text("finetune:\n  few_shot_epochs: 2\n")
+    params.write_text("finetune:\n  epochs: 3\n  few_shot_epochs: 2\n")
     base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--shots", "1",
             "--global-batch-size", "4", "--warmup-epochs", "0", "-q", "--params", str(params)]
-    run_inproc(*base, "--run-name", "fs")
+    run_inproc(*base, "--run-name", "fs-code")
+    assert json.loads((cache / "runs" / "fs-code" / "run.json").read_text())["config"]["epochs"] == 3
+    run_inproc(*base, "--few-shot-recipe", "paper", "--run-name", "fs")
     assert json.loads((cache / "runs" / "fs" / "run.json").read_text())["config"]["epochs"] == 2
-    run_inproc(*base, "--epochs", "1", "--run-name", "fs1")  # a flag still wins
+    run_inproc(*base, "--few-shot-recipe", "paper", "--epochs", "1", "--run-name", "fs1")  # a flag still wins
     assert json.loads((cache / "runs" / "fs1" / "run.json").read_text())["config"]["epochs"] == 1
 
 
@@ -322,6 +330,9 @@ def test_zero_shot_protocols_on_a_fine_tuned_run_score_only_the_chosen_classes(f
     assert [r["classes"] for r in runs] == [4, 5] and result["subsets"]["subsets"] == 2
     assert runs[0]["videos"] < result["videos"] and 0 <= result["subsets"]["top1"] <= 100
     assert result["half"]["classes_per_draw"] == 6 and len(result["half"]["runs"]) == 10
+    from pipeline.evaluation import half_draw  # `evaluate --json` lists each official draw's classes
+
+    assert [r["class_indices"] for r in result["half"]["runs"]] == [half_draw(12, k).tolist() for k in range(10)]
     # scored among the subset only: its top-1 is at least the full-label-set top-1 on the same videos
     assert all(r["top5"] == 100.0 for r in runs[:1])  # 4 classes: every class is in the top 5
 
@@ -355,7 +366,9 @@ def test_coop_trains_its_context_not_the_text_tower_and_writes_a_reusable_head(f
         head.ctx.copy_(clip.model.token_embedding.weight[x_id].expand(4, -1))
         assert torch.allclose(head.class_embeddings(), clip.model.encode_text(head.tokens), atol=1e-5)
 
-    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "coop", "--coop-ctx", "4", "--coop-lr", "1e-2",
+    # no --coop-ctx: the paper's M = 4 (App. A, "We set the M to 4"), not CoOp's own 16
+    assert CoOpHead(load_clip(ModelSpec(f"local-dir:{extracted[1]}")).model, clip.tokenizer, names).n_ctx == 4
+    base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "coop", "--coop-lr", "1e-2",
             "--frames", "2", "--epochs", "1", "--global-batch-size", "8", "--warmup-epochs", "0", "-q"]
     run_inproc(*base, "--run-name", "coop")
     state = load_state(cache, "coop")
@@ -403,7 +416,7 @@ def test_coop_context_vectors_are_what_training_changes(extracted, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("head.text."))
 
 
-def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_ensemble(ft_cache, tmp_path):
+def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_the_single_template(ft_cache, tmp_path):
     from pipeline.models.classifier import TemplateDrawHead
 
     bank = torch.randn(3, 4, 8)
@@ -414,7 +427,7 @@ def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_e
     assert len(drawn) > 1  # training passes use different templates
     head.eval()
     normed = bank / bank.norm(dim=-1, keepdim=True)
-    assert torch.allclose(head.weight, normed.mean(0)) and torch.equal(head(video), head(video))
+    assert torch.allclose(head.weight, normed.mean(0)) and torch.equal(head(video), head(video))  # the ensemble
 
     cache, m = ft_cache
     templates = tmp_path / "templates.txt"
@@ -424,12 +437,25 @@ def test_multiple_hard_templates_draw_one_template_per_step_and_evaluate_their_e
     assert info["hard_templates"] == ["a photo of a {}.", "a video of a {}.", "{}, a shape."]
     state = load_state(cache, "hard")
     assert state["head.bank"].shape[:2] == (3, 12)
+    # evaluation with the single template, as the paper: the cached clip-text head's rows
+    import zarr
+
+    cached = zarr.open_group(str(cache / "heads" / "toy" / "tiny-clip" / "clip-text"), mode="r")["head"][:]
+    assert info["hard_templates_eval"] == "single" and torch.equal(state["head.weight"], torch.from_numpy(cached))
     result = json.loads(run_inproc("evaluate", "--run-name", "hard", "--cache", str(cache), "--json"))
     assert 0 <= result["top1"] <= 100
+    run_inproc(*common(m, "hard-ens", "--head", "clip-text", "--hard-templates", str(templates),
+                       "--hard-templates-eval", "ensemble"))
+    ensemble = load_state(cache, "hard-ens")
+    assert torch.allclose(ensemble["head.weight"], ensemble["head.bank"].mean(0))
 
 
-def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache):
+def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache, extracted):
     cache, m = ft_cache
+    run_inproc("frames", "--format", "csv", "--root", str(extracted[0].parent / "world"), "--dataset", "toy", "--split",
+               "all", "--cache-frames", "4", "--height", "32", "--width", "32", "--block-size", "4", "--cache",
+               str(cache), "-q")
+    run_inproc("features", "-d", "toy", *m, "--model-key", "tiny-clip", "-q")
     base = ["finetune", "--frozen-backbone", "-d", "toy", *m, "--head", "clip-text", "--frames", "2", "--epochs", "1",
             "--global-batch-size", "8", "--warmup-epochs", "0", "-q", "--run-name", "all-splits"]
     run_inproc(*base)
@@ -438,3 +464,52 @@ def test_a_run_evaluates_the_whole_dataset_with_split_all(ft_cache):
     assert results["all"]["videos"] == results["train"]["videos"] + results["val"]["videos"] == 84
     hits = sum(results[s]["top1"] * results[s]["videos"] for s in ("train", "val")) / 84
     assert abs(results["all"]["top1"] - hits) < 1e-6
+
+
+def _profile_stage_cmd(stage: str, item: str) -> list[str]:
+    """The command of a foreach stage of data/profiles/dvc.yaml for one item, as DVC runs it."""
+    import shlex
+
+    import yaml
+
+    profiles = Path(__file__).resolve().parents[1] / "data" / "profiles"
+    cmd = yaml.safe_load((profiles / "dvc.yaml").read_text())["stages"][stage]["do"]["cmd"]
+    args = shlex.split(cmd.replace("${item}", item))
+    assert args[:2] == ["pipeline", "evaluate"]
+    # the profile by its path (DVC runs in data/profiles)
+    return [str(profiles / a) if a.endswith(".yaml") else a for a in args[1:]]
+
+
+def test_the_activitynet_zero_shot_stage_runs_to_a_number_for_full_and_half(ft_cache, extracted, tmp_path):
+    """table4@anet (data/profiles/dvc.yaml) on a small generated ActivityNet: the split all of whole training and
+    validation videos with one label each, scored by the K400 run, all classes and half of them x 10."""
+    cache, m = ft_cache
+    world = extracted[0].parent / "world"
+    classes = (world / "classes.txt").read_text().split("\n")[:4]
+    videos = {c: sorted((world / "videos").glob(f"*/{c.replace(' ', '_')}/*.mp4"))[:3] for c in classes}
+    root = tmp_path / "anet"
+    root.mkdir()
+    database = {}
+    for k, (c, files) in enumerate(videos.items()):
+        for n, f in enumerate(files):
+            vid = f"c{k}n{n}"
+            shutil.copyfile(f, root / f"v_{vid}.mp4")
+            anns = [{"segment": [0.0, 1.0], "label": c}]
+            if n == 2:  # a validation video with a second label (the majority stays its own class)
+                anns += [{"segment": [0.5, 1.5], "label": c}, {"segment": [1.0, 1.5], "label": classes[k - 1]}]
+            database[vid] = {"subset": "validation" if n == 2 else "training", "annotations": anns}
+    (root / "activity_net.v1-3.min.json").write_text(json.dumps({"database": database}))
+    out = run_inproc("frames", "--format", "anet", "--root", str(root), "--split", "all", "--cache-frames", "4",
+                     "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(cache), "-q")
+    assert "anet/all: 12 videos, 12 ok" in out and "4 carry several labels" in out
+    run_inproc("features", "-d", "anet", *m, "--model-key", "tiny-clip", "-q")
+    run_inproc("labels", "-d", "anet", *m, "--model-key", "tiny-clip")
+    run_inproc("heads", "-d", "anet", *m, "--model-key", "tiny-clip", "--head", "clip-text")
+    run_inproc(*common(m, "k400-vitl14-ttrans", "--head", "clip-text", "--temporal", "ttrans", "--layers", "1"))
+    args = _profile_stage_cmd("table4", "anet")
+    args[args.index("--out") + 1] = str(tmp_path / "table4-anet.json")
+    run_inproc(*args, "--cache", str(cache), "-q")
+    result = json.loads((tmp_path / "table4-anet.json").read_text())
+    assert result["split"] == "all" and result["videos"] == 12 and 0 <= result["top1"] <= 100
+    assert len(result["half"]["runs"]) == 10 and 0 <= result["half"]["top1"] <= 100
+    assert result["test_scale"] == 256 and result["views"] == "1x1"

@@ -260,10 +260,13 @@ def test_real_data_profiles_are_valid(profile):
         return r.values
 
     frames = resolved(S.FramesSettings)
-    assert frames.cache_frames >= 32 and (frames.height, frames.width) == (256, 456)  # 4 clips x 8, whole 16:9 frames
+    # K400's 4x3 views need 4 clips x 8 distinct frames; the one-view profiles store 2 a segment (measured enough,
+    # benchmarks/bench_cache_frames.py); whole 16:9 frames
+    assert frames.cache_frames == (32 if profile == "k400" else 16) and (frames.height, frames.width) == (256, 456)
     FrameCodec(frames.codec, frames.jpeg_quality)
     assert frames.format == frames.dataset == profile
-    assert resolved(S.FeaturesSettings).model == "ViT-B-16"
+    # Table 1's K400 run is ViT-B/16; the zero-shot and few-shot configs use ViT-L/14
+    assert resolved(S.FeaturesSettings).model == ("ViT-B-16" if profile == "k400" else "ViT-L-14")
     assert resolved(S.LdaSettings).per_class == 60
 
 
@@ -273,7 +276,7 @@ def test_a_profile_runs_with_a_root_override(tmp_path, ucf_tree):
                   "--cache", str(tmp_path / "c"), "-q")
     assert "ucf101/train: 6 videos, 6 ok" in out.stdout
     g = zarr.open_group(str(tmp_path / "c" / "frames" / "ucf101" / "train"), mode="r")
-    assert g.attrs["spec"]["num_frames"] == 32 and read_frames(g, 0).shape == (32, 256, 456, 3)
+    assert g.attrs["spec"]["num_frames"] == 16 and read_frames(g, 0).shape == (16, 256, 456, 3)
 
 
 def _dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -292,7 +295,7 @@ def test_profile_pipelines_are_valid_dvc_stages_and_stay_out_of_the_demos_status
     for profile in ("k400", "k600", "ucf101", "hmdb51", "anet", "custom"):
         for stage in ("frames", "features", "labels", "heads", "evaluate"):
             assert f"{stage}@{profile}" in out.stdout
-    for stage in ("finetune-k400", "evaluate-k400-run", "transfer@ucf101", "transfer-k600"):
+    for stage in ("finetune-k400", "table1@4x3", "table4@ucf101", "table4-k600", "finetune-k400-vitl14"):
         assert stage in out.stdout
     demo = _dvc("stage", "list", cwd=root)  # the root project: the demo only
     assert demo.returncode == 0 and "frames@k400" not in demo.stdout and "world" in demo.stdout

@@ -100,7 +100,7 @@ def test_a_params_files_model_key_never_lands_on_another_model(cache, tmp_path):
 def test_status_flags_deleted_chunks_and_array_metadata_and_says_when_it_last_verified(cache):
     c, tiny = cache
     feats = c / "features" / "toy" / "tiny-clip" / "train"
-    assert "never verified" in run_cli("status", "--cache", str(c)).stdout
+    assert "outputs never read whole since they were made" in run_cli("status", "--cache", str(c)).stdout
     run_cli("verify", "--cache", str(c))
     e = entry(status_of(c), "features", "toy/tiny-clip/train")
     assert e["damaged"] is None and e["verified"]["ok"] is True

@@ -9,20 +9,31 @@ from .activitynet import load_activitynet
 from .generic import load_csv, load_folder, load_imagefolder
 from .hmdb51 import load_hmdb51
 from .kinetics import load_kinetics
-from .manifest import Manifest, VideoRecord
+from .manifest import WHOLE, Manifest, VideoRecord, whole_dataset
 from .ucf101 import load_ucf101
 
 DATASETS = ("k400", "k600", "k700", "ucf101", "hmdb51", "anet", "csv", "folder", "imagefolder")
 
-__all__ = ["DATASETS", "Manifest", "VideoRecord", "load_manifest"]
+__all__ = ["DATASETS", "WHOLE", "Manifest", "VideoRecord", "load_manifest"]
 
 
 def load_manifest(dataset: str, root: str | None, *, split_id: int = 1, untrimmed: bool = False,
-                  name: str | None = None) -> Manifest:
+                  name: str | None = None, whole: bool = False) -> Manifest:
     """Read ``dataset`` (one of :data:`DATASETS`) at ``root``.
 
-    ``name`` renames a ``csv``/``folder`` dataset in the cache (default: the format name).
+    ``name`` renames a ``csv``/``folder`` dataset in the cache (default: the format name). ``whole`` adds the
+    split ``all``: every video of the dataset once, whole, with one label, as the official zero-shot lists
+    (``*_full_for_zeroshot.txt``: UCF101's 13,320, HMDB51's 6,766 with its unused videos, ActivityNet's 14,950
+    training and validation videos).
     """
+    manifest = _load(dataset, root, split_id=split_id, untrimmed=untrimmed, name=name, whole=whole)
+    if whole and dataset not in ("hmdb51", "anet"):  # those two know their whole set themselves
+        manifest.records = manifest.records + whole_dataset(manifest)
+    return manifest
+
+
+def _load(dataset: str, root: str | None, *, split_id: int, untrimmed: bool, name: str | None,
+          whole: bool) -> Manifest:
     if dataset not in DATASETS:
         raise PipelineError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     if not root:
@@ -34,9 +45,9 @@ def load_manifest(dataset: str, root: str | None, *, split_id: int = 1, untrimme
     if dataset == "ucf101":
         return load_ucf101(root, split_id)
     if dataset == "hmdb51":
-        return load_hmdb51(root, split_id)
+        return load_hmdb51(root, split_id, whole=whole)
     if dataset == "anet":
-        return load_activitynet(root)
+        return load_activitynet(root, whole=whole)
     if dataset == "csv":
         return load_csv(name or "csv", root)
     if dataset == "imagefolder":

@@ -6,7 +6,9 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+WHOLE = "all"  # the split of every video of a dataset once, whole, one label each: the official zero-shot set
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Manifest:
     class_names: list[str]
     records: list[VideoRecord]
     root: str = ""  # paths are fingerprinted relative to it, so a moved dataset keeps its caches
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per split: what an adapter decided (for the user)
 
     def split(self, name: str) -> Manifest:
         """The records of one split, in manifest order (missing files of that split kept too)."""
@@ -43,6 +46,7 @@ class Manifest:
             class_names=self.class_names,
             records=[r for r in self.records if r.split == name],
             root=self.root,
+            notes={name: self.notes[name]} if name in self.notes else {},
         )
 
     def hold_out(self, fraction: float, seed: int = 0) -> Manifest:
@@ -80,7 +84,7 @@ class Manifest:
                           + "; a smaller --val-fraction keeps some for training", stacklevel=2)
         records = [VideoRecord(**{**r.__dict__, "split": "val"}) if i in moved else r
                    for i, r in enumerate(self.records)]
-        return Manifest(self.dataset, self.class_names, records, self.root)
+        return Manifest(self.dataset, self.class_names, records, self.root, dict(self.notes))
 
     @property
     def splits(self) -> list[str]:
@@ -106,3 +110,15 @@ class Manifest:
 
 def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
+
+
+def whole_dataset(manifest: Manifest) -> list[VideoRecord]:
+    """The ``all`` split of a dataset whose splits partition its videos (UCF101's train + test, Kinetics, csv,
+    folders): every labelled record once (the first split that lists a video id keeps it)."""
+    seen: set[str] = set()
+    out = []
+    for r in manifest.records:
+        if r.split != WHOLE and r.video_id not in seen and (r.label >= 0 or r.labels):
+            seen.add(r.video_id)
+            out.append(VideoRecord(r.video_id, r.path, r.label, WHOLE, r.start, r.end, r.labels))
+    return out

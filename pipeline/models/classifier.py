@@ -35,13 +35,16 @@ class CosineHead(nn.Module):
 class TemplateDrawHead(nn.Module):
     """The paper's "multiple hard templates" (Table A.4): frozen class embeddings of K prompt templates
     [K, C, D]; each training forward pass scores against one template drawn at random (torch's generator,
-    so a resumed run draws the same), evaluation against their ensemble (the normalised mean)."""
+    so a resumed run draws the same). Evaluation scores ``eval_rows`` (the paper: the single template's rows,
+    those of the cached clip-text head), or without them the templates' ensemble (the normalised mean)."""
 
-    def __init__(self, bank: torch.Tensor, logit_scale: float = math.log(100.0)) -> None:
+    def __init__(self, bank: torch.Tensor, logit_scale: float = math.log(100.0),
+                 eval_rows: torch.Tensor | None = None) -> None:
         super().__init__()
         bank = bank.float() / bank.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
         self.register_buffer("bank", bank)
-        self.register_buffer("weight", bank.mean(dim=0))  # the ensemble, for evaluation and the width
+        # the rows of evaluation (and the width); a buffer, so a loaded run evaluates as it was trained to
+        self.register_buffer("weight", bank.mean(dim=0) if eval_rows is None else eval_rows.float().clone())
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:

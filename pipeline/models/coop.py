@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..settings import FinetuneSettings as _F  # the defaults
 from .classifier import TextRowsHead, cosine_scores
 
 
@@ -17,7 +18,7 @@ class CoOpHead(TextRowsHead):
     the rest is open_clip's ``encode_text`` (positions, transformer, final norm, EOS pooling, projection).
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer, class_names: list[str], n_ctx: int = 16,
+    def __init__(self, clip_model: nn.Module, tokenizer, class_names: list[str], n_ctx: int = _F.coop_ctx,
                  logit_scale: float = 4.6052) -> None:
         super().__init__()
         clip_model.visual = nn.Identity()  # the visual tower lives in the video model
