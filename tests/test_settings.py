@@ -114,7 +114,8 @@ def test_pretrain_and_finetune_say_global_batch_size_and_params_keys_follow(work
 def test_a_params_value_of_the_wrong_type_is_one_error_line(workdir):
     (workdir / "params.yaml").write_text("finetune:\n  epochs: many\n")
     result = CliRunner().invoke(cli, ["config", "finetune"])
-    assert result.exit_code != 0 and "finetune.epochs in the params file: Input should be a valid integer" in str(result.exception)
+    assert result.exit_code != 0
+    assert "finetune.epochs in the params file: Input should be a valid integer" in str(result.exception)
 
 
 def test_the_readme_lists_every_command_and_every_renamed_flag_exists():
