@@ -991,6 +991,11 @@ def report(ctx: Context, s: S.ReportSettings) -> None:
 
     Every number comes from the cache: run metrics, training histories, untuned evaluations.
     Prints the report at the end.
+
+    \b
+    Examples:
+      pipeline report                       # after `dvc repro` of the demo: cache/report/report.md + PNGs
+      pipeline report --out /tmp/report     # elsewhere
     """
     from stages import report as report_stage
 
