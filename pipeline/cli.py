@@ -667,6 +667,9 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
         cells = [f"{r[k]:6.2f} +- {r[k + '_std']:5.2f}" if f"{k}_std" in r else f"{r[k]:.2f}"
                  for k in ("top1", "top5", "mean_class")]
         click.echo(f"  {protocol:<10} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14}")
+    for protocol in chosen:
+        if result[protocol].get("empty"):
+            click.echo(f"  {protocol}: {_over_what(result[protocol], protocol)}")
     if result["videos_without_head_class"]:
         click.echo(f"  ({result['videos_without_head_class']} videos of classes the head does not have were left out)")
 
@@ -716,7 +719,16 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
             r = result[protocol]
             click.echo(f"  {protocol}: " + ", ".join(f"{k} {r[k]:.2f} +- {r[k + '_std']:.2f}"
                                                   for k in ("top1", "top5", "mean_class"))
-                       + f" over {len(r['runs'])} {'draws' if protocol == 'half' else 'subsets'}")
+                       + f" {_over_what(r, protocol)}")
+
+
+def _over_what(r: dict, protocol: str) -> str:
+    """What a half-classes or subsets mean averages: every draw, or the ones with videos (the others named)."""
+    what = "draws" if protocol == "half" else "subsets"
+    if not r.get("empty"):
+        return f"over {r['of']} {what}"
+    return (f"over {r['used']} of {r['of']} {what}; no videos of their classes in: {', '.join(r['empty'])}"
+            if r["used"] else f"no {what[:-1]} has videos of its classes ({', '.join(r['empty'])})")
 
 
 @command("export", S.ExportSettings)

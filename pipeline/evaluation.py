@@ -80,13 +80,18 @@ def official_anet_map(logits: np.ndarray, targets: np.ndarray) -> float:
     return 100 * float(ap.mean())
 
 
-def restricted(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> dict[str, float]:
-    """Metrics over the videos of ``classes``, choosing among those classes only (``logits`` [n, C] score
-    every class: a head restricted to some rows scores those columns, whether cosine or a run's)."""
+def restricted(logits: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> dict[str, float] | None:
+    """Metrics over the videos of ``classes``, choosing among those of them that have videos, as the official
+    code does (test_zeroshot.py:303-313: ``subclasses = np.unique(true_label[sel])``); ``logits`` [n, C] score
+    every class (a head restricted to some rows scores those columns, whether cosine or a run's). None when no
+    video belongs to ``classes`` (every video of those classes failed to decode, say)."""
     keep = np.isin(labels, classes)
+    if not keep.any():
+        return None
+    present = np.unique(labels[keep])
     remap = np.full(logits.shape[1], -1)
-    remap[classes] = np.arange(classes.size)
-    return metrics(logits[keep][:, classes], remap[labels[keep]])
+    remap[present] = np.arange(present.size)
+    return metrics(logits[keep][:, present], remap[labels[keep]])
 
 
 def half_draw(n_classes: int, seed: int) -> np.ndarray:
@@ -106,7 +111,8 @@ def half_classes(logits: np.ndarray, labels: np.ndarray, seeds=range(10)) -> dic
     runs = []
     for seed in seeds:
         classes = half_draw(c, seed)
-        runs.append(restricted(logits, labels, classes) | {"seed": int(seed), "class_indices": classes.tolist()})
+        scores = restricted(logits, labels, classes) or {"empty": True, "videos": 0}
+        runs.append(scores | {"name": f"draw {seed}", "seed": int(seed), "class_indices": classes.tolist()})
     return summarize_runs(runs) | {"seeds": list(seeds), "classes_per_draw": c // 2, "draws": "numpy legacy "
                                    "np.random.seed(seed); permutation(C)[:C // 2], as test_zeroshot.py:300-302"}
 
@@ -120,15 +126,20 @@ def subsets(logits: np.ndarray, labels: np.ndarray, class_names: list[str], subs
         missing = [n for n in names if n not in index]
         if missing:
             raise PipelineError(f"class {missing[0]!r} of a subset is not a class of this dataset")
-        runs.append(restricted(logits, labels, np.array(sorted(index[n] for n in names))))
+        scores = restricted(logits, labels, np.array(sorted(index[n] for n in names))) or {"empty": True, "videos": 0}
+        runs.append(scores | {"name": f"subset {len(runs) + 1}"})
     return summarize_runs(runs) | {"subsets": len(runs)}
 
 
 def summarize_runs(runs: list[dict]) -> dict:
-    out = {}
+    """Mean and std over the draws or subsets that have videos; ``used`` says how many of them, and ``empty``
+    names the others (a draw whose classes lost every video is reported, never scored as 0 nor dropped
+    silently; the other protocols' results stand)."""
+    scored = [r for r in runs if not r.get("empty")]
+    out: dict = {"used": len(scored), "of": len(runs), "empty": [r["name"] for r in runs if r.get("empty")]}
     for key in ("top1", "top5", "mean_class"):
-        values = np.array([r[key] for r in runs])
-        out[key] = float(values.mean())
-        out[f"{key}_std"] = float(values.std())
+        values = np.array([r[key] for r in scored])
+        out[key] = float(values.mean()) if scored else float("nan")
+        out[f"{key}_std"] = float(values.std()) if scored else float("nan")
     out["runs"] = runs
     return out

@@ -388,3 +388,34 @@ def test_status_summarises_failures_by_reason(tmp_path, template):
     assert e["failure_reasons"] == {"missing file": 30} and len(e["failures"]) == 20
     every = json.loads(run_cli("status", "--json", "--all-failures", "--cache", str(c)).stdout)[0]
     assert len(every["failures"]) == 30
+
+
+# ---- 3. one empty draw does not lose every result -------------------------------------------------
+
+def test_an_empty_draw_is_named_and_the_other_protocols_stand(cache):
+    from pipeline import evaluation
+
+    # the unit: draws whose classes have no videos are named and left out of the mean, never scored 0
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((40, 8)), np.repeat([0, 1], 20)
+    half = evaluation.half_classes(logits, labels)
+    drawn = [set(r["class_indices"]) for r in half["runs"]]
+    empty = [f"draw {k}" for k, classes in enumerate(drawn) if not classes & {0, 1}]
+    assert half["empty"] == empty and half["used"] == 10 - len(empty) and 0 < len(empty) < 10
+    # as the official code, a draw chooses among its classes that have videos (test_zeroshot.py:304)
+    one = next(r for r in half["runs"] if not r.get("empty"))
+    assert one["classes"] == len(set(one["class_indices"]) & {0, 1})
+    # through the CLI: every video of classes 1..11 failed to decode (their rows recorded failed)
+    c, tiny = cache
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c))
+    val = zarr.open_group(str(c / "features" / "toy" / "tiny-clip" / "val"), mode="r+")
+    lost = val["label"][:] != 0
+    status, reason = val["status"][:], np.asarray(val["reason"][:], dtype=object)
+    status[lost], reason[lost] = store.FAILED, "frames: not a decodable video"
+    val["status"][:], val["reason"][:] = status, np.array(reason.tolist(), dtype=np.str_)
+    out = run_inproc("evaluate", "-d", "toy", "--head", "clip-text", "--protocol", "full", "--protocol", "half",
+                     "--cache", str(c))
+    assert "full" in out and "no videos of their classes in: draw" in out
+    out = json.loads(run_cli("evaluate", "-d", "toy", "--head", "clip-text", "--protocol", "full", "--protocol",
+                             "half", "--json", "--cache", str(c)).stdout)
+    assert out["full"]["videos"] == int((~lost).sum()) and out["half"]["empty"] and out["half"]["used"] >= 1
