@@ -16,7 +16,7 @@ import torch
 import zarr
 
 from .framestore import read_boxes, read_frames, read_stored
-from .sampling import sample_rng, segment_indices, view_positions
+from .sampling import sample_rng, segment_indices, view_indices
 from .settings import FinetuneSettings
 
 _F = FinetuneSettings.defaults()  # the defaults
@@ -209,8 +209,8 @@ class FrameClipSet(torch.utils.data.Dataset):
         if train:
             rng = sample_rng(self.seed, epoch, index)
             return segment_indices(t_cache, self.frames, rng), int(rng.integers(2**62))
-        positions = view_positions(self.views[0])
-        return np.concatenate([segment_indices(t_cache, self.frames, position=p) for p in positions]), None
+        clips = self.views[0]
+        return np.concatenate([view_indices(t_cache, self.frames, c, clips) for c in range(clips)]), None
 
     def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batched:

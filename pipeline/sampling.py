@@ -25,6 +25,11 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def view_positions(clips: int) -> list[float]:
-    """Where in each segment the ``clips`` temporal views of multi-view testing sample."""
-    return [(c + 0.5) / clips for c in range(clips)]
+def view_indices(n: int, t: int, clip: int = 0, clips: int = 1) -> np.ndarray:
+    """The ``t`` frames (of ``n``) of temporal view ``clip`` of ``clips``, as the official test sampler picks them
+    (whwu95/Text4Vis datasets/datasets.py:141-149; one view, and validation during training, :122-123): a
+    segment of ``tick = n / t`` frames, view c starting at ``int(linspace(0, tick - 1, clips))[c]`` in each
+    segment (so one view takes each segment's first frame, and 4 views of 4 frames a segment take all 4)."""
+    tick = n / t
+    starts = np.trunc(np.linspace(0, tick - 1, num=clips)).astype(np.int64)  # the official `dtype=int` truncation
+    return (starts[clip] + tick * np.arange(t)).astype(np.int64) % n

@@ -208,8 +208,8 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
             amp: bool = True, on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(logits [n, C], labels) over the whole set; under DDP each clip is scored by one rank, then gathered.
 
-    Views (the leading axis of each input) are embedded separately, L2-normalised and averaged
-    before the head, as multi-view testing does.
+    Views (the leading axis of each input) are embedded separately and their raw embeddings averaged before
+    the head (whose cosine normalises), as the official test.py:233-235 does.
     """
     device = torch.device(device)
     rank, world = rank_and_world()
@@ -224,7 +224,8 @@ def predict(model: nn.Module, data: ClipSet, batch_size: int, device: torch.devi
         b, v = x.shape[:2]
         with autocast:
             emb = model.embed(x.flatten(0, 1)).float()
-        video = F.normalize(emb.view(b, v, -1), dim=-1).mean(dim=1)
+        # the views' raw embeddings averaged, then the head's cosine normalises (test.py:233-235)
+        video = emb.view(b, v, -1).mean(dim=1)
         out_logits.append(model.head(video).float())  # read back once, after the last batch
         out_idx.append(idx)
         out_labels.append(y)

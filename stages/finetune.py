@@ -42,7 +42,7 @@ from pipeline.models.coop import CoOpHead
 from pipeline.models.temporal import build_temporal
 from pipeline.models.text import encode_with_clip, encoder_tag, resolve_templates
 from pipeline.progress import Progress, say
-from pipeline.sampling import sample_rng, segment_indices, view_positions
+from pipeline.sampling import sample_rng, segment_indices, view_indices
 from pipeline.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
 
 from .heads import open_features
@@ -115,8 +115,8 @@ class CachedFeatureSet(torch.utils.data.Dataset):
         if train:
             x = self.features[index, segment_indices(n, self.frames, sample_rng(self.seed, epoch, index))]
         else:
-            x = np.stack([self.features[index, segment_indices(n, self.frames, position=p)]
-                          for p in view_positions(self.views)])
+            x = np.stack([self.features[index, view_indices(n, self.frames, c, self.views)]
+                          for c in range(self.views)])
         return torch.from_numpy(x.astype(np.float32)), torch.as_tensor(self.labels[index])
 
 

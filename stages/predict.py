@@ -41,7 +41,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     from pipeline.models.classifier import TextTowerHead
     from pipeline.models.coop import CoOpHead
     from pipeline.models.text import encode_with_hf
-    from pipeline.sampling import segment_indices
+    from pipeline.sampling import view_indices
 
     from .finetune import load_run, normalization
 
@@ -75,7 +75,7 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
         except DecodeError as e:
             results.append({"video": video, "error": str(e)})
             continue
-        picks = segment_indices(len(stored), info["frames"])
+        picks = view_indices(len(stored), info["frames"])  # test.py's single view
         x = eval_views(torch.from_numpy(np.ascontiguousarray(stored[picks])).permute(0, 3, 1, 2), norm, 1)
         with torch.no_grad():
             logits = model.head(model.embed(x.to(device))).float().cpu().numpy()[0]

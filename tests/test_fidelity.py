@@ -387,3 +387,19 @@ def test_activitynet_map_official_scores_100_cos_whatever_the_trained_scale():
     cos = (F.normalize(video, dim=-1) @ F.normalize(rows, dim=-1).t()).numpy()
     assert got["mAP_official"] == pytest.approx(official_anet_map(100 * cos, data.t.astype(bool)), abs=1e-6)
     assert abs(got["mAP_official"] - official_anet_map(20 * cos, data.t.astype(bool))) > 1e-3
+
+
+def test_test_time_frames_are_the_official_samplers():
+    """datasets/datasets.py:141-149 (test) and :122-123 (validation): view c of C starts at
+    int(linspace(0, tick - 1, C))[c] in each segment of tick = n / t frames; one view takes each segment's first."""
+    import numpy as np
+
+    from pipeline.sampling import view_indices
+
+    for n, t, clips in [(32, 8, 1), (32, 8, 4), (300, 8, 4), (250, 8, 1), (5, 8, 2), (37, 8, 3)]:
+        tick = n / t
+        starts = [int(s) for s in np.linspace(0, tick - 1, num=clips).tolist()]  # the official `dtype=int`
+        for c, start in enumerate(starts):
+            official = [int(start + tick * x) % n for x in range(t)]
+            assert view_indices(n, t, c, clips).tolist() == official, (n, t, clips, c)
+    assert view_indices(32, 8).tolist() == list(range(0, 32, 4))  # one view: each segment's first stored frame

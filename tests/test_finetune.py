@@ -206,16 +206,17 @@ def test_multi_view_clips_and_averaging(ft_cache, extracted):
     x, _ = data.item(0, 0, False)
     assert x.shape == (6, 2, 3, 32, 32)
     single = FrameClipSet(str(path), rows[:3], labels[:3], 2, norm, 0).item(0, 0, False)[0]
-    # T_cache 4, T 2: clip 0 takes frames (0, 2), clip 1 (1, 3) = the single view's segment centres;
-    # square 32-px frames scaled to 37 px (256 per 224) first: the centre of the 3 crops is the single view's
-    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[4]) and not torch.equal(x[3], x[5])
+    # T_cache 4, T 2: clip 0 takes frames (0, 2), clip 1 (1, 3); the single view, as the official sampler, each
+    # segment's first frame = clip 0; square 32-px frames scaled to 37 px (256 per 224) first: the centre of the
+    # 3 crops is the single view's
+    assert single.shape == (1, 2, 3, 32, 32) and torch.equal(single[0], x[1]) and not torch.equal(x[3], x[5])
     assert not torch.equal(x[0], x[3])
-    # predict() averages the L2-normalised view embeddings before the head
+    # predict() averages the views' raw embeddings before the head, as test.py:233-235
     head = CosineHead(torch.randn(12, clip.embed_dim), learnable=False)
     model = build_video_classifier(clip.model.visual, clip.embed_dim, head, "tap", 2).eval()
     logits, y = predict(model, data, batch_size=2)
     with torch.no_grad():
-        emb = torch.nn.functional.normalize(model.embed(x), dim=-1).mean(0, keepdim=True)
+        emb = model.embed(x).mean(0, keepdim=True)
         assert np.allclose(logits[0], model.head(emb)[0].numpy(), atol=1e-5) and logits.shape == (3, 12)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..settings import FinetuneSettings as _F  # the defaults
+from ..settings import FinetuneSettings
 from .classifier import TextRowsHead, cosine_scores
+
+_F = FinetuneSettings.defaults()  # the defaults
 
 
 class CoOpHead(TextRowsHead):
