@@ -17,6 +17,24 @@ from typing import IO, Any
 from .cachefs import as_path, is_remote
 from .errors import PipelineError
 
+CHECKPOINT = "checkpoint.pt"  # a run's checkpoint, beside its run.json
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is damaged, or None. ``torch.save`` writes a zip whose every record
+    carries a CRC-32 (torch's default); ``torch.load`` does not check them, so flipped bytes would load as
+    wrong weights. Every record is read and checked here: a checkpoint is a few GB at most."""
+    import zipfile
+
+    try:
+        with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete checkpoint ({type(e).__name__})"
+    except Exception as e:  # noqa: BLE001 - zlib and struct errors of a mangled archive mean "damaged" too
+        return f"unreadable ({type(e).__name__})"
+    return f"record {bad} fails its CRC-32 (altered bytes)" if bad else None
+
 
 def partial_path(path: Path) -> Path:
     """Where ``path`` is written before its atomic rename: ``name.partial`` beside it."""

@@ -193,8 +193,7 @@ def verify_run(run_dir: str | Path) -> Report:
     """Check a fine-tuning run's folder: ``run.json`` and ``metrics.json`` readable, every ``history.jsonl``
     line a record (a torn last line is what a kill leaves, and resuming drops it), and the checkpoint's
     every record matching its CRC-32 and belonging to this run (its fingerprint is run.json's)."""
-    from .files import read_history, read_json
-    from .training import CHECKPOINT, checkpoint_problem
+    from .files import CHECKPOINT, checkpoint_problem, read_history, read_json
 
     run_dir = as_path(run_dir)
     report = Report(str(run_dir))
@@ -243,7 +242,7 @@ def repair_run(run_dir: str | Path, report: Report) -> str:
     A damaged checkpoint cannot be resumed from: the run is deleted (trained again). A damaged run.json or
     metrics.json is deleted: the stage writes it again (a run.json only when the checkpoint is of the same
     settings). A damaged history keeps its good lines: the stage drops the others when it resumes."""
-    from .training import CHECKPOINT
+    from .files import CHECKPOINT
 
     run_dir = as_path(run_dir)
     if report.ok:

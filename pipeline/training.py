@@ -34,28 +34,11 @@ from torch import nn
 from .cachefs import as_path
 from .errors import DamagedStore, FingerprintMismatch, PipelineError
 from .evaluation import metrics, multilabel_metrics
-from .files import write_atomic
+from .files import CHECKPOINT, checkpoint_problem, write_atomic
 from .settings import FinetuneSettings
 
 _F = FinetuneSettings.defaults()  # the defaults
 
-CHECKPOINT = "checkpoint.pt"
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` is damaged, or None. ``torch.save`` writes a zip whose every record
-    carries a CRC-32 (torch's default); ``torch.load`` does not check them, so flipped bytes would load as
-    wrong weights. Every record is read and checked here: a checkpoint is a few GB at most."""
-    import zipfile
-
-    try:
-        with as_path(path).open("rb") as f, zipfile.ZipFile(f) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete checkpoint ({type(e).__name__})"
-    except Exception as e:  # noqa: BLE001 - zlib and struct errors of a mangled archive mean "damaged" too
-        return f"unreadable ({type(e).__name__})"
-    return f"record {bad} fails its CRC-32 (altered bytes)" if bad else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def _name(path: Path, cache: Path) -> str:
 
 
 def _runs(cache: Path, verified: dict) -> list[dict]:
-    from pipeline.training import CHECKPOINT
+    from pipeline.files import CHECKPOINT
 
     found = []
     for run_dir in run_dirs(cache):
