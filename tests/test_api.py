@@ -178,6 +178,7 @@ def test_a_models_resize_mode_comes_from_its_open_clip_config(tiny_clip, tmp_pat
     assert load_clip(ModelSpec(f"local-dir:{tiny_clip}")).resize_mode == "shortest"
 
 
+@pytest.mark.slow
 def test_commands_that_read_the_cache_take_its_one_model_and_list_them_when_several(api_cache, tmp_path, extracted):
     from test_frames_stage import run_cli
 
@@ -196,6 +197,7 @@ def test_commands_that_read_the_cache_take_its_one_model_and_list_them_when_seve
     assert "model tiny-clip" in out.stdout
 
 
+@pytest.mark.slow
 def test_two_checkpoints_with_the_same_name_get_their_own_cache_keys(api_cache, tmp_path, extracted):
     """The key is the name plus a hash of the weights: two folders called tiny-clip (other weights) never
     share features, and nothing advises deleting the other model's outputs."""

@@ -165,6 +165,7 @@ def test_compile_option_trains_like_eager(stores, tiny_clip, tmp_path):
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
 
+@pytest.mark.slow
 def test_features_of_two_dask_processes_equal_one_process_with_read_ahead(tmp_path, tiny_clip):
     """Blocks are the unit of work: 2 processes (each block one writer) write the store that 1 process writes
     reading each next block ahead; the device decode gives the pixels Pillow gives."""

@@ -275,7 +275,7 @@ def test_evaluation_scales_the_short_side_to_256_per_224_before_the_crop():
     from pipeline.clips import Normalization, eval_views
     from pipeline.settings import EvaluateSettings, FinetuneSettings, PredictSettings
 
-    assert FinetuneSettings.test_scale == EvaluateSettings.test_scale == PredictSettings.test_scale == 256
+    assert {cls.defaults().test_scale for cls in (FinetuneSettings, EvaluateSettings, PredictSettings)} == {256}
     assert Normalization(224, (0.0,) * 3, (1.0,) * 3).test_size == 256
     norm = Normalization(32, (0.0,) * 3, (1.0,) * 3, "bilinear")  # a 32-px input: 256 / 224 x 32 = 37 px
     clip = torch.randint(0, 256, (2, 3, 40, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -304,7 +304,7 @@ def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_pat
 
     from pipeline.settings import FinetuneSettings
 
-    assert FinetuneSettings.betas == TrainConfig().betas == (0.9, 0.999)
+    assert FinetuneSettings.defaults().betas == TrainConfig().betas == (0.9, 0.999)
     for betas in ((0.9, 0.999), (0.9, 0.98)):
         model = FrameFeatureClassifier(TemporalTransformer(16, layers=1, max_frames=8),
                                        CosineHead(torch.randn(6, 16), learnable=False), 16, project=False)

@@ -53,6 +53,7 @@ def load_state(cache: Path, run: str) -> dict:
     return torch.load(cache / "runs" / run / "checkpoint.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_every_head_and_temporal_module_trains(ft_cache, extracted):
     cache, m = ft_cache
     clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
@@ -84,6 +85,7 @@ def test_every_head_and_temporal_module_trains(ft_cache, extracted):
                                    / "loss.tsv").is_file()
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_learnable_task(ft_cache):
     cache, m = ft_cache
     run_inproc(*common(m, "learn", "--head", "learnable", "--epochs", "6", "--lr", "3e-3",
@@ -120,6 +122,7 @@ def wait_for_step(history: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"the run never reached step {step}: {proc.stderr.read().decode()[-800:]}")
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_bit_exact(ft_cache):
     cache, m = ft_cache
     args = common(m, "whole", "--head", "clip-text", "--temporal", "ttrans", "--layers", "1", "--epochs", "2",
@@ -167,6 +170,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(ft_cache):
     cache, m = ft_cache
     args = common(m, "one", "--head", "clip-text", "--global-batch-size", "12", "--micro-batch", "4")
@@ -245,6 +249,7 @@ def test_evaluate_and_predict_with_a_run(ft_cache, extracted):
     assert "red thing" in out and "blue thing" in out
 
 
+@pytest.mark.slow
 def test_contrastive_objective_offline_online_and_gathered(ft_cache):
     cache, m = ft_cache
     base = common(m, "c-off", "--head", "clip-text", "--objective", "contrastive", "--global-batch-size", "12")
@@ -271,6 +276,7 @@ def test_contrastive_objective_offline_online_and_gathered(ft_cache):
     assert not torch.allclose(g[key], loc[key], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_architectures(ft_cache, extracted,
                                                                                              tmp_path):
     from stages import finetune as finetune_stage

@@ -153,6 +153,7 @@ def test_second_writer_is_refused(tmp_path, ucf_tree):
     run_cli("frames", "-d", "ucf101", "--root", str(ucf_tree), "--cache", str(cache), "--split", "train", *SMALL)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
     root = tmp_path / "many"
     root.mkdir()

@@ -12,6 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SECTIONS = ("environment", "gpu_tests", "pipeline", "throughput", "targets", "verdict")
 

@@ -91,6 +91,7 @@ def test_a_planted_symlink_lock_is_refused_and_its_target_untouched(tmp_path):
 
 # ---- 3, 4: stale inputs and model identity ------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_consumer_refuses_outputs_made_from_rebuilt_inputs(cache):
     c, tiny = cache
     run_inproc("heads", "-d", "toy", *m(tiny), "--head", "prototype", "--per-class", "3", "--replace-mismatched",
@@ -162,6 +163,7 @@ def test_a_resume_with_an_edited_model_config_is_refused(cache, tmp_path):
 
 # ---- 5: damaged and missing chunks --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_deleted_frames_shard_is_found_refused_and_recomputed_after_repair(cache):
     c, tiny = cache
     path = c / "frames" / "toy" / "train"
@@ -187,6 +189,7 @@ def test_a_deleted_frames_shard_is_found_refused_and_recomputed_after_repair(cac
     assert run_cli("verify", "--cache", str(c)).returncode == 0
 
 
+@pytest.mark.slow
 def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
     c, tiny = cache
     chunk = c / "features" / "toy" / "tiny-clip" / "val" / "features" / "c" / "0" / "0" / "0"
@@ -206,6 +209,7 @@ def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
     run_inproc("evaluate", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c))
 
 
+@pytest.mark.slow
 def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
     c, tiny = cache
     run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--replace-mismatched", "--cache", str(c))
@@ -447,6 +451,7 @@ def test_a_run_without_run_json_beside_another_settings_checkpoint_is_not_stuck(
     assert json.loads((c / "runs" / "s" / "run.json").read_text())["config"]["lr"] != 1e-3
 
 
+@pytest.mark.slow
 def test_a_truncated_shard_and_a_store_without_fingerprint_are_reported(cache):
     c, tiny = cache
     shard = c / "frames" / "toy" / "val" / "frames" / "c" / "2" / "0"

@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.world import WorldSpec, generate_world
+
+pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost"]

@@ -20,6 +20,8 @@ from test_frames_stage import run_cli
 
 from pipeline.world import generate_world
 
+pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
+
 BIN = Path(sys.executable).parent
 
 

@@ -143,6 +143,7 @@ def test_a_derived_run_name_reused_with_other_settings_is_refused_naming_what_ch
     assert "(changed: head, head_fingerprint (the head's rows))" in str(refused.value)
 
 
+@pytest.mark.slow
 def test_ttrans_starts_as_tap_and_learns_order(tmp_path):
     x = torch.randn(3, 5, 32)
     tt = TemporalTransformer(32, layers=2, max_frames=8, init="tap")

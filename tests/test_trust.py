@@ -115,6 +115,7 @@ def test_status_flags_deleted_chunks_and_array_metadata_and_says_when_it_last_ve
         run_inproc("evaluate", "-d", "toy", "--head", "clip-text", "--cache", str(c))
 
 
+@pytest.mark.slow
 def test_verify_covers_runs_a_truncated_or_flipped_checkpoint_is_found_and_never_loaded(cache):
     c, tiny = cache
     run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c))
@@ -362,6 +363,7 @@ def test_an_hdf5_export_on_a_full_disk_is_one_line_not_a_crash(extracted, tmp_pa
         subprocess.run(["umount", str(small)])
 
 
+@pytest.mark.slow
 def test_a_corrupt_array_metadata_is_reported_by_verify_and_status_and_repaired(cache):
     c, tiny = cache
     meta = c / "features" / "toy" / "tiny-clip" / "val" / "features" / "zarr.json"

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.datasets import load_manifest
 from pipeline.world import WorldSpec, generate_world
 
@@ -55,6 +57,7 @@ print(json.dumps({str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdig
 """
 
 
+@pytest.mark.slow
 def test_same_bytes_in_parallel_processes_under_load(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
