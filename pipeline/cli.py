@@ -255,7 +255,7 @@ def _run_frames(ctx: Context, s: S.FramesSettings) -> None:
         raise PipelineError(f"bad frame parameters: {e}") from None
     summaries = frames_stage.run(ctx.cache, data, s.splits, spec, codec, block_size=s.block_size, workers=s.workers,
                                  scheduler_address=s.scheduler_address, replace_mismatched=s.replace_mismatched,
-                                 quiet=ctx.quiet)
+                                 quiet=ctx.quiet, retry_failed=s.retry_failed)
     failed = any(x["failed"] for x in summaries)
     for x in summaries:
         _print_summary(x)
@@ -266,8 +266,16 @@ def _run_frames(ctx: Context, s: S.FramesSettings) -> None:
 
 
 def _print_summary(s: dict, shown: int = 5) -> None:
+    change = s.get("change")
+    if change:
+        parts = [f"{change[k]} {k}" for k in ("added", "dropped", "redone", "retried") if change[k]]
+        if change.get("new_classes"):
+            parts.append(f"{change['new_classes']} new classes")
+        click.echo(f"{s['stage']} {s['dataset']}/{s['split']}: {', '.join(parts) or 'classes changed'} "
+                   f"-> snapshot {change['snapshot']}")
     click.echo(f"{s['stage']} {s['dataset']}/{s['split']}: {s['total']} videos, {s['ok']} ok, "
-               f"{s['failed']} failed -> {s['path']}")
+               f"{s['failed']} failed" + (f", {s['dropped']} dropped (until `pipeline compact`)" if s.get("dropped")
+                                          else "") + f" -> {s['path']}")
     for f in s["failures"][:shown]:
         click.echo(f"  failed {f['video_id']}: {f['reason']}  ({f['path'] or 'no file'})")
     if s["failed"] > shown:

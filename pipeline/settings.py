@@ -129,11 +129,13 @@ class FramesSettings(Replace, DataSource):
     codec: str = knob("jpeg", "Stored frame encoding: JPEG bytes, or lossless uint8 + zstd.",
                       type=("jpeg", "raw"))
     jpeg_quality: int = knob(90, "JPEG quality.", type="PERCENT")
-    block_size: int = knob(16, "Videos per block (the resume unit; at most the rows there are, and 2 GiB of "
-                               "decoded frames).", type="POSITIVE")
+    block_size: int = knob(16, "Videos per block (the resume unit; at most 4096, and 2 GiB of decoded frames).",
+                           type="POSITIVE")
     workers: int = knob(1, "Decoding processes, through dask.", type="POSITIVE", maximum=4096)
     scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler instead of a local one.")
     strict: bool = knob(False, "Exit with status 1 if any video failed.", is_flag=True)
+    retry_failed: bool = knob(False, "Decode again the videos recorded as failed (those whose file changed are "
+                                     "retried anyway).", is_flag=True)
 
 
 @dataclass
