@@ -334,6 +334,8 @@ def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
         else:
             if e.get("damaged"):
                 state = "DAMAGED"
+            elif e.get("interrupted"):
+                state = "interrupted"
             elif not e["fingerprint"]:
                 state = "unfinished"
             elif e.get("stale"):
@@ -351,6 +353,14 @@ def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
             notes.append(f"damaged: {e['damaged']}")
         if e.get("stale"):
             notes.append(f"stale: {e['stale']}")
+        if e.get("older_snapshot"):
+            notes.append(f"older snapshot: {e['older_snapshot']}")
+        if e.get("version"):
+            notes.append(f"snapshot {e['version']} ({(e.get('snapshot') or '')[:12]})"
+                         + (f", {e['dropped']} dropped videos kept until `pipeline compact`" if e.get("dropped")
+                            else ""))
+        if e.get("interrupted"):
+            notes.append(e["interrupted"])
         if e.get("random_weights"):
             notes.append("RANDOM WEIGHTS: made with a model that has no pretrained weights (--random-weights)")
         if "verified" in e and e["stage"] not in ("report", "metrics"):
@@ -375,6 +385,28 @@ def _describe(e: dict) -> str:
     if e["stage"] == "metrics":
         return f"top-1 {e['top1']:.2f}" if e.get("top1") is not None else e.get("state", "-")
     return "written"
+
+
+@command("compact", S.CompactSettings)
+def compact(ctx: Context, s: S.CompactSettings) -> None:
+    """Rewrite a dataset's frame stores, and their feature stores, without the videos dropped from the dataset.
+
+    Dropped videos are masked (never read) but kept, so that older snapshots can still be evaluated; compaction
+    removes them for good. Bytes are copied, nothing is decoded. The compacted stores are another output (their
+    rows moved): heads and runs made from them show as stale; `pipeline heads` makes the heads again. Feature
+    stores must be at their frames' snapshot (run `pipeline features` first).
+
+    \b
+    Examples:
+      pipeline compact --dataset k400
+      pipeline compact --dataset demo --split train
+    """
+    from stages import compact as compact_stage
+
+    ds = need_dataset(s)
+    for r in compact_stage.run(ctx.cache, ds, list(s.splits) or None, quiet=ctx.quiet):
+        click.echo(f"compact {r['path']}: {r['removed']} dropped videos removed, {r['videos']} kept"
+                   f" -> snapshot {r['snapshot']}")
 
 
 @command("verify", None)
@@ -578,7 +610,7 @@ def _heads(ctx: Context, s: S.HeadsSettings, kind: str) -> None:
             raise PipelineError(f"LDA shrinkage must be 'auto' or a number in [0, 1], not {shrink}")
     path, head, _ = heads_stage.run(
         ctx.cache, ds, kind, spec.tag, encoder=s.encoder, seed=s.seed, per_class=s.per_class, solver=s.solver,
-        shrinkage=shrink, split=s.split, replace_mismatched=s.replace_mismatched)
+        shrinkage=shrink, split=s.split, replace_mismatched=s.replace_mismatched, snapshot=s.snapshot)
     click.echo(f"head {kind} {ds}: {head.shape[0]} x {head.shape[1]} -> {path}")
 
 
@@ -638,6 +670,7 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
       pipeline evaluate --dataset ucf101 --head clip-text --protocol half
       pipeline evaluate --dataset k600 --head clip-text --protocol subsets --subsets s1.csv --subsets s2.csv
       pipeline evaluate --dataset demo --head lda --protocol full --protocol half
+      pipeline evaluate --dataset demo --head clip-text --snapshot 1   # the videos the split had at snapshot 1
     """
     from stages import evaluate as evaluate_stage
 
@@ -649,12 +682,14 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
     chosen = tuple(s.protocols)
     result = evaluate_stage.run(
         ctx.cache, ds, s.head, spec.tag, split=s.split, encoder=s.encoder, head_dataset=s.head_dataset,
-        protocols=chosen, subset_files=list(s.subsets), out=Path(s.out) if s.out else None)
+        protocols=chosen, subset_files=list(s.subsets), out=Path(s.out) if s.out else None, snapshot=s.snapshot)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    versions = ", ".join(f"{split} snapshot {r['version']}" for split, r in result["snapshots"]["features"].items()
+                         if r["version"])
     click.echo(f"{result['dataset']}/{result['split']}  head {result['head']} ({result['head_dataset']})  "
-               f"model {result['model']}"
+               f"model {result['model']}" + (f"  ({versions})" if versions else "")
                + (f"  class names from {result['class_names_file']}" if result.get("class_names_file") else ""))
     click.echo(f"  {'protocol':<10} {'top-1':>14} {'top-5':>14} {'mean class':>14}")
     for protocol in chosen:
@@ -693,7 +728,7 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
             batch_size=s.batch_size, workers=s.workers, device=s.device, data_device=s.data_device,
             out=Path(s.out) if s.out else None,
             quiet=ctx.quiet, progress=not as_json,  # machine output: nothing but the JSON
-            protocols=tuple(s.protocols), subset_files=list(s.subsets))
+            protocols=tuple(s.protocols), subset_files=list(s.subsets), snapshot=s.snapshot)
     finally:
         main = distributed.is_main()
         distributed.teardown()

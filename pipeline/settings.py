@@ -189,6 +189,8 @@ class HeadsSettings(Replace, ModelChoice, DatasetName):
     solver: str = knob("svd", "LDA solver (svd, as the paper).", type=("svd", "lsqr", "eigen"))
     shrinkage: str | None = knob(None, "LDA shrinkage: 'auto' or a number in [0, 1] (lsqr/eigen solvers).")
     split: str = knob("train", "Split the lda/prototype sample is drawn from.")
+    snapshot: int | None = knob(None, "lda/prototype: draw from the videos (and classes) that split's features had "
+                                      "at this snapshot [default: the current one].", type="POSITIVE")
 
 
 @dataclass
@@ -210,6 +212,9 @@ class EvaluateSettings(ModelChoice, DatasetName):
     subsets: list[str] = knob([], "A class-subset file (one class a line, or comma-separated); repeatable.",
                               multiple=True, type="FILE")
     head_dataset: str | None = knob(None, "Use a head built from another dataset's class names (matched by name).")
+    snapshot: int | None = knob(None, "Evaluate the videos the split's store had at this snapshot (`pipeline "
+                                      "status` shows them): an older number, reproduced [default: the current one].",
+                                type="POSITIVE")
     out: str | None = knob(None, "Write the results as JSON (e.g. for DVC metrics).", type="FILE")
     run_name: str | None = knob(None, "Evaluate this fine-tuned run (CACHE/runs/RUN) instead of an untuned head.",
                                 old_flags=("--run",), old_keys=("run",))
@@ -389,11 +394,18 @@ class ReportSettings(DatasetName):
     out: str | None = knob(None, "Report folder.", type="DIR", default_text="CACHE/report")
 
 
+@dataclass
+class CompactSettings(DatasetName):
+    SECTION: ClassVar[str] = "compact"
+    splits: list[str] = knob([], "Split(s) to compact (repeatable) [default: every stored split].", flag="--split",
+                             multiple=True)
+
+
 COMMANDS: dict[str, type] = {
     "frames": FramesSettings, "features": FeaturesSettings, "labels": LabelsSettings, "extract": ExtractSettings,
     "heads": HeadsSettings, "lda": LdaSettings, "evaluate": EvaluateSettings, "finetune": FinetuneSettings,
     "import": ImportSettings, "predict": PredictSettings, "pretrain": PretrainSettings, "world": WorldSettings,
-    "export": ExportSettings, "plot-heads": PlotSettings, "report": ReportSettings,
+    "export": ExportSettings, "plot-heads": PlotSettings, "report": ReportSettings, "compact": CompactSettings,
 }
 
 

@@ -290,6 +290,7 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
     yet) holds no finished work and is rebuilt. Call under :func:`writer_lock`.
     """
     path = as_path(path)
+    finish_swap(path)  # a compaction killed between its two renames
     if (path / "zarr.json").exists():
         try:
             group = open_group(path, mode="r+")
@@ -695,7 +696,7 @@ def find_stores(root: str | os.PathLike) -> list[tuple[Path, zarr.Group | None]]
     if not root.is_dir():
         return found
     for dirpath, dirnames, filenames in walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # a compaction's work in progress
         if "zarr.json" in filenames:
             dirnames[:] = []  # do not descend into its arrays
             try:
@@ -1159,3 +1160,112 @@ def refresh_columns(group: zarr.Group, refresh: dict[str, tuple[np.ndarray, np.n
         group[name].oindex[np.asarray(rows, np.int64)] = values
     if refresh:
         _refresh_digests(group)
+
+
+def address_of(group: zarr.Group) -> str:
+    """Where a store is, as an output made from it records it: an absolute path (or the URL), never one
+    relative to the caller's working directory."""
+    from .cachefs import location
+
+    return location(as_path(location_of(group)))
+
+
+def snapshots_behind(recorded: dict[str, dict]) -> list[str]:
+    """For each input an output recorded (``{name: {"path", "version"}}``), whether that store has moved to
+    another snapshot since: e.g. ``["train: snapshot 3, now 4"]``. An output made from an older snapshot is
+    not invalid (its rows are still there); it is older than its inputs, and saying so is the point."""
+    behind = []
+    for name, entry in recorded.items():
+        if not isinstance(entry, dict) or not entry.get("path") or not entry.get("version"):
+            continue
+        try:
+            now = version_of(zarr.open_group(str(entry["path"]), mode="r"))
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            continue
+        if now != int(entry["version"]):
+            behind.append(f"{name}: snapshot {entry['version']}, now {now}")
+    return behind
+
+
+def compact_into(src: zarr.Group, dst_path: str | os.PathLike, fp: str,
+                 on_rows: Callable[[int], None] | None = None, attrs: dict[str, Any] | None = None) -> zarr.Group:
+    """Write a copy of the finished per-video store ``src`` at ``dst_path`` without its dropped and VOID rows:
+    the live rows, in their order, packed into full blocks (no decoding: bytes are copied; block digests made
+    afresh). The copy is the next snapshot of the same videos (same live set, same hash); the snapshots before
+    the last drop can no longer be shown (``oldest_snapshot``). ``fp``: the copy's fingerprint (compaction moves
+    rows, so outputs aligned with the old rows must not match it). ``on_rows``: progress, in rows copied;
+    ``attrs``: attributes that change with the copy (written before its fingerprint)."""
+    n_old, size = rows_of(src), int(src.attrs["block_size"])
+    status = read_array(src, "status")[:n_old]
+    live = live_mask(src)
+    keep = np.flatnonzero(live)
+    gone = np.flatnonzero(~live & (status != VOID))
+    n, n_blocks = int(keep.size), -(-int(keep.size) // size)
+    dst = zarr.open_group(str(dst_path), mode="w")
+    for name in sorted(src.array_keys()):
+        a = src[name]
+        rows = n_blocks if name in PER_BLOCK else n
+        dst.create_array(name, shape=(rows, *a.shape[1:]), dtype=a.metadata.data_type, chunks=a.chunks,
+                         shards=a.shards, compressors=a.compressors, filters=a.filters, serializer=a.serializer,
+                         fill_value=a.fill_value, dimension_names=a.metadata.dimension_names)
+        if a.attrs.get("sha256") is not None:
+            dst[name].attrs["sha256"] = ""  # made afresh below, once its values are written
+    for name in _row_arrays(src):
+        if name in BLOCK_ARRAYS:
+            continue
+        values = np.asarray(src[name][:n_old])[keep]
+        if name == DROPPED:
+            values = np.zeros(n, np.int32)
+        if n:
+            dst[name][:] = np.array(values.tolist(), dtype=np.str_) if values.dtype.kind in "OUT" else values
+    names = [name for name in BLOCK_ARRAYS if name in src]
+    digests = []
+    for b in range(n_blocks):
+        rows = keep[b * size:(b + 1) * size]
+        written = {}
+        for name in names:
+            values = src[name].oindex[rows]
+            dst[name][b * size:b * size + rows.size] = values
+            written[name] = values
+        digests.append(block_digest(written))
+        if on_rows is not None:
+            on_rows(int(rows.size))
+    if n_blocks:
+        dst[DONE_ARRAY][:] = np.ones(n_blocks, np.uint8)
+        if DIGEST_ARRAY in dst:
+            dst[DIGEST_ARRAY][:] = np.array(digests, dtype=np.str_)
+    _refresh_digests(dst)
+    version = version_of(src) + 1
+    added = read_array(dst, ADDED)[:] if ADDED in dst else np.ones(n, np.int32)
+    entry = {"version": version, "hash": snapshot_hash(read_array(dst, "video_id")[:], added, np.ones(n, bool)),
+             "rows": n, "live": n, "added": 0, "dropped": 0, "compacted": int(gone.size),
+             "classes": len(src.attrs.get("class_names", []))}
+    dropped_in = read_array(src, DROPPED)[:n_old] if DROPPED in src else np.zeros(n_old, np.int32)
+    oldest = max(int(src.attrs.get("oldest_snapshot", 1)), int(dropped_in[gone].max()) if gone.size else 1)
+    changed = attrs or {}
+    attrs = {k: v for k, v in src.attrs.items() if k not in ("fingerprint", CHANGE)}
+    attrs.update({**changed, "n": n, "version": version, "snapshots": [*(src.attrs.get("snapshots") or []), entry],
+                  "oldest_snapshot": oldest, "compactions": int(src.attrs.get("compactions", 0)) + 1,
+                  "compacted_from": {"version": version_of(src), "fingerprint": src.attrs.get("fingerprint")}})
+    dst.attrs.update(attrs)
+    dst.attrs["fingerprint"] = fp  # last: a copy without it is an unfinished one
+    return dst
+
+
+def swap_in(path: Path, new: Path) -> None:
+    """Put the finished store at ``new`` in place of the one at ``path`` (local disks: two renames; a crash
+    between them is finished by :func:`finish_swap`). Call under the writer lock of ``path``."""
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        remove_tree(old)
+    os.rename(path, old)
+    os.rename(new, path)
+    remove_tree(old)
+
+
+def finish_swap(path: Path) -> None:
+    """Finish a :func:`swap_in` killed between its renames: the new store is put in place."""
+    new, old = path.parent / f".{path.name}.compact", path.parent / f".{path.name}.old"
+    if not is_remote(path) and not path.exists() and (new / "zarr.json").exists() and old.exists():
+        os.rename(new, path)
+        remove_tree(old)

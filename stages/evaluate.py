@@ -65,12 +65,27 @@ def _names_file(cache: Path, dataset: str, hgroup) -> str | None:  # noqa: ANN00
     return store.open_group(path, mode="r").attrs.get("class_names_file")
 
 
+def _one_split(split: str, snapshot: int | None) -> None:
+    if snapshot is not None and split == "all":
+        raise PipelineError("--snapshot names a snapshot of one split's store: give one --split")
+
+
+def snapshot_record(group, snapshot: int | None = None) -> dict:  # noqa: ANN001
+    """What an evaluation records of the store it read: its snapshot (number, hash) and where it is."""
+    version = store.resolve_snapshot(group, snapshot) if store.version_of(group) else 0
+    return {"path": store.address_of(group), "version": version,
+            "hash": store.snapshot_entry(group, version)["hash"] if version else None}
+
+
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
-        out: Path | None = None) -> dict:
+        out: Path | None = None, snapshot: int | None = None) -> dict:
+    """``snapshot``: evaluate the videos the split had at that snapshot of its store (None: now), against the
+    head's classes of that snapshot: an old number, reproduced."""
+    _one_split(split, snapshot)
     # --split all: every video of the dataset (the official whole-dataset zero-shot lists of UCF101 / HMDB51)
     chosen = splits_of(cache, "features", dataset, model_tag) if split == "all" else [split]
-    parts = [video_features(open_features(cache, dataset, model_tag, s))[:2] for s in chosen]
+    parts = [video_features(open_features(cache, dataset, model_tag, s), snapshot=snapshot)[:2] for s in chosen]
     feats, labels = np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts])
     group = open_features(cache, dataset, model_tag, chosen[0])
     names = list(group.attrs["class_names"])
@@ -80,6 +95,14 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
     hgroup = open_fresh(cache, hpath, f"{kind} head of {source}")
     head = hgroup["head"][:]
     head_names = list(hgroup.attrs["class_names"])
+    if snapshot is not None and source == dataset:
+        # class lists only grow at their end: the classes of that snapshot are the first ones
+        known = int(store.snapshot_entry(group, store.resolve_snapshot(group, snapshot)).get("classes") or len(names))
+        head, head_names, names = head[:known], head_names[:known], names[:known]
+        made_from = (hgroup.attrs.get("inputs") or {}).get("features") or {}
+        if made_from and made_from.get("version") != snapshot and made_from.get("split") == split:
+            warnings.warn(f"the {kind} head was made from snapshot {made_from.get('version')} of these features, not "
+                          f"{snapshot}: `pipeline heads --head {kind} --snapshot {snapshot}` remakes it", stacklevel=2)
     dropped = 0
     if head_names != names:  # a head built from another dataset's class names: match by name
         index = {n: i for i, n in enumerate(head_names)}
@@ -92,7 +115,10 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
         feats, labels = feats[keep], labels[keep]
     result: dict = {"dataset": dataset, "split": split, "head": kind, "head_dataset": source, "model": model_tag,
                     "encoder": enc_tag, "videos_without_head_class": dropped,
-                    "class_names_file": _names_file(cache, source, hgroup)}
+                    "class_names_file": _names_file(cache, source, hgroup),
+                    "snapshots": {"features": {s: snapshot_record(open_features(cache, dataset, model_tag, s),
+                                                                  snapshot) for s in chosen},
+                                  "head": dict(hgroup.attrs.get("inputs") or {})}}
     result.update(score_protocols(evaluation.cosine_logits(feats, head), labels, head_names, protocols, subset_files))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +129,8 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
                 data_device: str = "auto", out: Path | None = None, quiet: bool = False, progress: bool = True,
-                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = ()) -> dict:
+                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
+                snapshot: int | None = None) -> dict:
     """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops), on its own dataset's
     classes or, zero-shot, on another dataset's (its cached head of the run's kind, e.g. clip-text)."""
     import torch
@@ -114,6 +141,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
 
     from .finetune import CachedFeatureSet, batched_data_path, load_run, open_frames
 
+    _one_split(split, snapshot)
     dev = distributed.setup(device)
     batched = batched_data_path(data_device, dev)
     model, info, clip = load_run(cache, run_name)
@@ -143,7 +171,7 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     # --split all: every video of the dataset (the official whole-dataset zero-shot lists)
     stored = splits_of(cache, "features", dataset, info["model_tag"]) if frozen else splits_of(cache, "frames",
                                                                                               dataset)
-    parts = []
+    parts, read = [], {}
     for one in (stored if split == "all" else [split]):
         if frozen:
             group = open_features(cache, dataset, info["model_tag"], one)
@@ -153,11 +181,12 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
             warnings.warn(f"the {'features' if frozen else 'frames'} of {dataset}/{one} were rebuilt since run "
                           f"{run_name} was trained: this evaluates the new ones (re-train it for numbers of one "
                           "snapshot)", stacklevel=2)
+        read[one] = snapshot_record(group, snapshot)
         if frozen:
-            rows, labels = usable_rows(group)
+            rows, labels = usable_rows(group, snapshot=snapshot)
             parts.append(CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal))
         else:
-            rows, labels = usable_rows(group, multilabel="targets" in group)
+            rows, labels = usable_rows(group, multilabel="targets" in group, snapshot=snapshot)
             parts.append(FrameClipSet(str(path), rows, labels, info["frames"],
                                       Normalization(clip.image_size, clip.mean, clip.std, clip.interpolation), 0,
                                       views=(temporal, spatial), batched=batched))
@@ -170,7 +199,8 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
         logits, y = predict(model, data, batch_size, dev, workers, on_batch=bar.update)
     scores = evaluation.multilabel_metrics(logits, y) if y.ndim == 2 else evaluation.metrics(logits, y)
     result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
-              "trained_on": info["dataset"], "head": info["head"], **scores}
+              "trained_on": info["dataset"], "head": info["head"], **scores,
+              "snapshots": {"evaluated": read, "trained": info.get("snapshots")}}
     others = [p for p in protocols if p != "full"]
     if others:  # zero-shot protocols on the run's logits: a class subset scores its own columns only
         if y.ndim == 2:

@@ -153,7 +153,7 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 bar.update(r.n)
             in_process = workers <= 1 and not scheduler_address
             # in one process blocks run in order: each reads the next one's bytes while it computes
-            ahead = [*pending[1:], None] if in_process else [None] * len(pending)
+            ahead = [*pending[1:], None][:len(pending)] if in_process else [None] * len(pending)
             errors = run_blocks(
                 extract_feature_block,
                 [(location(path), location(fpath), b, spec, device, batch_size, threads, compile_, nxt)
