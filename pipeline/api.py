@@ -82,7 +82,8 @@ class Output:
 
     def table(self, snapshot: int | None = None, dropped: bool = False):
         """A pandas DataFrame, one row per video live at ``snapshot`` (None: the current one; ``dropped``: the
-        dropped ones too): row, video_id, path, label, class_name, status, reason, added_in, dropped_in."""
+        dropped ones too): video_id, path, label, class_name, status, reason, added_in, dropped_in, indexed by
+        the store's row."""
         import pandas as pd
 
         g = self.group
@@ -97,11 +98,11 @@ class Output:
         lifecycle = {name: g[name][:][rows] if name in g else np.zeros(rows.size, np.int32)
                      for name in (store.ADDED, store.DROPPED)}
         return pd.DataFrame({
-            "row": rows, "video_id": store.as_text(g["video_id"][:][rows]), "path": store.as_text(g["path"][:][rows]),
+            "video_id": store.as_text(g["video_id"][:][rows]), "path": store.as_text(g["path"][:][rows]),
             "label": label, "class_name": names[np.where(label >= 0, label, len(names) - 1)],
             "status": [STATUS_NAMES.get(int(s), str(s)) for s in status[rows]],
             "reason": store.as_text(g["reason"][:][rows]), **lifecycle,
-        })
+        }, index=pd.Index(rows, name="row"))
 
 
 @dataclass

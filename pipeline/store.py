@@ -1165,9 +1165,14 @@ def refresh_columns(group: zarr.Group, refresh: dict[str, tuple[np.ndarray, np.n
 def address_of(group: zarr.Group) -> str:
     """Where a store is, as an output made from it records it: an absolute path (or the URL), never one
     relative to the caller's working directory."""
-    from .cachefs import location
-
-    return location(as_path(location_of(group)))
+    st = group.store
+    if getattr(st, "root", None) is not None:  # a local store
+        return str((Path(st.root) / group.path).absolute())
+    fs = getattr(st, "fs", None)
+    if fs is not None:  # fsspec: the URL other processes open it by
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return f"{protocol}://{'/'.join(p for p in (str(st.path).strip('/'), group.path) if p)}"
+    return location_of(group)
 
 
 def snapshots_behind(recorded: dict[str, dict]) -> list[str]:

@@ -139,7 +139,7 @@ def choose_snapshots(run_dir: Path, record: dict, groups: dict) -> tuple[dict, d
         info = json.loads((run_dir / "run.json").read_text())
         recorded = {k: int(v["version"]) for k, v in (info.get("snapshots") or {}).items()}
         if set(recorded) == set(current) and recorded != current \
-                and store.fingerprint({**record, "snapshots": recorded}) == info.get("fingerprint"):
+                and store.fingerprint({**record, "snapshot": recorded}) == info.get("fingerprint"):
             for split, version in recorded.items():
                 store.resolve_snapshot(groups[split], version)  # still there (not compacted away)
             current = recorded
@@ -209,9 +209,9 @@ def derived_run_name(dataset: str, model_tag: str, head: str, temporal: str, *, 
 NAMED_IN_CHANGES = ("dataset", "model_tag", "encoder")
 DESCRIBED = {"train": "train (its training store)", "val": "val (its validation store)",
              "head_fingerprint": "head_fingerprint (the head's rows)",
-             "snapshots.train": "snapshots.train (its training store has another snapshot: videos were added or "
-                                "dropped since)",
-             "snapshots.val": "snapshots.val (its validation store has another snapshot)"}
+             "snapshot.train": "snapshot.train (its training store has another snapshot: videos were added or "
+                               "dropped since)",
+             "snapshot.val": "snapshot.val (its validation store has another snapshot)"}
 
 
 def run_changes(config_file: Path, settings: dict, info: dict) -> list[str]:
@@ -421,10 +421,10 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
                   "ttrans_init": ttrans_init if temporal == "ttrans" else None,
                   **_coop_record(head, coop_ctx, coop_lr, cfg),
                   "config": _fingerprinted(cfg), "objective": objective.record()}
-        record["snapshots"], snapshots = choose_snapshots(run_path(cache, run_name), record,
+        record["snapshot"], snapshots = choose_snapshots(run_path(cache, run_name), record,
                                                           {"train": train_group, "val": val_group})
         fp = store.fingerprint(record)
-        x_train, y_train = load_split(train_group, record["snapshots"]["train"])
+        x_train, y_train = load_split(train_group, record["snapshot"]["train"])
         epoch_length = None
         if shots:
             rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
@@ -450,7 +450,7 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
         if head == "coop":
             model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
         model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-        val_set = (CachedFeatureSet(*load_split(val_group, record["snapshots"]["val"]), frames, cfg.seed)
+        val_set = (CachedFeatureSet(*load_split(val_group, record["snapshot"]["val"]), frames, cfg.seed)
                    if val_group is not None else None)
         info = {**record, "snapshots": snapshots, "run": run_name, "dataset": dataset, "model_tag": model_tag,
                 "class_names": names,
@@ -558,10 +558,10 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
                   "config": _fingerprinted(cfg), "objective": objective.record(),
                   # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
                   **({"data_path": "batched-gpu"} if batched else {})}
-        record["snapshots"], snapshots = choose_snapshots(run_path(cache, run_name), record,
+        record["snapshot"], snapshots = choose_snapshots(run_path(cache, run_name), record,
                                                           {"train": train_group, "val": val_group})
         fp = store.fingerprint(record)
-        rows, labels = usable_rows(train_group, snapshot=record["snapshots"]["train"])
+        rows, labels = usable_rows(train_group, snapshot=record["snapshot"]["train"])
         epoch_length = None
         if shots:
             picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
@@ -571,7 +571,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         val_set = None
         if val_group is not None:
             val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group,
-                                               snapshot=record["snapshots"]["val"])
+                                               snapshot=record["snapshot"]["val"])
             val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
         temporal_lr = cfg.temporal_lr or cfg.lr
         backbone_lr = cfg.lr * cfg.backbone_lr_ratio

@@ -112,9 +112,14 @@ def test_the_whole_feature_store_on_s3_matches_a_local_cache(tmp_path, tiny_clip
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(UPath(f"{remote}/runs/r/history.jsonl").read_text().splitlines()) == len(
         Path(f"{local}/runs/r/history.jsonl").read_text().splitlines())
-    evals = [cli("evaluate", "--run-name", "r", "--json", "--cache", cache, cwd=tmp_path).stdout
-             for cache in (local, remote)]
-    assert json.loads(evals[0][evals[0].index("{"):]) == json.loads(evals[1][evals[1].index("{"):])
+    evals = [json.loads(out[out.index("{"):]) for out in (
+        cli("evaluate", "--run-name", "r", "--json", "--cache", cache, cwd=tmp_path).stdout for cache in (local, remote))]
+    # the snapshots read: the same (number and hash), of stores at their own places (a path, an s3:// URL)
+    where = [e.pop("snapshots") for e in evals]
+    assert where[1]["evaluated"]["val"]["path"].startswith("s3://")
+    assert [{k: v for k, v in w["evaluated"]["val"].items() if k != "path"} for w in where] == [
+        {"version": 1, "hash": where[0]["evaluated"]["val"]["hash"]}] * 2
+    assert evals[0] == evals[1]
     cli("plot-heads", "-d", "toy", "--model", f"local-dir:{tiny_clip}", "--cache", remote, cwd=tmp_path)
     png = UPath(f"{remote}/plots/toy/head-correlation-clip-text.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
