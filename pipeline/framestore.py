@@ -310,8 +310,10 @@ def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
     reasons = np.array([""] * status.size, dtype=object)
     digests = np.array([""] * status.size, dtype=object)
     for j in range(m):
-        if paths[j]:
-            digests[j] = file_sha256(str(paths[j]))
+        if not paths[j]:  # not in the dataset: recorded when the row was added, nothing to open
+            status[j], reasons[j] = FAILED, MISSING_REASON
+            continue
+        digests[j] = file_sha256(str(paths[j]))
         try:
             clip = decode_clip(str(paths[j]), spec, float(starts[j]), float(ends[j]), threads=threads)
         except DecodeError as e:
