@@ -1,5 +1,8 @@
 """The feature store: CLIP image embeddings of every stored frame, rows aligned with the frame store.
 
+It follows its frame store's snapshots row for row (:func:`follow_frames`): rows the frames gained are
+appended pending and encoded by the usual blocks, drop marks are copied; encoded rows are never touched.
+
 Arrays: ``features`` float16 [N, T, D]; ``status`` int8 [N] and ``reason`` str [N] (a video that
 failed in the frame stage stays failed here, its features zero, never garbage); the manifest
 columns ``video_id``, ``path``, ``label`` (and ``targets``) copied from the frame store, so that a

@@ -1,15 +1,21 @@
-"""The frame store: decoded, resized frames of every video of a split, in manifest order.
+"""The frame store: decoded, resized frames of every video of a split, one row per video.
 
-Arrays (row i = manifest row i):
+Rows are keyed by video id: the first build stores the manifest's order, later runs append new videos,
+mark gone ones dropped and redo changed ones (:func:`plan_change`), never rewriting a finished block.
+
+Arrays (row i = video i):
 - ``frames``: JPEG bytes [N, T] (codec ``jpeg``, the default) or uint8 [N, T, H, W, 3] with zstd
   (codec ``raw``); read them with :func:`read_frames`, which returns uint8 either way;
 - ``frame_index`` int32 [N, T], ``timestamp`` float64 [N, T], ``source_frames`` int32 [N];
-- ``status`` int8 [N] (0 pending, 1 ok, 2 failed) and ``reason`` str [N], whole-column bookkeeping
-  written by the coordinating process (:class:`pipeline.store.Ledger`); rows whose file is missing
-  from the dataset are recorded failed when the store is created, and never visited;
+- ``status`` int8 [N] (0 pending, 1 ok, 2 failed, 3 VOID padding) and ``reason`` str [N], whole-column
+  bookkeeping written by the coordinating process (:class:`pipeline.store.Ledger`); rows whose file is
+  missing from the dataset are recorded failed when they are added, and never opened;
 - the manifest columns ``video_id``, ``path``, ``label``, ``start``, ``end`` (plus ``targets`` uint8
-  [N, C] for multi-label splits); ``block_done`` (see :mod:`pipeline.store`).
-Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``spec``, ``codec``, ``n``, ``block_size``.
+  [N, C] for multi-label splits); ``added_in`` / ``dropped_in`` (the snapshots a row lives in);
+  ``file_size``, ``file_mtime_ns``, ``file_sha256`` (each file's identity when it was read);
+  ``block_done``, ``block_digest`` (see :mod:`pipeline.store`).
+Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``spec``, ``codec``, ``n``, ``block_size``,
+``root``, ``version``, ``snapshots``.
 
 Why JPEG by default: measured in ``benchmarks/bench_codec.py``, JPEG q90 stores ~10x fewer bytes
 than raw uint8 + zstd and reads back faster (libjpeg-turbo beats zstd through zarr); libjpeg-turbo
