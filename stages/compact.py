@@ -89,6 +89,8 @@ def _compact_split(cache: Path, dataset: str, split: str, quiet: bool) -> list[d
         features = []
         for path in feature_paths:
             group = store.open_existing(path, f"features {path}")
+            if not group.attrs.get("frames_fingerprint"):
+                continue  # imported features: not made from these frames, not aligned with their rows
             if _leftover(path, group, frames.attrs["fingerprint"]):
                 group = store.open_existing(path, f"features {path}")
             features.append((path, group))

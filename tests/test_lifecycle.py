@@ -537,3 +537,45 @@ def test_dvc_repro_after_a_new_video_decodes_it_alone(tmp_path, template):
     assert column(g, "video_id")[-1] == "train/run/r2" and column(g, store.ADDED) == [1, 1, 1, 1, 2]
     assert all(chunk_files(path)[k] == v for k, v in before.items())
     assert zarr.open_group(str(path.parent / "val"), mode="r").attrs["version"] == 1  # val did not change
+
+
+KILL_SWAP = """
+import os, signal, sys
+from pipeline import store
+from pipeline.cli import main
+real, calls, at = store.swap_in, [], int(sys.argv[1])
+def swap(*args):
+    calls.append(args)
+    if len(calls) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+store.swap_in = swap
+sys.argv = ["pipeline", *sys.argv[2:]]
+main()
+"""
+
+
+def test_a_compaction_killed_between_its_swaps_is_finished_by_the_next(tmp_path, tiny_clip):
+    root = make_videos(tmp_path / "data", [f"v{i}" for i in range(5)])
+    write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(5)])
+    base = tmp_path / "base"
+    frames(base, root, "--block-size", "2")
+    features(base, tiny_clip)
+    write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(5) if i != 2])
+    frames(base, root, "--block-size", "2")
+    features(base, tiny_clip)
+    clean = tmp_path / "clean"
+    shutil.copytree(base, clean)
+    run_cli("compact", "-d", "csv", "--cache", str(clean))
+    stores = [Path("frames") / "csv" / "train", Path("features") / "csv" / "tiny" / "train"]
+    expected = {str(s): files(clean / s) for s in stores}
+    for call in (1, 2):  # before the frame store is swapped in; after it, before its features are
+        killed = tmp_path / f"killed{call}"
+        shutil.copytree(base, killed)
+        proc = subprocess.run([sys.executable, "-c", KILL_SWAP, str(call), "compact", "-d", "csv", "--cache",
+                               str(killed)], cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        run_cli("compact", "-d", "csv", "--cache", str(killed))
+        for s in stores:
+            assert files(killed / s) == expected[str(s)], (call, s)
+        assert sorted(p.name for p in (killed / stores[0]).parent.iterdir()) == [".train.lock", "train"]
