@@ -200,7 +200,8 @@ def _same_text(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def plan_change(group: zarr.Group, manifest: Manifest, identity: tuple[np.ndarray, np.ndarray], *,
-                retry_failed: bool = False, hash_file=file_sha256) -> Plan:  # noqa: ANN001 - a function
+                retry_failed: bool = False, hash_file=file_sha256,  # noqa: ANN001 - a function
+                quiet: bool = True) -> Plan:
     """Compare the live rows of a frame store with ``manifest`` (one split), by video id, in whole columns.
 
     - a video of the manifest without a live row is appended;
@@ -252,12 +253,18 @@ def plan_change(group: zarr.Group, manifest: Manifest, identity: tuple[np.ndarra
     touched = np.flatnonzero((size == new_size) & (mtime != new_mtime) & (new_size >= 0))
     refresh_rows, refresh_mtimes = [], []
     if touched.size:
+        from .progress import Progress
+
         recorded = store.as_text(group["file_sha256"][:n][row[touched]])
-        for k, digest in zip(touched.tolist(), recorded.tolist(), strict=True):
-            if digest and hash_file(records[int(rec[k])].path) == digest:
-                same_file[k] = True
-                refresh_rows.append(int(row[k]))
-                refresh_mtimes.append(int(new_mtime[k]))
+        # a moved or copied dataset touches every file: reading them is long, but far shorter than decoding
+        with Progress(int(touched.size), "hash files with a new mtime", quiet or touched.size < 1000,
+                      unit="file") as bar:
+            for k, digest in zip(touched.tolist(), recorded.tolist(), strict=True):
+                if digest and hash_file(records[int(rec[k])].path) == digest:
+                    same_file[k] = True
+                    refresh_rows.append(int(row[k]))
+                    refresh_mtimes.append(int(new_mtime[k]))
+                bar.update(1)
     failed = group["status"][:n][row] == FAILED
     redo = ~same | ~same_file | (failed & retry_failed)
     gone = np.setdiff1d(rows, row)

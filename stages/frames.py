@@ -89,7 +89,7 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
                 init=lambda g, part=part, split=split, block=block, identity=identity, k=compactions: init_frame_store(
                     g, part, split, spec, codec, block, identity, compactions=k))
             # the dataset as it is now against the store's live rows: only the difference is decoded
-            plan = plan_change(group, part, identity, retry_failed=retry_failed)
+            plan = plan_change(group, part, identity, retry_failed=retry_failed, quiet=quiet)
             snapshot = apply_plan(group, plan)
             pending = store.pending_blocks(group)
             todo = store.rows_in(group, pending)

@@ -239,7 +239,6 @@ def test_a_changed_file_is_redone_alone_and_a_touched_one_is_not(tmp_path, decod
     assert column(g, "video_id") == ["v0", "v1", "v2", "", "v1"] and column(g, store.DROPPED) == [0, 2, 0, 0, 0]
     assert not np.array_equal(g["frames"][4], old) and np.array_equal(g["frames"][1], old)
     assert all(chunk_files(path)[k] == v for k, v in before.items())
-    assert zarr.open_group(str(path.parent / "val"), mode="r").attrs["version"] == 1  # val did not change
     # the same bytes with a new mtime (a copy, a regenerated world): hashed, not decoded; no new snapshot
     stamp = time.time_ns() + 10**9
     os.utime(root / "v0.mp4", ns=(stamp, stamp))
