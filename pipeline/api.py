@@ -10,6 +10,15 @@ Every output is also a Zarr v3 group with named dimensions: ``xarray.open_zarr(p
 Opening checks what the stages check (the output exists, is finished being created, and its
 bookkeeping and small arrays are intact); whether it is stale against rebuilt inputs is checked by
 the commands, which know the cache's layout (``pipeline status``).
+
+Stores live from snapshot to snapshot (videos added, dropped, redone): reads serve the rows live at the
+current snapshot, or at the one named (``snapshot=N``); dropped rows stay in the arrays until
+``pipeline compact`` but are never served. ``older_snapshot()`` says when an output was made from an
+older snapshot of its inputs than they have now:
+
+    >>> val.snapshot                                       # {"version": 3, "hash": "..."}
+    >>> x, y, rows = val.video_features(snapshot=2)        # the videos of snapshot 2
+    >>> open_head("cache/heads/ucf101/ViT-B-16-openai/lda").older_snapshot()
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from . import store
 from .cachefs import as_path
 from .errors import PipelineError
 
-STATUS_NAMES = {store.PENDING: "pending", store.OK: "ok", store.FAILED: "failed"}
+STATUS_NAMES = {store.PENDING: "pending", store.OK: "ok", store.FAILED: "failed", store.VOID: "void"}
 
 
 @dataclass
@@ -48,22 +57,52 @@ class Output:
     def class_names(self) -> list[str]:
         return list(self.group.attrs.get("class_names", []))
 
-    def table(self):
-        """A pandas DataFrame, one row per video: video_id, path, label, class_name, status, reason."""
+    @property
+    def snapshot(self) -> dict[str, Any]:
+        """{"version", "hash"} of the output's current snapshot (version 0: made before snapshots)."""
+        return store.snapshot_of(self.group)
+
+    @property
+    def snapshots(self) -> list[dict[str, Any]]:
+        """Every snapshot the output has had: version, hash, rows, live videos, added, dropped, classes."""
+        return [dict(e) for e in self.group.attrs.get("snapshots") or []]
+
+    def older_snapshot(self) -> list[str]:
+        """The inputs this output was made from that have another snapshot now (e.g. ``["frames: snapshot 2,
+        now 3"]``): the output is older than its data (not invalid; re-running its stage brings it up)."""
+        attrs = self.group.attrs
+        recorded = dict(attrs.get("inputs") or {})
+        if attrs.get("stage") == "features" and attrs.get("frames_path") and attrs.get("version"):
+            recorded["frames"] = {"path": attrs["frames_path"], "version": attrs["version"]}
+        return store.snapshots_behind(recorded)
+
+    def live_rows(self, snapshot: int | None = None) -> np.ndarray:
+        """Row indices of the videos live at ``snapshot`` (None: the current one)."""
+        return np.flatnonzero(store.live_mask(self.group, snapshot))
+
+    def table(self, snapshot: int | None = None, dropped: bool = False):
+        """A pandas DataFrame, one row per video live at ``snapshot`` (None: the current one; ``dropped``: the
+        dropped ones too): video_id, path, label, class_name, status, reason, added_in, dropped_in, indexed by
+        the store's row."""
         import pandas as pd
 
         g = self.group
         if "status" not in g:
             raise PipelineError(f"{self.path} is not a per-video output (it has no videos)")
-        label = g["label"][:]
-        names = np.array(self.class_names + [""], dtype=object)  # label -1 (unlabelled) -> ""
         status = g["status"][:]
+        rows = self.live_rows(snapshot)
+        if dropped:
+            rows = np.flatnonzero(status != store.VOID)
+        label = g["label"][:][rows]
+        names = np.array(self.class_names + [""], dtype=object)  # label -1 (unlabelled) -> ""
+        lifecycle = {name: g[name][:][rows] if name in g else np.zeros(rows.size, np.int32)
+                     for name in (store.ADDED, store.DROPPED)}
         return pd.DataFrame({
-            "video_id": store.as_text(g["video_id"][:]), "path": store.as_text(g["path"][:]), "label": label,
-            "class_name": names[np.where(label >= 0, label, len(names) - 1)],
-            "status": [STATUS_NAMES.get(int(s), str(s)) for s in status],
-            "reason": store.as_text(g["reason"][:]),
-        })
+            "video_id": store.as_text(g["video_id"][:][rows]), "path": store.as_text(g["path"][:][rows]),
+            "label": label, "class_name": names[np.where(label >= 0, label, len(names) - 1)],
+            "status": [STATUS_NAMES.get(int(s), str(s)) for s in status[rows]],
+            "reason": store.as_text(g["reason"][:][rows]), **lifecycle,
+        }, index=pd.Index(rows, name="row"))
 
 
 @dataclass
@@ -82,11 +121,12 @@ class Features(Output):
         """float16 [N, T, D], read lazily (index it)."""
         return self.group["features"]
 
-    def video_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(temporal means float32 [n, D], labels [n], row indices) of the videos that are ok."""
+    def video_features(self, snapshot: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(temporal means float32 [n, D], labels [n], row indices) of the videos that are ok and live at
+        ``snapshot`` (None: the current one)."""
         from .featurestore import video_features
 
-        return video_features(self.group)
+        return video_features(self.group, snapshot=snapshot)
 
 
 @dataclass
@@ -119,6 +159,15 @@ class Run:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+    @property
+    def snapshots(self) -> dict[str, Any]:
+        """The snapshots of its stores the run trained on: {"train": {"version", "hash", "path"}, ...}."""
+        return dict(self.info.get("snapshots") or {})
+
+    def older_snapshot(self) -> list[str]:
+        """Its stores that have another snapshot now (videos added or dropped since it was trained)."""
+        return store.snapshots_behind(self.snapshots)
 
     def state_dict(self) -> dict[str, Any]:
         """The model's weights at the last checkpoint (tensors only)."""

@@ -255,7 +255,7 @@ def _run_frames(ctx: Context, s: S.FramesSettings) -> None:
         raise PipelineError(f"bad frame parameters: {e}") from None
     summaries = frames_stage.run(ctx.cache, data, s.splits, spec, codec, block_size=s.block_size, workers=s.workers,
                                  scheduler_address=s.scheduler_address, replace_mismatched=s.replace_mismatched,
-                                 quiet=ctx.quiet)
+                                 quiet=ctx.quiet, retry_failed=s.retry_failed)
     failed = any(x["failed"] for x in summaries)
     for x in summaries:
         _print_summary(x)
@@ -266,8 +266,16 @@ def _run_frames(ctx: Context, s: S.FramesSettings) -> None:
 
 
 def _print_summary(s: dict, shown: int = 5) -> None:
+    change = s.get("change")
+    if change:
+        parts = [f"{change[k]} {k}" for k in ("added", "dropped", "redone", "retried") if change[k]]
+        if change.get("new_classes"):
+            parts.append(f"{change['new_classes']} new classes")
+        click.echo(f"{s['stage']} {s['dataset']}/{s['split']}: {', '.join(parts) or 'classes changed'} "
+                   f"-> snapshot {change['snapshot']}")
     click.echo(f"{s['stage']} {s['dataset']}/{s['split']}: {s['total']} videos, {s['ok']} ok, "
-               f"{s['failed']} failed -> {s['path']}")
+               f"{s['failed']} failed" + (f", {s['dropped']} dropped (until `pipeline compact`)" if s.get("dropped")
+                                          else "") + f" -> {s['path']}")
     for f in s["failures"][:shown]:
         click.echo(f"  failed {f['video_id']}: {f['reason']}  ({f['path'] or 'no file'})")
     if s["failed"] > shown:
@@ -328,6 +336,8 @@ def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
         else:
             if e.get("damaged"):
                 state = "DAMAGED"
+            elif e.get("interrupted"):
+                state = "interrupted"
             elif not e["fingerprint"]:
                 state = "unfinished"
             elif e.get("stale"):
@@ -345,6 +355,14 @@ def status(ctx: Context, as_json: bool, all_failures: bool) -> None:
             notes.append(f"damaged: {e['damaged']}")
         if e.get("stale"):
             notes.append(f"stale: {e['stale']}")
+        if e.get("older_snapshot"):
+            notes.append(f"older snapshot: {e['older_snapshot']}")
+        if e.get("version"):
+            notes.append(f"snapshot {e['version']} ({(e.get('snapshot') or '')[:12]})"
+                         + (f", {e['dropped']} dropped videos kept until `pipeline compact`" if e.get("dropped")
+                            else ""))
+        if e.get("interrupted"):
+            notes.append(e["interrupted"])
         if e.get("random_weights"):
             notes.append("RANDOM WEIGHTS: made with a model that has no pretrained weights (--random-weights)")
         v = e.get("verified")
@@ -372,6 +390,28 @@ def _describe(e: dict) -> str:
     if e["stage"] == "metrics":
         return f"top-1 {e['top1']:.2f}" if e.get("top1") is not None else e.get("state", "-")
     return "written"
+
+
+@command("compact", S.CompactSettings)
+def compact(ctx: Context, s: S.CompactSettings) -> None:
+    """Rewrite a dataset's frame stores, and their feature stores, without the videos dropped from the dataset.
+
+    Dropped videos are masked (never read) but kept, so that older snapshots can still be evaluated; compaction
+    removes them for good. Bytes are copied, nothing is decoded. The compacted stores are another output (their
+    rows moved): heads and runs made from them show as stale; `pipeline heads` makes the heads again. Feature
+    stores must be at their frames' snapshot (run `pipeline features` first).
+
+    \b
+    Examples:
+      pipeline compact --dataset k400
+      pipeline compact --dataset demo --split train
+    """
+    from stages import compact as compact_stage
+
+    ds = need_dataset(s)
+    for r in compact_stage.run(ctx.cache, ds, list(s.splits) or None, quiet=ctx.quiet):
+        click.echo(f"compact {r['path']}: {r['removed']} dropped videos removed, {r['videos']} kept"
+                   f" -> snapshot {r['snapshot']}")
 
 
 @command("verify", None)
@@ -583,7 +623,7 @@ def _heads(ctx: Context, s: S.HeadsSettings, kind: str) -> None:
             raise PipelineError(f"LDA shrinkage must be 'auto' or a number in [0, 1], not {shrink}")
     path, head, _ = heads_stage.run(
         ctx.cache, ds, kind, spec.tag, encoder=s.encoder, seed=s.seed, per_class=s.per_class, solver=s.solver,
-        shrinkage=shrink, split=s.split, replace_mismatched=s.replace_mismatched)
+        shrinkage=shrink, split=s.split, replace_mismatched=s.replace_mismatched, snapshot=s.snapshot)
     click.echo(f"head {kind} {ds}: {head.shape[0]} x {head.shape[1]} -> {path}")
 
 
@@ -643,6 +683,7 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
       pipeline evaluate --dataset ucf101 --head clip-text --protocol half
       pipeline evaluate --dataset k600 --head clip-text --protocol subsets --subsets s1.csv --subsets s2.csv
       pipeline evaluate --dataset demo --head lda --protocol full --protocol half
+      pipeline evaluate --dataset demo --head clip-text --snapshot 1   # the videos the split had at snapshot 1
     """
     from stages import evaluate as evaluate_stage
 
@@ -654,12 +695,14 @@ def evaluate(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
     chosen = tuple(s.protocols)
     result = evaluate_stage.run(
         ctx.cache, ds, s.head, spec.tag, split=s.split, encoder=s.encoder, head_dataset=s.head_dataset,
-        protocols=chosen, subset_files=list(s.subsets), out=Path(s.out) if s.out else None)
+        protocols=chosen, subset_files=list(s.subsets), out=Path(s.out) if s.out else None, snapshot=s.snapshot)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
+    versions = ", ".join(f"{split} snapshot {r['version']}" for split, r in result["snapshots"]["features"].items()
+                         if r["version"])
     click.echo(f"{result['dataset']}/{result['split']}  head {result['head']} ({result['head_dataset']})  "
-               f"model {result['model']}"
+               f"model {result['model']}" + (f"  ({versions})" if versions else "")
                + (f"  class names from {result['class_names_file']}" if result.get("class_names_file") else ""))
     click.echo(f"  {'protocol':<10} {'top-1':>14} {'top-5':>14} {'mean class':>14}")
     for protocol in chosen:
@@ -701,7 +744,8 @@ def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
             batch_size=s.batch_size, workers=s.workers, device=s.device, data_device=s.data_device,
             out=Path(s.out) if s.out else None,
             quiet=ctx.quiet, progress=not as_json,  # machine output: nothing but the JSON
-            protocols=tuple(s.protocols), subset_files=list(s.subsets), test_scale=s.test_scale)
+            protocols=tuple(s.protocols), subset_files=list(s.subsets), test_scale=s.test_scale,
+            snapshot=s.snapshot)
     finally:
         main = distributed.is_main()
         distributed.teardown()

@@ -267,13 +267,19 @@ class FrameClipSet(torch.utils.data.Dataset):
         return eval_batch(batch, device, self.norm, self.frames, self.views)
 
 
-def usable_rows(group: zarr.Group, multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of a frame or feature store that decoded and carry a label: (rows, labels or multi-hot targets)."""
+def usable_rows(group: zarr.Group, multilabel: bool = False,
+                snapshot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a frame or feature store that decoded and carry a label: (rows, labels or multi-hot targets).
+
+    Only rows live at ``snapshot`` (None: the store's current one): dropped videos are never served."""
+    from .store import live_mask
+
     status = group["status"][:]
+    live = live_mask(group, snapshot)
     if multilabel and "targets" in group:
         targets = group["targets"][:]
-        keep = np.flatnonzero((status == 1) & (targets.sum(axis=1) > 0))
+        keep = np.flatnonzero(live & (status == 1) & (targets.sum(axis=1) > 0))
         return keep, targets[keep]
     labels = group["label"][:]
-    keep = np.flatnonzero((status == 1) & (labels >= 0))
+    keep = np.flatnonzero(live & (status == 1) & (labels >= 0))
     return keep, labels[keep]

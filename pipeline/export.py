@@ -138,6 +138,24 @@ def _write_npz(path: Path, arrays: Mapping[str, Any], attrs: Mapping[str, Any], 
                 np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
 
+class Selected:
+    """Array-like view of some rows of ``source`` (a zarr array, or a view that takes row slices), in their order:
+    what exports read of a store whose dropped videos are left out. Each read takes the span of rows it needs
+    in one slice, then picks: the rows left out are few and scattered, so spans stay contiguous reads."""
+
+    def __init__(self, source: Any, rows: np.ndarray) -> None:
+        self.source, self.rows = source, np.asarray(rows, np.int64)
+        self.shape = (len(self.rows), *source.shape[1:])
+        self.dtype, self.ndim = source.dtype, len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        chosen = self.rows[slice(None) if key is Ellipsis else key]
+        if chosen.size == 0:
+            return np.zeros((0, *self.shape[1:]), self.dtype if self.dtype != object else object)
+        lo, hi = int(chosen.min()), int(chosen.max()) + 1
+        return np.asarray(self.source[lo:hi])[chosen - lo]
+
+
 def _plain(a: np.ndarray) -> np.ndarray:
     # numpy's variable-width StringDType (how zarr returns strings) is not savable by np.savez.
     return np.array(a.tolist(), dtype=np.str_) if a.dtype.kind in "OT" else a

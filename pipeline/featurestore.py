@@ -1,5 +1,8 @@
 """The feature store: CLIP image embeddings of every stored frame, rows aligned with the frame store.
 
+It follows its frame store's snapshots row for row (:func:`follow_frames`): rows the frames gained are
+appended pending and encoded by the usual blocks, drop marks are copied; encoded rows are never touched.
+
 Arrays: ``features`` float16 [N, T, D]; ``status`` int8 [N] and ``reason`` str [N] (a video that
 failed in the frame stage stays failed here, its features zero, never garbage); the manifest
 columns ``video_id``, ``path``, ``label`` (and ``targets``) copied from the frame store, so that a
@@ -109,25 +112,41 @@ def features_fingerprint_record(frames_group: zarr.Group, identity: dict, precis
             **({"compile": True} if compile_ else {})}  # compiled kernels round differently; off: as before
 
 
+def _mirrored_columns(frames_group: zarr.Group, rows: slice) -> dict[str, np.ndarray]:
+    """The per-video columns of a feature store for frame rows ``rows``: the frame store's manifest columns and
+    life cycle, and statuses: a video that failed in the frame stage fails here too (its features zero, never
+    garbage), VOID padding stays VOID, the others are pending."""
+    frame_status = frames_group["status"][rows]
+    status = np.where(np.isin(frame_status, (FAILED, store.VOID)), frame_status, store.PENDING).astype(np.int8)
+    reasons = np.full(status.size, "", dtype=object)
+    failed = status == FAILED
+    reasons[failed] = ["frames: " + r for r in store.as_text(frames_group["reason"][rows])[failed]]
+    columns = {"status": status, "reason": reasons}
+    for name in ("video_id", "path", "label", "targets", store.ADDED, store.DROPPED):
+        if name in frames_group:
+            columns[name] = frames_group[name][rows]
+    return columns
+
+
 def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: LoadedClip, spec: ModelSpec,
                        precision: str, frames_path: str) -> None:
-    n, block = int(frames_group.attrs["n"]), int(frames_group.attrs["block_size"])
+    """An empty feature store aligned with ``frames_group`` row for row, at its snapshot: same row order, same
+    VOID padding, same added/dropped marks, so that a row's snapshots are its frames' snapshots."""
+    n, block = store.rows_of(frames_group), int(frames_group.attrs["block_size"])
     t = int(frames_group.attrs["spec"]["num_frames"])
     # Chunked by block, not by video: features are read whole (heads, evaluation, training on the cache).
     # Uncompressed: float16 embeddings barely compress, and decompression was a third of the read time.
     store.create_per_video(group, "features", n, block, (t, clip.embed_dim), "float16", chunk_per_video=False,
                            compress=False)
-    # A video that failed in the frame stage fails here too, recorded at creation (whole columns).
-    frame_status = frames_group["status"][:]
-    failed = frame_status == FAILED
-    reasons = None
-    if failed.any():
-        reasons = np.full(n, "", dtype=object)
-        reasons[failed] = ["frames: " + r for r in store.as_text(frames_group["reason"][:])[failed]]
-    store.create_bookkeeping(group, n, block, failed=failed, reasons=reasons)
-    for name in ("video_id", "path", "label", "targets"):
-        if name in frames_group:
-            store.create_column(group, name, frames_group[name][:])
+    columns = _mirrored_columns(frames_group, slice(0, n))
+    settled = columns["status"] != store.PENDING
+    store.create_bookkeeping(group, n, block, failed=settled, reasons=columns["reason"])
+    if settled.any():  # failed and VOID rows, as the frame store has them (whole columns)
+        group["status"][:] = columns["status"]
+        group["reason"][:] = np.array(columns["reason"].tolist(), dtype=np.str_)
+    for name in ("video_id", "path", "label", "targets", store.ADDED, store.DROPPED):
+        if name in columns:
+            store.create_column(group, name, columns[name])
     group.attrs.update({
         "stage": "features", "dataset": frames_group.attrs["dataset"], "split": frames_group.attrs["split"],
         "class_names": list(frames_group.attrs["class_names"]), "model": clip.identity, "model_tag": spec.tag,
@@ -135,7 +154,40 @@ def init_feature_store(group: zarr.Group, frames_group: zarr.Group, clip: Loaded
                        "key": spec.key, **({"random_weights": True} if spec.random_weights else {})},
         "precision": precision, "embed_dim": clip.embed_dim, "num_frames": t, "n": n, "block_size": block,
         "frames_fingerprint": frames_group.attrs["fingerprint"], "frames_path": frames_path,
+        **_mirrored_snapshots(frames_group),
     })
+
+
+def _mirrored_snapshots(frames_group: zarr.Group) -> dict[str, Any]:
+    if store.ADDED not in frames_group:
+        return {}
+    return {"version": store.version_of(frames_group), "snapshots": list(frames_group.attrs.get("snapshots") or []),
+            "oldest_snapshot": int(frames_group.attrs.get("oldest_snapshot", 1))}
+
+
+def follow_frames(group: zarr.Group, frames_group: zarr.Group) -> dict | None:
+    """Bring a feature store to its frame store's snapshot: the frame rows it lacks are appended (pending, to
+    be encoded by the usual blocks; nothing already encoded is touched), the drop marks copied. Returns the
+    snapshot entry, or None when it already is at that snapshot. Call under the writer lock (and the frame
+    store's reader lock)."""
+    n, n_frames = store.rows_of(group), store.rows_of(frames_group)
+    if store.version_of(group) == store.version_of(frames_group) and n == n_frames:
+        return None
+    if store.ADDED not in group or store.ADDED not in frames_group:
+        return None  # made before snapshots: fingerprints decide, as before
+    ids = store.as_text(group["video_id"][:n])
+    if n > n_frames or not np.array_equal(ids, store.as_text(frames_group["video_id"][:n])):
+        raise DamagedStore(f"{store.location_of(group)} is not aligned with its frame store {frames_group.store_path}"
+                           " (rows differ): rebuild it with --replace-mismatched")
+    dropped = frames_group[store.DROPPED][:n]
+    differ = np.flatnonzero(group[store.DROPPED][:n] != dropped)
+    change = store.Change(columns=_mirrored_columns(frames_group, slice(n, n_frames)) if n_frames > n else {},
+                          at=n, mirror=list(frames_group.attrs["snapshots"]),
+                          attrs={"class_names": list(frames_group.attrs["class_names"]),
+                                 "oldest_snapshot": int(frames_group.attrs.get("oldest_snapshot", 1))})
+    if differ.size:
+        change.refresh[store.DROPPED] = (differ, dropped[differ])
+    return store.apply_change(group, change)
 
 
 # One model per worker process (dask workers run many blocks): loading is the expensive part.
@@ -176,10 +228,11 @@ def worker_device(device: str) -> str:
     return f"cuda:{int(index) % max(1, torch.cuda.device_count())}" if index.isdigit() else device
 
 
-def _read_block(frames_path: str, block: int) -> tuple:
-    """(rows, status, reasons, stored frames of the ok rows, their boxes) of one block of a frame store."""
+def _read_block(frames_path: str, block: int, rows: slice | None = None) -> tuple:
+    """(rows, status, reasons, stored frames of the ok rows, their boxes) of one block of a frame store
+    (``rows``: the block's written rows, when known)."""
     frames_group = zarr.open_group(frames_path, mode="r")
-    rows = store.block_slice(frames_group, block)
+    rows = store.written_slice(frames_group, block) if rows is None else rows
     status_in = frames_group["status"][rows]
     reasons_in = frames_group["reason"][rows]
     ok = np.flatnonzero(status_in == OK)
@@ -195,11 +248,13 @@ def _read_block(frames_path: str, block: int) -> tuple:
 _READ_AHEAD: dict[tuple[str, int], Any] = {}
 
 
-def _block_data(frames_path: str, block: int, next_block: int | None) -> tuple:
+def _block_data(frames_path: str, block: int, next_block: int | None, rows: slice) -> tuple:
     from concurrent.futures import ThreadPoolExecutor
 
     future = _READ_AHEAD.pop((frames_path, block), None)
-    data = future.result() if future is not None else _read_block(frames_path, block)
+    data = future.result() if future is not None else _read_block(frames_path, block, rows)
+    if data[0] != rows:  # read ahead before a change of the frame store: read again
+        data = _read_block(frames_path, block, rows)
     _READ_AHEAD.clear()
     if next_block is not None:
         pool = ThreadPoolExecutor(1)
@@ -221,13 +276,18 @@ def extract_feature_block(path: str, frames_path: str, block: int, spec: ModelSp
     group = zarr.open_group(path, mode="r+")
     device = worker_device(device)
     clip = _model(spec, device, compile_)
-    rows, status_in, reasons_in, ok, stored, boxes = _block_data(frames_path, block, next_block)
+    whole = store.block_slice(group, block)
+    rows, status_in, reasons_in, ok, stored, boxes = _block_data(frames_path, block, next_block,
+                                                                 store.written_slice(group, block))
     t, d = int(group.attrs["num_frames"]), int(group.attrs["embed_dim"])
     m = rows.stop - rows.start
     feats = np.zeros((m, t, d), np.float16)
-    status = np.where(status_in == OK, OK, FAILED).astype(np.int8)
-    reasons = np.array(["" if s == OK else f"frames: {r}" for s, r in zip(status_in, store.as_text(reasons_in),
-                                                                          strict=True)], dtype=object)
+    # the whole block's statuses: rows past the written ones pad it (VOID), as in the frame store
+    status = np.full(whole.stop - whole.start, store.VOID, np.int8)
+    status[:m] = np.where(status_in == OK, OK, np.where(status_in == store.VOID, store.VOID, FAILED))
+    reasons = np.array([""] * status.size, dtype=object)
+    reasons[:m] = ["" if s in (OK, store.VOID) else f"frames: {r}"
+                   for s, r in zip(status_in.tolist(), store.as_text(reasons_in).tolist(), strict=True)]
     if ok.size:
         # each video's own pixels only (no padding); videos sharing a box (usually all) share batches
         for box in np.unique(boxes, axis=0):
@@ -274,10 +334,13 @@ def read_rows(group: zarr.Group, rows: np.ndarray) -> np.ndarray:
     return feats
 
 
-def video_features(group: zarr.Group, ok_only: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(temporal-average features float32 [n, D], labels [n], row indices) of the usable rows."""
+def video_features(group: zarr.Group, ok_only: bool = True,
+                   snapshot: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(temporal-average features float32 [n, D], labels [n], row indices) of the usable rows: the rows live at
+    ``snapshot`` (None: the current one; dropped rows are never read) that are ok."""
     status = group["status"][:]
-    rows = np.flatnonzero(status == OK) if ok_only else np.arange(status.size)
+    live = store.live_mask(group, snapshot)
+    rows = np.flatnonzero(live & (status == OK)) if ok_only else np.flatnonzero(live)
     feats = np.empty((rows.size, int(group.attrs["embed_dim"])), np.float32)
     block = int(group.attrs.get("block_size", 1024))
     # Read in blocks: the full [N, T, D] array need not fit in memory.

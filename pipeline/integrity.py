@@ -89,8 +89,9 @@ def _data_problems(group: zarr.Group, rows: slice, status: np.ndarray) -> str | 
 
 def _block_problem(group: zarr.Group, b: int, status: np.ndarray, recorded: str) -> str | None:
     """Why finished block ``b`` is damaged, or None: its arrays' digest differs from the one its worker
-    recorded (stores made before digests: ok rows without data, an unreadable array)."""
-    rows = store.block_slice(group, b)
+    recorded (stores made before digests: ok rows without data, an unreadable array). The digest covers the
+    rows the worker wrote: not the VOID rows padding a block that was short when rows were appended."""
+    rows = store.written_slice(group, b)
     names = [n for n in store.BLOCK_ARRAYS if n in group]
     try:
         if recorded:
@@ -111,6 +112,9 @@ def verify(path: str | Path, group: zarr.Group) -> Report:
     """Check one output: every array's metadata and chunk files, checksums, the recorded digests of columns
     and of every finished block, and the bookkeeping."""
     report = Report(str(path))
+    if group.attrs.get(store.CHANGE):  # arrays and attributes disagree until the change is finished
+        report.problems.append("an append or drop was interrupted: re-run its stage to finish it")
+        return report
     keys = store._list_keys(group)
     arrays, metadata = store.open_arrays(group, keys)
     if metadata:  # nothing is trustworthy without its metadata: rebuild
@@ -179,8 +183,12 @@ def repair(path: str | Path, report: Report) -> str:
         remove_tree(path)
         return "deleted: re-run its stage to rebuild it"
     group = zarr.open_group(str(path), mode="r+")
+    if group.attrs.get(store.CHANGE):
+        store.settle(group)
+        return "an interrupted append or drop was undone: re-run its stage to make it again"
     blocks = np.asarray(report.damaged_blocks, np.int64)
     rows = store.block_rows(group, blocks)
+    rows = rows[group["status"].oindex[rows] != store.VOID] if rows.size else rows  # padding rows stay VOID
     group[store.DONE_ARRAY].oindex[blocks] = 0  # markers first: an interrupted repair leaves blocks pending
     group["status"].oindex[rows] = store.PENDING
     group["reason"].oindex[rows] = ""

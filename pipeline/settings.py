@@ -176,11 +176,13 @@ class FramesSettings(Replace, DataSource):
     codec: str = knob("jpeg", "Stored frame encoding: JPEG bytes, or lossless uint8 + zstd.",
                       type=("jpeg", "raw"))
     jpeg_quality: int = knob(90, "JPEG quality.", type="PERCENT")
-    block_size: int = knob(16, "Videos per block (the resume unit; at most the rows there are, and 2 GiB of "
-                               "decoded frames).", type="POSITIVE")
+    block_size: int = knob(16, "Videos per block (the resume unit; at most 4096, and 2 GiB of decoded frames).",
+                           type="POSITIVE")
     workers: int = knob(1, "Decoding processes, through dask.", type="POSITIVE", maximum=4096)
     scheduler_address: str | None = knob(None, "Use this dask.distributed scheduler instead of a local one.")
     strict: bool = knob(False, "Exit with status 1 if any video failed.", is_flag=True)
+    retry_failed: bool = knob(False, "Decode again the videos recorded as failed (those whose file changed are "
+                                     "retried anyway).", is_flag=True)
 
 
 class FeaturesSettings(Replace, ModelChoice, DatasetName):
@@ -235,6 +237,8 @@ class HeadsSettings(Replace, ModelChoice, DatasetName):
     solver: str = knob("svd", "LDA solver (svd, as the paper).", type=("svd", "lsqr", "eigen"))
     shrinkage: str | None = knob(None, "LDA shrinkage: 'auto' or a number in [0, 1] (lsqr/eigen solvers).")
     split: str = knob("train", "Split the lda/prototype sample is drawn from.")
+    snapshot: int | None = knob(None, "lda/prototype: draw from the videos (and classes) that split's features had "
+                                      "at this snapshot [default: the current one].", type="POSITIVE")
 
 
 class LdaSettings(HeadsSettings):
@@ -255,6 +259,9 @@ class EvaluateSettings(ModelChoice, DatasetName):
     subsets: list[str] = knob([], "A class-subset file (one class a line, or comma-separated); repeatable.",
                               multiple=True, type="FILE")
     head_dataset: str | None = knob(None, "Use a head built from another dataset's class names (matched by name).")
+    snapshot: int | None = knob(None, "Evaluate the videos the split's store had at this snapshot (`pipeline "
+                                      "status` shows them): an older number, reproduced [default: the current one].",
+                                type="POSITIVE")
     out: str | None = knob(None, "Write the results as JSON (e.g. for DVC metrics).", type="FILE")
     run_name: str | None = knob(None, "Evaluate this fine-tuned run (CACHE/runs/RUN) instead of an untuned head.",
                                 old_flags=("--run",), old_keys=("run",))
@@ -446,11 +453,18 @@ class ReportSettings(DatasetName):
     out: str | None = knob(None, "Report folder.", type="DIR", default_text="CACHE/report")
 
 
+@dataclass
+class CompactSettings(DatasetName):
+    SECTION: ClassVar[str] = "compact"
+    splits: list[str] = knob([], "Split(s) to compact (repeatable) [default: every stored split].", flag="--split",
+                             multiple=True)
+
+
 COMMANDS: dict[str, type] = {
     "frames": FramesSettings, "features": FeaturesSettings, "labels": LabelsSettings, "extract": ExtractSettings,
     "heads": HeadsSettings, "lda": LdaSettings, "evaluate": EvaluateSettings, "finetune": FinetuneSettings,
     "import": ImportSettings, "predict": PredictSettings, "pretrain": PretrainSettings, "world": WorldSettings,
-    "export": ExportSettings, "plot-heads": PlotSettings, "report": ReportSettings,
+    "export": ExportSettings, "plot-heads": PlotSettings, "report": ReportSettings, "compact": CompactSettings,
 }
 
 

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -45,13 +45,20 @@ warnings.filterwarnings("ignore", category=UnstableSpecificationWarning)
 # a missing chunk file then always means lost data, which `status` and every reader can see from a listing.
 zarr.config.set({"array.write_empty_chunks": True})
 
-FORMAT_VERSION = 2  # 2: bookkeeping columns in whole-column chunks, locks beside the stores
+# 2: bookkeeping columns in whole-column chunks, locks beside the stores. 3: the fingerprint holds the settings
+# only (the rows are keyed by video id and live from snapshot to snapshot: ``added_in``, ``dropped_in``), blocks
+# and column chunks no longer depend on the number of rows, so that a store can grow.
+FORMAT_VERSION = 3
 DONE_ARRAY = "block_done"
 DIGEST_ARRAY = "block_digest"  # per block: sha256 of its per-video arrays as the worker wrote them
 # Bookkeeping columns (status, reason, block_done) are written by the one coordinating process in
 # chunks of this many rows, so that a summary of 246,000 videos reads a handful of chunks.
 COLUMN_CHUNK = 65536
-PENDING, OK, FAILED = 0, 1, 2
+# VOID: a row that pads a block which was short when rows were appended after it (new rows start at a block
+# boundary, so that a finished block is never written again). Never live, never read, never counted.
+PENDING, OK, FAILED, VOID = 0, 1, 2, 3
+# A block holds at most this many videos: blocks are shards, and a shard's index grows with its rows.
+MAX_BLOCK_ROWS = 4096
 
 
 def fingerprint(record: dict[str, Any]) -> str:
@@ -294,14 +301,18 @@ def reader_lock(*paths: str | os.PathLike) -> Iterator[None]:
 
 
 def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, replace_mismatched: bool,
-                init: Callable[[zarr.Group], None]) -> zarr.Group:
+                init: Callable[[zarr.Group], None], renewable: tuple[str, ...] = ()) -> zarr.Group:
     """Open the output at ``path`` for writing, creating it with ``init`` when needed.
 
-    A store whose fingerprint matches is resumed. One made with other parameters is an error,
-    or is deleted and rebuilt with ``replace_mismatched``. A store whose creation was interrupted
-    (no fingerprint yet) holds no finished work and is rebuilt. Call under :func:`writer_lock`.
+    A store whose fingerprint matches is resumed (an interrupted append or drop is undone first, see
+    :func:`settle`). One made with other parameters is an error, or is deleted and rebuilt with
+    ``replace_mismatched``; so is one made by an older store format. ``renewable``: prefixes of ``params``
+    keys that name the snapshots of its inputs (a head's): an output that differs in those only is of an
+    older snapshot, and is rebuilt without asking. A store whose creation was interrupted (no fingerprint
+    yet) holds no finished work and is rebuilt. Call under :func:`writer_lock`.
     """
     path = as_path(path)
+    finish_swap(path)  # a compaction killed between its two renames
     if (path / "zarr.json").exists():
         try:
             group = open_group(path, mode="r+")
@@ -311,10 +322,17 @@ def open_output(path: str | os.PathLike, fp: str, params: dict[str, Any], *, rep
             group = None
         old = group.attrs.get("fingerprint") if group is not None else None
         if old == fp:
+            settle(group)  # an append or drop killed half-way: back to the last snapshot, then done again
             check_bookkeeping(group, path)
             return group
-        if old is not None and not replace_mismatched:
-            changed = _changed_keys(group.attrs.get("params", {}), params)
+        made_by = int(group.attrs.get("format_version", 1)) if group is not None else FORMAT_VERSION
+        if old is not None and made_by < FORMAT_VERSION and not replace_mismatched:
+            raise FingerprintMismatch(
+                f"{path} was made by an older version of the pipeline (store format {made_by}, now "
+                f"{FORMAT_VERSION}, which can grow); rebuild it with --replace-mismatched")
+        changed = _changed_keys(group.attrs.get("params", {}), params) if old is not None else []
+        renew = bool(changed) and made_by == FORMAT_VERSION and all(k.startswith(renewable) for k in changed)
+        if old is not None and not replace_mismatched and not renew:
             raise FingerprintMismatch(
                 f"{path} was made with different parameters or inputs"
                 + (f" (changed: {', '.join(changed)})" if changed else "")
@@ -338,6 +356,9 @@ def open_existing(path: str | os.PathLike, what: str) -> zarr.Group:
     group = open_group(path, mode="r")
     if "fingerprint" not in group.attrs:
         raise PipelineError(f"{what} at {path} was never fully created: re-run its stage")
+    if group.attrs.get(CHANGE):
+        raise PipelineError(f"{what} at {path} was being changed (videos added or dropped) when its writer "
+                            "stopped: re-run its stage to finish the change")
     problems = cheap_damage(group)
     if problems:
         raise DamagedStore(f"{what} at {path} is damaged ({problems[0]}): run `pipeline verify --repair`, then "
@@ -415,10 +436,13 @@ def values_sha256(values: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def bounded_block(n: int, block: int, row_bytes: int = 0) -> int:
-    """A block size no larger than the rows that exist, nor than 2 GiB of rows in memory."""
-    cap = max(1, MAX_BLOCK_BYTES // row_bytes) if row_bytes > 0 else block
-    return max(1, min(int(block), max(1, n), cap))
+def bounded_block(block: int, row_bytes: int = 0) -> int:
+    """A block size no larger than :data:`MAX_BLOCK_ROWS` videos, nor than 2 GiB of rows in memory.
+
+    Not bounded by the rows a store holds (format 2 was): a store keeps its block size when it grows, so the
+    block size, part of the fingerprint, must not change with the number of videos."""
+    cap = max(1, MAX_BLOCK_BYTES // row_bytes) if row_bytes > 0 else MAX_BLOCK_ROWS
+    return max(1, min(int(block), MAX_BLOCK_ROWS, cap))
 
 
 def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tuple[int, ...], dtype: Any,
@@ -429,7 +453,7 @@ def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tu
     reads (training loaders) cheap. Small arrays, and arrays read whole (``chunk_per_video=False``:
     features), use plain chunks of one block.
     """
-    block = bounded_block(n, block)
+    block = bounded_block(block)
     shape = (n, *inner)
     kwargs: dict[str, Any] = {"compressors": checksummed(compress)}
     if chunk_per_video and inner and int(np.prod(inner)) * np.dtype(dtype).itemsize >= 4096:
@@ -441,13 +465,14 @@ def create_per_video(group: zarr.Group, name: str, n: int, block: int, inner: tu
 
 
 def create_column(group: zarr.Group, name: str, values: np.ndarray, digest: bool = True) -> zarr.Array:
-    """A per-video column written once, whole (ids, paths, labels), with the sha256 of its values.
+    """A per-video column written whole (ids, paths, labels), with the sha256 of its values.
 
-    ``digest=False`` for bookkeeping columns, which the ledger rewrites.
+    ``digest=False`` for bookkeeping columns, which the ledger rewrites. Chunks of :data:`COLUMN_CHUNK` rows
+    whatever the store's size: a store that grows from 2 videos to 246,000 keeps a few chunks per column.
     """
     values = np.asarray(values)
     dtype = str if values.dtype.kind in "UTO" else values.dtype
-    chunk = max(1, min(len(values), COLUMN_CHUNK))
+    chunk = COLUMN_CHUNK
     arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=(chunk, *values.shape[1:]),
                              fill_value="" if dtype is str else 0, compressors=checksummed(),
                              dimension_names=dims_of(name, values.ndim))
@@ -468,8 +493,8 @@ def create_bookkeeping(group: zarr.Group, n: int, block: int, failed: np.ndarray
     Only the coordinating process writes these columns afterwards (:class:`Ledger`), so large
     chunks never see two writers.
     """
-    block = bounded_block(n, block)
-    n_blocks = max(1, (n + block - 1) // block)
+    block = bounded_block(block)
+    n_blocks = (n + block - 1) // block
     status = np.full(n, PENDING, np.int8)
     reason = np.full(n, "", dtype=object)
     if failed is not None and failed.any():
@@ -494,6 +519,8 @@ class BlockResult:
     status: np.ndarray  # int8 [m]
     reasons: np.ndarray  # str [m], "" for ok rows
     digest: str = ""  # sha256 of the block's per-video arrays as written (:func:`block_digest`)
+    # other bookkeeping columns of the block's rows, recorded with the statuses (a frame store's file hashes)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -511,12 +538,11 @@ class Ledger:
 
     def __init__(self, group: zarr.Group, every_s: float = 2.0) -> None:
         self.group, self.every_s = group, every_s
-        self._buffer: list[tuple[int, np.ndarray, np.ndarray, str]] = []
+        self._buffer: list[BlockResult] = []
         self._last = -float("inf")  # the first finished block is recorded at once
 
     def record(self, result: BlockResult) -> None:
-        self._buffer.append((result.block, np.asarray(result.status, np.int8),
-                             np.asarray(result.reasons, dtype=object), result.digest))
+        self._buffer.append(result)
         if time.monotonic() - self._last >= self.every_s:
             self.flush()
 
@@ -524,15 +550,18 @@ class Ledger:
         self._last = time.monotonic()
         if not self._buffer:
             return
-        self._buffer.sort(key=lambda item: item[0])
-        blocks = np.array([b for b, _, _, _ in self._buffer])
+        self._buffer.sort(key=lambda r: r.block)
+        blocks = np.array([r.block for r in self._buffer])
         rows = block_rows(self.group, blocks)
-        status = np.concatenate([s for _, s, _, _ in self._buffer])
-        reasons = np.concatenate([r for _, _, r, _ in self._buffer]).astype(str)
+        status = np.concatenate([np.asarray(r.status, np.int8) for r in self._buffer])
+        reasons = np.concatenate([np.asarray(r.reasons, dtype=object) for r in self._buffer]).astype(str)
+        for name in self._buffer[0].columns:
+            values = np.concatenate([np.asarray(r.columns[name]) for r in self._buffer])
+            self.group[name].oindex[rows] = np.array(values.tolist(), np.str_) if values.dtype.kind in "OUT" else values
         self.group["reason"].oindex[rows] = reasons
         self.group["status"].oindex[rows] = status
         if DIGEST_ARRAY in self.group:
-            self.group[DIGEST_ARRAY].oindex[blocks] = np.array([d for _, _, _, d in self._buffer], dtype=np.str_)
+            self.group[DIGEST_ARRAY].oindex[blocks] = np.array([r.digest for r in self._buffer], dtype=np.str_)
         self.group[DONE_ARRAY].oindex[blocks] = 1
         self._buffer.clear()
 
@@ -594,6 +623,12 @@ def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | No
     summarise in a few lines. Outputs that are not per video (label embeddings, heads) count their rows.
     """
     attrs = group.attrs
+    if attrs.get(CHANGE):  # its arrays and its attributes disagree until the change is finished
+        return {"stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split", "-"),
+                "path": str(path), "total": int(attrs.get("n", 0)), "ok": 0, "failed": 0, "pending": 0,
+                "complete": False, "fingerprint": attrs.get("fingerprint"), "failures": [], "failure_reasons": {},
+                "damaged": None, "interrupted": "an append or drop was interrupted: re-run its stage to finish it",
+                **snapshot_counts(group)}
     problems = cheap_damage(group)
     if "status" not in group or problems:
         rows = int(attrs.get("n", attrs.get("rows", len(attrs.get("class_names", [])))))
@@ -603,16 +638,18 @@ def summarize(group: zarr.Group, path: str | os.PathLike, max_failures: int | No
                  "failure_reasons": {}, "damaged": "; ".join(problems[:3]) if problems else None}
         return entry
     status = group["status"][:]
-    failed_rows = np.flatnonzero(status == FAILED)
+    live = live_mask(group)
+    failed_rows = np.flatnonzero((status == FAILED) & live)
     shown = failed_rows if max_failures is None else failed_rows[:max_failures]
     bad = inconsistent_blocks(group, status)
     return {
         "stage": attrs.get("stage"), "dataset": attrs.get("dataset"), "split": attrs.get("split"),
-        "path": str(path), "total": int(status.size), "ok": int((status == OK).sum()),
-        "failed": int(failed_rows.size), "pending": int((status == PENDING).sum()),
+        "path": str(path), "total": int(live.sum()), "ok": int(((status == OK) & live).sum()),
+        "failed": int(failed_rows.size), "pending": int(((status == PENDING) & live).sum()),
         "complete": not pending_blocks(group), "fingerprint": attrs.get("fingerprint"),
         "failures": failure_table(group, shown), "failure_reasons": failure_reasons(group, failed_rows),
         "damaged": f"{len(bad)} finished blocks without status" if bad else None,
+        **snapshot_counts(group, live, status),
     }
 
 
@@ -681,7 +718,7 @@ def find_stores(root: str | os.PathLike) -> list[tuple[Path, zarr.Group | None]]
     if not root.is_dir():
         return found
     for dirpath, dirnames, filenames in walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # a compaction's work in progress
         if "zarr.json" in filenames:
             dirnames[:] = []  # do not descend into its arrays
             try:
@@ -888,3 +925,374 @@ def delete_block_chunks(group: zarr.Group, blocks: np.ndarray) -> None:
         for b in np.asarray(blocks, np.int64).tolist():
             key = arr.metadata.encode_chunk_key((int(b),) + (0,) * (arr.ndim - 1))
             sync((arr.store_path / key).delete())
+
+
+# ---- the row life cycle: grow, shrink, snapshots ---------------------------------------------------------
+#
+# Rows are keyed by video id. A change (videos added, dropped, or redone: dropped and added again) is one new
+# snapshot of the store: ``version`` counts them, and each row records the snapshot it came in (``added_in``)
+# and the one it left in (``dropped_in``, 0 while live), so the live rows of any snapshot can be told apart.
+# Appended rows start at a block boundary: a short last block is padded with VOID rows, and a finished block is
+# never written again. Data of dropped rows stays until ``pipeline compact`` rewrites the store without them.
+
+ADDED, DROPPED = "added_in", "dropped_in"
+CHANGE = "change"  # the attribute that marks a change in progress (see :func:`apply_change`)
+PER_BLOCK = (DONE_ARRAY, DIGEST_ARRAY)
+
+
+def rows_of(group: zarr.Group) -> int:
+    """The rows of a per-video store as its last snapshot recorded them (VOID and dropped rows included)."""
+    return int(group.attrs["n"])
+
+
+def version_of(group: zarr.Group) -> int:
+    """The store's snapshot number (0: made before snapshots were recorded, store format 2)."""
+    return int(group.attrs.get("version", 0))
+
+
+def live_rows(added: np.ndarray, dropped: np.ndarray, version: int) -> np.ndarray:
+    """bool mask of the rows live at snapshot ``version``: added by then and not yet dropped (VOID rows have
+    ``added_in`` 0 and are never live)."""
+    return (added >= 1) & (added <= version) & ((dropped == 0) | (dropped > version))
+
+
+def snapshot_hash(video_ids: np.ndarray, added: np.ndarray, live: np.ndarray) -> str:
+    """sha256 of a snapshot's live set: its videos in row order, each with the snapshot it came in (a redone
+    video came in later). Row positions are left out: compaction moves rows, not what they hold."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(added[live], dtype="<i4").tobytes())
+    h.update("\0".join(str(v) for v in np.asarray(video_ids)[live].tolist()).encode())
+    return h.hexdigest()
+
+
+def snapshot_of(group: zarr.Group) -> dict[str, Any]:
+    """{"version", "hash"} of the store's current snapshot: what downstream outputs and runs record."""
+    entries = group.attrs.get("snapshots") or []
+    return {"version": version_of(group), "hash": entries[-1]["hash"] if entries else None}
+
+
+def snapshot_entry(group: zarr.Group, version: int) -> dict[str, Any]:
+    """The recorded description of snapshot ``version`` (its live count, classes, ...), or a one-line error."""
+    for entry in group.attrs.get("snapshots") or []:
+        if int(entry["version"]) == version:
+            return dict(entry)
+    raise PipelineError(f"{location_of(group)} has no snapshot {version}")
+
+
+def resolve_snapshot(group: zarr.Group, snapshot: int | None) -> int:
+    """``snapshot``, checked against the snapshots the store can still show; None: the current one."""
+    current = version_of(group)
+    if snapshot is None:
+        return current
+    if current == 0:
+        raise PipelineError(f"{location_of(group)} was made before stores recorded snapshots (store format 2): "
+                            "it has only its current rows")
+    oldest = int(group.attrs.get("oldest_snapshot", 1))
+    if not oldest <= int(snapshot) <= current:
+        why = (" (`pipeline compact` removed the rows of older ones)" if oldest > 1 else "")
+        raise PipelineError(f"{location_of(group)} has snapshots {oldest} to {current}; not {snapshot}{why}")
+    return int(snapshot)
+
+
+def live_mask(group: zarr.Group, snapshot: int | None = None) -> np.ndarray:
+    """bool [n]: the rows live at ``snapshot`` (None: the current one). Every reader selects rows with it, so
+    dropped and VOID rows are never served. Stores made before snapshots: every row."""
+    n = rows_of(group) if "n" in group.attrs else int(group["status"].shape[0])
+    if ADDED not in group:
+        resolve_snapshot(group, snapshot)
+        return np.ones(n, bool)
+    version = resolve_snapshot(group, snapshot)
+    added, dropped = read_array(group, ADDED)[:n], read_array(group, DROPPED)[:n]
+    return live_rows(added, dropped, version)
+
+
+def snapshot_counts(group: zarr.Group, live: np.ndarray | None = None,
+                    status: np.ndarray | None = None) -> dict[str, Any]:
+    """``version``, ``snapshot`` (its hash) and ``dropped`` (rows masked until a compaction), for summaries."""
+    if ADDED not in group or group.attrs.get(CHANGE):
+        return {"version": version_of(group), "snapshot": snapshot_of(group)["hash"], "dropped": 0}
+    live = live_mask(group) if live is None else live
+    n = live.size
+    status = read_array(group, "status")[:n] if status is None else status[:n]
+    return {"version": version_of(group), "snapshot": snapshot_of(group)["hash"],
+            "dropped": int(((~live) & (status != VOID)).sum())}
+
+
+def create_lifecycle(group: zarr.Group, n: int, video_ids: np.ndarray, status: np.ndarray | None = None,
+                     classes: int = 0) -> dict[str, Any]:
+    """``added_in`` and ``dropped_in`` of a new store whose ``n`` rows are its first snapshot; returns the
+    attributes that describe it (``version``, ``snapshots``), for the caller to write with its own."""
+    added = np.full(n, 1, np.int32)
+    if status is not None:
+        added[np.asarray(status) == VOID] = 0
+    dropped = np.zeros(n, np.int32)
+    create_column(group, ADDED, added)
+    create_column(group, DROPPED, dropped)
+    live = live_rows(added, dropped, 1)
+    entry = {"version": 1, "hash": snapshot_hash(video_ids, added, live), "rows": n, "live": int(live.sum()),
+             "added": int(live.sum()), "dropped": 0, "classes": classes}
+    return {"version": 1, "snapshots": [entry], "oldest_snapshot": 1}
+
+
+def written_slice(group: zarr.Group, block: int) -> slice:
+    """The rows of ``block`` its worker writes: the block without the VOID rows that pad its end (a block that
+    was short when rows were appended after it). Its digest covers these rows only."""
+    rows = block_slice(group, block)
+    if ADDED not in group:
+        return rows
+    real = np.flatnonzero(read_array(group, ADDED, rows) != 0)
+    return slice(rows.start, rows.start + (int(real[-1]) + 1 if real.size else 0))
+
+
+def _row_arrays(group: zarr.Group) -> list[str]:
+    """The arrays with one row per video (every array of a per-video store but the per-block ones)."""
+    return [name for name in sorted(group.array_keys()) if name not in PER_BLOCK]
+
+
+def _refresh_digests(group: zarr.Group) -> None:
+    """Recompute the sha256 of every column that carries one (they changed with the rows)."""
+    for name in _row_arrays(group):
+        arr = group[name]
+        if arr.attrs.get("sha256") is not None:
+            arr.attrs["sha256"] = values_sha256(np.asarray(arr[...]))
+
+
+def settle(group: zarr.Group) -> None:
+    """Undo what an interrupted change wrote (a writer killed between :func:`apply_change`'s first write and
+    its commit): arrays back to the rows of the last snapshot, that change's drop marks cleared. A writer
+    then computes the change again from its inputs and writes the same bytes. Call under the writer lock."""
+    pending = group.attrs.get(CHANGE)
+    if not pending:
+        return
+    n, version = rows_of(group), version_of(group)
+    n_blocks = n_blocks_of(group)
+    for name in sorted(group.array_keys()):
+        arr = group[name]
+        rows = n_blocks if name in PER_BLOCK else n
+        if arr.shape[0] != rows:
+            arr.resize((rows, *arr.shape[1:]))
+    if DROPPED in group:
+        dropped = group[DROPPED][:]
+        if (dropped > version).any():
+            dropped[dropped > version] = 0
+            group[DROPPED][:] = dropped
+    _refresh_digests(group)
+    group.attrs[CHANGE] = None
+
+
+@dataclass
+class Change:
+    """One new snapshot of a per-video store (see :func:`apply_change`).
+
+    ``columns``: for each per-video column (``status`` and ``reason`` included; not ``added_in``,
+    ``dropped_in`` nor the block arrays), its values for the appended rows; ``drop``: rows that leave;
+    ``refresh``: in-place updates of bookkeeping columns that change no row's content (a file's new mtime);
+    ``attrs``: attributes of the new snapshot (class names)."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    refresh: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    # A store that mirrors another (features follow their frames, row for row): the row its appended rows start
+    # at (rows copied as they are, VOID padding included) and the other store's snapshot list, its own from now.
+    at: int | None = None
+    mirror: list[dict] | None = None
+
+    @property
+    def added(self) -> int:
+        return int(len(self.columns["status"])) if self.columns else 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.added and not len(self.drop) and not self.attrs and self.mirror is None
+
+
+def apply_change(group: zarr.Group, change: Change) -> dict[str, Any]:
+    """Write ``change`` as the store's next snapshot; returns its entry in the ``snapshots`` attribute.
+
+    Crash-safe: ``change`` is first recorded in the attributes (a change in progress: readers refuse the store,
+    the next writer :func:`settle` s it), then arrays are resized and the new rows' columns written (VOID rows
+    padding the last block, new rows from the next block boundary), drop marks set, and last the attributes
+    (``n``, ``version``, ``snapshots``) commit it in one write. The new rows' blocks are pending: the stage's
+    block machinery (workers, ledger, resume, digests) fills them. Only columns are written: whole columns, no
+    per-row access. Call under the writer lock."""
+    old_n, size = rows_of(group), int(group.attrs["block_size"])
+    version = int(change.mirror[-1]["version"]) if change.mirror else version_of(group) + 1
+    if change.at is not None:
+        start = change.at
+    else:
+        start = -(-old_n // size) * size if change.added else old_n
+    n = start + change.added
+    group.attrs[CHANGE] = {"version": version, "rows": n}
+    if n > old_n:
+        n_blocks = -(-n // size)
+        for name in _row_arrays(group):
+            group[name].resize((n, *group[name].shape[1:]))
+        for name in PER_BLOCK:
+            if name in group:
+                group[name].resize((n_blocks,))
+        void = start - old_n
+        given = {ADDED: np.full(change.added, version, np.int32), DROPPED: np.zeros(change.added, np.int32),
+                 **change.columns}
+        for name in _row_arrays(group):
+            if name in BLOCK_ARRAYS:
+                continue  # written by the workers, block by block
+            arr = group[name]
+            if name not in given:
+                raise PipelineError(f"internal: no values of {name!r} for the rows appended to {location_of(group)}")
+            values = np.asarray(given[name])
+            pad = np.full((void, *arr.shape[1:]), VOID if name == "status" else 0 if name == ADDED
+                          else arr.fill_value, dtype=values.dtype if values.dtype.kind not in "OUT" else object)
+            both = np.concatenate([pad, values.astype(pad.dtype)]) if void else values
+            arr[old_n:n] = np.array(both.tolist(), dtype=np.str_) if both.dtype.kind in "OUT" else both
+        # new blocks (those past the last one the store had); a block made only of rows known to fail (files
+        # missing from the dataset) or of padding needs no worker
+        status = np.concatenate([np.full(void, VOID, np.int8), np.asarray(change.columns["status"], np.int8)])
+        first = -(-old_n // size)
+        if first < n_blocks:
+            padded = np.ones((n_blocks - first) * size, bool)
+            region = status[first * size - old_n:]
+            padded[:region.size] = (region == FAILED) | (region == VOID)
+            group[DONE_ARRAY][first:n_blocks] = padded.reshape(-1, size).all(axis=1).astype(np.uint8)
+            if DIGEST_ARRAY in group:
+                group[DIGEST_ARRAY][first:n_blocks] = np.array([""] * (n_blocks - first), dtype=np.str_)
+    if len(change.drop):
+        dropped = group[DROPPED][:]
+        dropped[np.asarray(change.drop, np.int64)] = version
+        group[DROPPED][:] = dropped
+    for name, (rows, values) in change.refresh.items():
+        group[name].oindex[np.asarray(rows, np.int64)] = values
+    _refresh_digests(group)
+    if change.mirror:
+        snapshots = [dict(e) for e in change.mirror]
+    else:
+        added, dropped = group[ADDED][:], group[DROPPED][:]
+        live = live_rows(added, dropped, version)
+        entry = {"version": version, "hash": snapshot_hash(group["video_id"][:], added, live), "rows": n,
+                 "live": int(live.sum()), "added": change.added, "dropped": int(len(change.drop)),
+                 "classes": len(change.attrs.get("class_names", group.attrs.get("class_names", [])))}
+        snapshots = [*(group.attrs.get("snapshots") or []), entry]
+    group.attrs.update({**change.attrs, "n": n, "version": version, "snapshots": snapshots, CHANGE: None})
+    return snapshots[-1]
+
+
+def refresh_columns(group: zarr.Group, refresh: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """In-place updates of bookkeeping columns that leave every row's content as it is (no new snapshot)."""
+    for name, (rows, values) in refresh.items():
+        group[name].oindex[np.asarray(rows, np.int64)] = values
+    if refresh:
+        _refresh_digests(group)
+
+
+def address_of(group: zarr.Group) -> str:
+    """Where a store is, as an output made from it records it: an absolute path (or the URL), never one
+    relative to the caller's working directory."""
+    st = group.store
+    if getattr(st, "root", None) is not None:  # a local store
+        return str((Path(st.root) / group.path).absolute())
+    fs = getattr(st, "fs", None)
+    if fs is not None:  # fsspec: the URL other processes open it by
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return f"{protocol}://{'/'.join(p for p in (str(st.path).strip('/'), group.path) if p)}"
+    return location_of(group)
+
+
+def snapshots_behind(recorded: dict[str, dict]) -> list[str]:
+    """For each input an output recorded (``{name: {"path", "version"}}``), whether that store has moved to
+    another snapshot since: e.g. ``["train: snapshot 3, now 4"]``. An output made from an older snapshot is
+    not invalid (its rows are still there); it is older than its inputs, and saying so is the point."""
+    behind = []
+    for name, entry in recorded.items():
+        if not isinstance(entry, dict) or not entry.get("path") or not entry.get("version"):
+            continue
+        try:
+            now = version_of(zarr.open_group(str(entry["path"]), mode="r"))
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            continue
+        if now != int(entry["version"]):
+            behind.append(f"{name}: snapshot {entry['version']}, now {now}")
+    return behind
+
+
+def compact_into(src: zarr.Group, dst_path: str | os.PathLike, fp: str,
+                 on_rows: Callable[[int], None] | None = None, attrs: dict[str, Any] | None = None) -> zarr.Group:
+    """Write a copy of the finished per-video store ``src`` at ``dst_path`` without its dropped and VOID rows:
+    the live rows, in their order, packed into full blocks (no decoding: bytes are copied; block digests made
+    afresh). The copy is the next snapshot of the same videos (same live set, same hash); the snapshots before
+    the last drop can no longer be shown (``oldest_snapshot``). ``fp``: the copy's fingerprint (compaction moves
+    rows, so outputs aligned with the old rows must not match it). ``on_rows``: progress, in rows copied;
+    ``attrs``: attributes that change with the copy (written before its fingerprint)."""
+    n_old, size = rows_of(src), int(src.attrs["block_size"])
+    status = read_array(src, "status")[:n_old]
+    live = live_mask(src)
+    keep = np.flatnonzero(live)
+    gone = np.flatnonzero(~live & (status != VOID))
+    n, n_blocks = int(keep.size), -(-int(keep.size) // size)
+    dst = zarr.open_group(str(dst_path), mode="w")
+    for name in sorted(src.array_keys()):
+        a = src[name]
+        rows = n_blocks if name in PER_BLOCK else n
+        dst.create_array(name, shape=(rows, *a.shape[1:]), dtype=a.metadata.data_type, chunks=a.chunks,
+                         shards=a.shards, compressors=a.compressors, filters=a.filters, serializer=a.serializer,
+                         fill_value=a.fill_value, dimension_names=a.metadata.dimension_names)
+        if a.attrs.get("sha256") is not None:
+            dst[name].attrs["sha256"] = ""  # made afresh below, once its values are written
+    for name in _row_arrays(src):
+        if name in BLOCK_ARRAYS:
+            continue
+        values = np.asarray(src[name][:n_old])[keep]
+        if name == DROPPED:
+            values = np.zeros(n, np.int32)
+        if n:
+            dst[name][:] = np.array(values.tolist(), dtype=np.str_) if values.dtype.kind in "OUT" else values
+    names = [name for name in BLOCK_ARRAYS if name in src]
+    digests = []
+    for b in range(n_blocks):
+        rows = keep[b * size:(b + 1) * size]
+        written = {}
+        for name in names:
+            values = src[name].oindex[rows]
+            dst[name][b * size:b * size + rows.size] = values
+            written[name] = values
+        digests.append(block_digest(written))
+        if on_rows is not None:
+            on_rows(int(rows.size))
+    if n_blocks:
+        dst[DONE_ARRAY][:] = np.ones(n_blocks, np.uint8)
+        if DIGEST_ARRAY in dst:
+            dst[DIGEST_ARRAY][:] = np.array(digests, dtype=np.str_)
+    _refresh_digests(dst)
+    version = version_of(src) + 1
+    added = read_array(dst, ADDED)[:] if ADDED in dst else np.ones(n, np.int32)
+    entry = {"version": version, "hash": snapshot_hash(read_array(dst, "video_id")[:], added, np.ones(n, bool)),
+             "rows": n, "live": n, "added": 0, "dropped": 0, "compacted": int(gone.size),
+             "classes": len(src.attrs.get("class_names", []))}
+    dropped_in = read_array(src, DROPPED)[:n_old] if DROPPED in src else np.zeros(n_old, np.int32)
+    oldest = max(int(src.attrs.get("oldest_snapshot", 1)), int(dropped_in[gone].max()) if gone.size else 1)
+    changed = attrs or {}
+    attrs = {k: v for k, v in src.attrs.items() if k not in ("fingerprint", CHANGE)}
+    attrs.update({**changed, "n": n, "version": version, "snapshots": [*(src.attrs.get("snapshots") or []), entry],
+                  "oldest_snapshot": oldest, "compactions": int(src.attrs.get("compactions", 0)) + 1,
+                  "compacted_from": {"version": version_of(src), "fingerprint": src.attrs.get("fingerprint")}})
+    dst.attrs.update(attrs)
+    dst.attrs["fingerprint"] = fp  # last: a copy without it is an unfinished one
+    return dst
+
+
+def swap_in(path: Path, new: Path) -> None:
+    """Put the finished store at ``new`` in place of the one at ``path`` (local disks: two renames; a crash
+    between them is finished by :func:`finish_swap`). Call under the writer lock of ``path``."""
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        remove_tree(old)
+    os.rename(path, old)
+    os.rename(new, path)
+    remove_tree(old)
+
+
+def finish_swap(path: Path) -> None:
+    """Finish a :func:`swap_in` killed between its renames: the new store is put in place."""
+    new, old = path.parent / f".{path.name}.compact", path.parent / f".{path.name}.old"
+    if not is_remote(path) and not path.exists() and (new / "zarr.json").exists() and old.exists():
+        os.rename(new, path)
+        remove_tree(old)

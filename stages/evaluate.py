@@ -74,12 +74,21 @@ def require_split(stored: list[str], dataset: str, split: str, stage: str) -> No
                             f"lists): run `pipeline frames --split {WHOLE}` (and `pipeline features`) first")
 
 
+def snapshot_record(group, snapshot: int | None = None) -> dict:  # noqa: ANN001
+    """What an evaluation records of the store it read: its snapshot (number, hash) and where it is."""
+    version = store.resolve_snapshot(group, snapshot) if store.version_of(group) else 0
+    return {"path": store.address_of(group), "version": version,
+            "hash": store.snapshot_entry(group, version)["hash"] if version else None}
+
+
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
         head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
-        out: Path | None = None) -> dict:
+        out: Path | None = None, snapshot: int | None = None) -> dict:
+    """``snapshot``: evaluate the videos the split had at that snapshot of its store (None: now), against the
+    head's classes of that snapshot: an old number, reproduced."""
     require_split(splits_of(cache, "features", dataset, model_tag), dataset, split, "features")
     group = open_features(cache, dataset, model_tag, split)
-    feats, labels = video_features(group)[:2]
+    feats, labels = video_features(group, snapshot=snapshot)[:2]
     names = list(group.attrs["class_names"])
     enc_tag = encoder_tag(encoder, model_tag) if kind == "text" and encoder else None
     source = head_dataset or dataset
@@ -87,6 +96,14 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
     hgroup = open_fresh(cache, hpath, f"{kind} head of {source}")
     head = hgroup["head"][:]
     head_names = list(hgroup.attrs["class_names"])
+    if snapshot is not None and source == dataset:
+        # class lists only grow at their end: the classes of that snapshot are the first ones
+        known = int(store.snapshot_entry(group, store.resolve_snapshot(group, snapshot)).get("classes") or len(names))
+        head, head_names, names = head[:known], head_names[:known], names[:known]
+        made_from = (hgroup.attrs.get("inputs") or {}).get("features") or {}
+        if made_from and made_from.get("version") != snapshot and made_from.get("split") == split:
+            warnings.warn(f"the {kind} head was made from snapshot {made_from.get('version')} of these features, not "
+                          f"{snapshot}: `pipeline heads --head {kind} --snapshot {snapshot}` remakes it", stacklevel=2)
     dropped = 0
     if head_names != names:  # a head built from another dataset's class names: match by name
         index = {n: i for i, n in enumerate(head_names)}
@@ -99,7 +116,9 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
         feats, labels = feats[keep], labels[keep]
     result: dict = {"dataset": dataset, "split": split, "head": kind, "head_dataset": source, "model": model_tag,
                     "encoder": enc_tag, "videos_without_head_class": dropped,
-                    "class_names_file": _names_file(cache, source, hgroup)}
+                    "class_names_file": _names_file(cache, source, hgroup),
+                    "snapshots": {"features": {split: snapshot_record(group, snapshot)},
+                                  "head": dict(hgroup.attrs.get("inputs") or {})}}
     result.update(score_protocols(evaluation.cosine_logits(feats, head), labels, head_names, protocols, subset_files))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,10 +129,12 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
 def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
                 views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
                 data_device: str = "auto", out: Path | None = None, quiet: bool = False, progress: bool = True,
-                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (), test_scale: int = 256) -> dict:
+                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (), test_scale: int = 256,
+                snapshot: int | None = None) -> dict:
     """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops, the short side first
     scaled to ``test_scale`` per 224 px of input, as test.py), on its own dataset's classes or, zero-shot, on
-    another dataset's (its cached head of the run's kind, e.g. clip-text)."""
+    another dataset's (its cached head of the run's kind, e.g. clip-text); ``snapshot``: the videos the split had
+    at that snapshot of its store."""
     import torch
 
     from pipeline import distributed
@@ -161,11 +182,12 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
         warnings.warn(f"the {'features' if frozen else 'frames'} of {dataset}/{split} were rebuilt since run "
                       f"{run_name} was trained: this evaluates the new ones (re-train it for numbers of one "
                       "snapshot)", stacklevel=2)
+    read = {split: snapshot_record(group, snapshot)}
     if frozen:
-        rows, labels = usable_rows(group)
+        rows, labels = usable_rows(group, snapshot=snapshot)
         data = CachedFeatureSet(read_rows(group, rows), labels, info["frames"], 0, views=temporal)
     else:
-        rows, labels = usable_rows(group, multilabel="targets" in group)
+        rows, labels = usable_rows(group, multilabel="targets" in group, snapshot=snapshot)
         data = FrameClipSet(str(path), rows, labels, info["frames"], norm, 0, views=(temporal, spatial),
                             batched=batched)
     model.to(dev)
@@ -180,7 +202,8 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
         scores = evaluation.metrics(logits, y)
     result = {"run": run_name, "dataset": dataset, "split": split, "views": f"{temporal}x{spatial}",
               "trained_on": info["dataset"], "head": info["head"], **scores,
-              **({"test_scale": test_scale, "test_short_side": norm.test_size} if norm is not None else {})}
+              **({"test_scale": test_scale, "test_short_side": norm.test_size} if norm is not None else {}),
+              "snapshots": {"evaluated": read, "trained": info.get("snapshots")}}
     others = [p for p in protocols if p != "full"]
     if others:  # zero-shot protocols on the run's logits: a class subset scores its own columns only
         if y.ndim == 2:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import store
 from pipeline.errors import PipelineError
-from pipeline.export import export_arrays
+from pipeline.export import Selected, export_arrays
 from pipeline.featurestore import CheckedFeatures
 from pipeline.framestore import DecodedFrames
 from pipeline.models.text import encoder_tag
@@ -56,11 +58,19 @@ def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str 
         arrays = {"head": group["head"]}
     else:
         raise PipelineError(f"cannot export {what!r}")
+    if what in ("frames", "features"):
+        # the videos live at the store's snapshot: dropped ones (kept until `pipeline compact`) are left out, and
+        # ``row`` says where each exported video is in the store
+        rows = np.flatnonzero(store.live_mask(group))
+        arrays = {name: Selected(arr, rows) for name, arr in arrays.items()}
+        arrays["row"] = rows
     attrs = {"class_names": list(group.attrs["class_names"]), "fingerprint": group.attrs["fingerprint"],
              "dataset": dataset, "split": split or "-", "stage": group.attrs["stage"],
              # Provenance: every attribute of the output (model identity, pretrained tag, precision, frame
              # spec, codec, the input fingerprints and parameters) as one JSON text, plus the main ones flat.
              "provenance": json.dumps(dict(group.attrs), sort_keys=True, default=str)}
+    if group.attrs.get("version"):
+        attrs["snapshot"] = int(group.attrs["version"])
     for key in ("model_tag", "precision", "encoder_tag", "kind", "frames_fingerprint"):
         if group.attrs.get(key) is not None:
             attrs[key] = str(group.attrs[key])

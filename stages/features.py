@@ -10,6 +10,7 @@ from pipeline.errors import FingerprintMismatch, PipelineError
 from pipeline.featurestore import (
     extract_feature_block,
     features_fingerprint_record,
+    follow_frames,
     init_feature_store,
     precision_for,
     remember_model,
@@ -67,10 +68,13 @@ def _already_done(cache: Path, dataset: str, spec: ModelSpec, split: str, precis
         return None
     try:
         group = store.open_group(path, mode="r")
-        frames_fp = store.open_group(fpath, mode="r").attrs.get("fingerprint")
+        frames_attrs = store.open_group(fpath, mode="r").attrs
+        frames_fp = frames_attrs.get("fingerprint")
     except (store.DamagedStore, OSError):
         return None
     attrs = group.attrs
+    if attrs.get("version", 0) != frames_attrs.get("version", 0) or attrs.get("n") != frames_attrs.get("n"):
+        return None  # the frame store has another snapshot: its new rows are to be encoded
     recorded = dict(attrs.get("model_spec") or {})
     params = dict(attrs.get("params") or {})
     if (not attrs.get("fingerprint") or attrs.get("frames_fingerprint") != frames_fp
@@ -137,6 +141,9 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 f"of another model ({str(e).split('(changed: ')[-1].split(')')[0]}); give this one its own "
                 "--model-key NAME, or --replace-mismatched if the old features are of no use (they are deleted)"
             ) from None
+        # the frame rows it lacks (videos added since) become its own pending rows; encoded rows stay as they are
+        before, old_version = store.rows_of(group), store.version_of(group)
+        entry = follow_frames(group, frames_group)
         pending = store.pending_blocks(group)
         threads = threads_per_worker(workers) if (workers > 1 or scheduler_address) else 0
         with Progress(store.rows_in(group, pending), f"features {dataset}/{split}", quiet) as bar, \
@@ -146,7 +153,7 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 bar.update(r.n)
             in_process = workers <= 1 and not scheduler_address
             # in one process blocks run in order: each reads the next one's bytes while it computes
-            ahead = [*pending[1:], None] if in_process else [None] * len(pending)
+            ahead = [*pending[1:], None][:len(pending)] if in_process else [None] * len(pending)
             errors = run_blocks(
                 extract_feature_block,
                 [(location(path), location(fpath), b, spec, device, batch_size, threads, compile_, nxt)
@@ -154,4 +161,9 @@ def _features_of_split(cache: Path, dataset: str, spec: ModelSpec, split: str, f
                 workers=workers, scheduler_address=scheduler_address, on_result=done)
         summary = store.summarize(group, path, max_failures=20)
     summary["errors"] = errors
+    summary["change"] = None
+    if entry is not None:
+        dropped = store.read_array(group, store.DROPPED)[:before]
+        summary["change"] = {"added": int(store.live_mask(group)[before:].sum()), "redone": 0, "retried": 0,
+                             "dropped": int((dropped > old_version).sum()), "snapshot": entry["version"]}
     return summary

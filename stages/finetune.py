@@ -120,9 +120,39 @@ class CachedFeatureSet(torch.utils.data.Dataset):
         return torch.from_numpy(x.astype(np.float32)), torch.as_tensor(self.labels[index])
 
 
-def load_split(group) -> tuple[np.ndarray, np.ndarray]:
-    rows, labels = usable_rows(group)
+def load_split(group, snapshot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rows, labels = usable_rows(group, snapshot=snapshot)
     return read_rows(group, rows), labels
+
+
+def choose_snapshots(run_dir: Path, record: dict, groups: dict) -> tuple[dict, dict]:
+    """(the snapshot of each input store the run trains on, as its fingerprinted record holds it, and as run.json
+    describes it). A run resumed with the settings it started with keeps the snapshots it started with, even
+    when its stores have grown since (its data, hence its steps, are those of the uninterrupted run); any other
+    run (a new one, or one started again) takes the stores' current snapshots."""
+    current = {split: store.version_of(g) for split, g in groups.items() if g is not None}
+    recorded: dict = {}
+    if (run_dir / "metrics.json").exists():  # a finished run: a new one starts from the current snapshots
+        groups = {split: g for split, g in groups.items() if g is not None}
+        return current, _describe_snapshots(current, groups)
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        recorded = {k: int(v["version"]) for k, v in (info.get("snapshots") or {}).items()}
+        if set(recorded) == set(current) and recorded != current \
+                and store.fingerprint({**record, "snapshot": recorded}) == info.get("fingerprint"):
+            for split, version in recorded.items():
+                store.resolve_snapshot(groups[split], version)  # still there (not compacted away)
+            current = recorded
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, PipelineError):
+        pass
+    return current, _describe_snapshots(current, groups)
+
+
+def _describe_snapshots(versions: dict, groups: dict) -> dict:
+    """What run.json says of each input snapshot: its number and hash, and the store it is of."""
+    return {split: {"version": version, "path": store.address_of(groups[split]),
+                    "hash": store.snapshot_entry(groups[split], version)["hash"] if version else None}
+            for split, version in versions.items()}
 
 
 def head_weights(cache: Path, dataset: str, model_tag: str, head: str, encoder: str | None, n_classes: int,
@@ -178,7 +208,10 @@ def derived_run_name(dataset: str, model_tag: str, head: str, temporal: str, *, 
 # input fingerprints are.
 NAMED_IN_CHANGES = ("dataset", "model_tag", "encoder")
 DESCRIBED = {"train": "train (its training store)", "val": "val (its validation store)",
-             "head_fingerprint": "head_fingerprint (the head's rows)"}
+             "head_fingerprint": "head_fingerprint (the head's rows)",
+             "snapshot.train": "snapshot.train (its training store has another snapshot: videos were added or "
+                               "dropped since)",
+             "snapshot.val": "snapshot.val (its validation store has another snapshot)"}
 
 
 def run_changes(config_file: Path, settings: dict, info: dict) -> list[str]:
@@ -380,12 +413,6 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
         if frames > int(train_group.attrs["num_frames"]):
             raise PipelineError(f"--frames {frames} > the {train_group.attrs['num_frames']} frames cached per video")
         weights, head_fp = head_weights(cache, dataset, model_tag, head, encoder, c, width, cfg.seed)
-        x_train, y_train = load_split(train_group)
-        epoch_length = None
-        if shots:
-            rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
-            epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
-            x_train, y_train = x_train[rows], y_train[rows]
         run_name = run_name or derived_run_name(dataset, model_tag, head, temporal, frozen=True, encoder=encoder,
                                                 frames=frames, shots=shots, objective=objective, seed=cfg.seed)
         record = {"stage": "finetune", "backbone": "frozen", "train": train_group.attrs["fingerprint"],
@@ -394,7 +421,15 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
                   "ttrans_init": ttrans_init if temporal == "ttrans" else None,
                   **_coop_record(head, coop_ctx, coop_lr, cfg),
                   "config": _fingerprinted(cfg), "objective": objective.record()}
+        record["snapshot"], snapshots = choose_snapshots(run_path(cache, run_name), record,
+                                                          {"train": train_group, "val": val_group})
         fp = store.fingerprint(record)
+        x_train, y_train = load_split(train_group, record["snapshot"]["train"])
+        epoch_length = None
+        if shots:
+            rows = sample_per_class(y_train, c, shots, cfg.seed, class_names=names)
+            epoch_length = len(y_train)  # the K-shot subset repeated: as many iterations as the full set
+            x_train, y_train = x_train[rows], y_train[rows]
         torch.manual_seed(cfg.seed)
         model = FrameFeatureClassifier(build_temporal(temporal, width, layers=layers, max_frames=frames,
                                                       ttrans_init=ttrans_init),
@@ -415,8 +450,10 @@ def run(cache: Path, dataset: str, model_tag: str, head: str, temporal: str, cfg
         if head == "coop":
             model.head = CoOpHead(clip.model, clip.tokenizer, names, coop_ctx, float(clip.model.logit_scale.detach()))
         model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-        val_set = CachedFeatureSet(*load_split(val_group), frames, cfg.seed) if val_group is not None else None
-        info = {**record, "run": run_name, "dataset": dataset, "model_tag": model_tag, "class_names": names,
+        val_set = (CachedFeatureSet(*load_split(val_group, record["snapshot"]["val"]), frames, cfg.seed)
+                   if val_group is not None else None)
+        info = {**record, "snapshots": snapshots, "run": run_name, "dataset": dataset, "model_tag": model_tag,
+                "class_names": names,
                 "encoder": encoder, "shots_per_class": _shots_used(y_train, c) if shots else None,
                 "model_spec": asdict(spec.absolute()) if spec else None}
         result = _train_run(run_path(cache, run_name), fp, info, model, CachedFeatureSet(x_train, y_train, frames,
@@ -523,17 +560,6 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
         # after the head is in place: the source run's logit scale goes to whichever head this run has
         start = init_from_run(model, cache, init_from) if init_from else None
         norm = normalization(clip, test_scale)
-        rows, labels = usable_rows(train_group)
-        epoch_length = None
-        if shots:
-            picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
-            epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
-            rows, labels = rows[picked], labels[picked]
-        train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment, batched=batched)
-        val_set = None
-        if val_group is not None:
-            val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group)
-            val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
         run_name = run_name or derived_run_name(dataset, spec.tag, head, temporal, encoder=encoder,
                                                 hard_templates=hard_templates, frames=frames, shots=shots,
                                                 objective=objective, init_from=init_from, seed=cfg.seed)
@@ -550,7 +576,21 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
                   "test_scale": test_scale,
                   # nvJPEG and batched kernels round a few pixels differently: a run never mixes the two data paths
                   **({"data_path": "batched-gpu"} if batched else {})}
+        record["snapshot"], snapshots = choose_snapshots(run_path(cache, run_name), record,
+                                                          {"train": train_group, "val": val_group})
         fp = store.fingerprint(record)
+        rows, labels = usable_rows(train_group, snapshot=record["snapshot"]["train"])
+        epoch_length = None
+        if shots:
+            picked = sample_per_class(labels, len(names), shots, cfg.seed, class_names=names)
+            epoch_length = len(labels)  # the K-shot subset repeated: as many iterations as the full set
+            rows, labels = rows[picked], labels[picked]
+        train_set = FrameClipSet(str(train_path), rows, labels, frames, norm, cfg.seed, augment, batched=batched)
+        val_set = None
+        if val_group is not None:
+            val_rows, val_labels = usable_rows(val_group, multilabel="targets" in val_group,
+                                               snapshot=record["snapshot"]["val"])
+            val_set = FrameClipSet(str(val_path), val_rows, val_labels, frames, norm, cfg.seed, batched=batched)
         temporal_lr = cfg.temporal_lr or cfg.lr
         backbone_lr = cfg.lr * cfg.backbone_lr_ratio
 
@@ -563,7 +603,7 @@ def run_full(cache: Path, dataset: str, spec: ModelSpec, head: str, temporal: st
             return backbone_lr if name.startswith("visual.") or name.endswith("logit_scale") else cfg.lr
 
         model, objective_fn, lr_of = with_objective(model, objective, head, clip, names, lr_of)
-        info = {**record, "run": run_name, "dataset": dataset, "model_tag": spec.tag,
+        info = {**record, "snapshots": snapshots, "run": run_name, "dataset": dataset, "model_tag": spec.tag,
                 "model_spec": asdict(spec.absolute()), "class_names": names, "encoder": encoder,
                 "frame_spec": dict(train_group.attrs["spec"]),
                 "shots_per_class": _shots_used(labels, len(names)) if shots else None}

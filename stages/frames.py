@@ -12,9 +12,12 @@ from pipeline.datasets import WHOLE, load_manifest
 from pipeline.errors import PipelineError
 from pipeline.framestore import (
     FrameCodec,
+    apply_plan,
     extract_block,
+    file_identity,
     frames_fingerprint_record,
     init_frame_store,
+    plan_change,
 )
 from pipeline.parallel import run_blocks, threads_per_worker
 from pipeline.progress import Progress
@@ -54,9 +57,10 @@ def with_validation(manifest, data: DatasetArgs):
 def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpec, codec: FrameCodec, *,
         block_size: int = 16,
         workers: int = 1, scheduler_address: str | None = None, replace_mismatched: bool = False,
-        quiet: bool = False) -> list[dict]:
-    """Fill the frame store of each split; returns one summary dict per split. The split ``all`` (every video of the
-    dataset once, whole, one label: the official zero-shot set) is made only when asked for by name."""
+        quiet: bool = False, retry_failed: bool = False) -> list[dict]:
+    """Fill the frame store of each split; returns one summary dict per split (``change``: the videos added,
+    dropped, redone and retried, and the snapshot they made, when the dataset changed). The split ``all`` (every
+    video of the dataset once, whole, one label: the official zero-shot set) is made only when asked for by name."""
     manifest = load_manifest(data.dataset, data.root, split_id=data.split_id, untrimmed=data.untrimmed,
                              name=data.name, whole=WHOLE in (splits or []))
     manifest.dataset = data.cache_name
@@ -73,18 +77,22 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
     for split in chosen:
         part = manifest.split(split)
         path = frames_path(cache, data.cache_name, split)
-        block = store.bounded_block(len(part.records), block_size, spec.num_frames * spec.height * spec.width * 3)
-        record = frames_fingerprint_record(part, spec, codec, block)
-        fp = store.fingerprint(record)
+        block = store.bounded_block(block_size, spec.num_frames * spec.height * spec.width * 3)
+        identity = file_identity(part.records)
         params = {"dataset": data.dataset, "root": str(data.root), "split_id": data.split_id,
                   "untrimmed": data.untrimmed, "block_size": block, **spec.as_dict(),
-                  "codec": codec.name, "jpeg_quality": codec.quality,
-                  "manifest": record["manifest"], "input_sizes": record["input_sizes"]}
+                  "codec": codec.name, "jpeg_quality": codec.quality}
         with store.writer_lock(path):
+            compactions = _compactions(path)
+            fp = store.fingerprint(frames_fingerprint_record(data.cache_name, spec, codec, block, compactions))
             group = store.open_output(
-                path, fp, params, replace_mismatched=replace_mismatched,
-                init=lambda g, part=part, split=split, block=block: init_frame_store(
-                    g, part, split, spec, codec, block))
+                path, fp, {**params, **({"compactions": compactions} if compactions else {})},
+                replace_mismatched=replace_mismatched,
+                init=lambda g, part=part, split=split, block=block, identity=identity, k=compactions: init_frame_store(
+                    g, part, split, spec, codec, block, identity, compactions=k))
+            # the dataset as it is now against the store's live rows: only the difference is decoded
+            plan = plan_change(group, part, identity, retry_failed=retry_failed, quiet=quiet)
+            snapshot = apply_plan(group, plan)
             pending = store.pending_blocks(group)
             todo = store.rows_in(group, pending)
             threads = threads_per_worker(workers)
@@ -97,5 +105,15 @@ def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpe
             summary = store.summarize(group, path, max_failures=20)
             summary["errors"] = errors
             summary["notes"] = part.notes.get(split, [])
+            summary["change"] = {**plan.as_dict(), "snapshot": snapshot["version"]} if snapshot else None
             summaries.append(summary)
     return summaries
+
+
+def _compactions(path: Path) -> int:
+    """How many times the store at ``path`` was compacted (part of its fingerprint: compaction moves rows)."""
+    try:
+        return int(store.open_group(path, mode="r").attrs.get("compactions", 0)) if (path / "zarr.json").exists() \
+            else 0
+    except (store.DamagedStore, OSError, ValueError):
+        return 0

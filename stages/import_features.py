@@ -46,7 +46,7 @@ def read_feature_file(folder: Path, video_id: str) -> np.ndarray:
 def _init_imported(g, *, part, split: str, feats: np.ndarray, status: np.ndarray, reasons: list[str],
                    model_tag: str, source: Path, block_size: int) -> None:
     n, num_frames, width = feats.shape
-    block_size = store.bounded_block(n, block_size)
+    block_size = store.bounded_block(block_size)
     store.create_per_video(g, "features", n, block_size, (num_frames, width), "float16",
                            chunk_per_video=False, compress=False)
     g["features"][:] = feats
@@ -56,10 +56,14 @@ def _init_imported(g, *, part, split: str, feats: np.ndarray, status: np.ndarray
     store.create_column(g, "video_id", np.array([r.video_id for r in part.records], dtype=object))
     store.create_column(g, "path", np.array([r.path for r in part.records], dtype=object))
     store.create_column(g, "label", np.array([r.label for r in part.records], np.int32))
+    # one snapshot: imported features are made whole again when their files change (their fingerprint)
+    lifecycle = store.create_lifecycle(g, n, np.array([r.video_id for r in part.records], dtype=object),
+                                       classes=len(part.class_names))
     g[store.DONE_ARRAY][:] = 1
     g.attrs.update({"stage": "features", "dataset": part.dataset, "split": split, "class_names": part.class_names,
                     "model": {"imported_from": source.name}, "model_tag": model_tag, "precision": "imported",
-                    "embed_dim": int(width), "num_frames": int(num_frames), "n": n, "block_size": block_size})
+                    "embed_dim": int(width), "num_frames": int(num_frames), "n": n, "block_size": block_size,
+                    **lifecycle})
     g[store.DIGEST_ARRAY][:] = np.array([store.block_digest({"features": feats[store.block_slice(g, b)]})
                                          for b in range(store.n_blocks_of(g))], dtype=np.str_)
 

@@ -108,6 +108,64 @@ def stale_reason(cache: Path, group: zarr.Group) -> str | None:
     return None
 
 
+def older_snapshot(cache: Path, group: zarr.Group) -> str | None:
+    """How an output is older than its inputs' current snapshots (videos or classes added or dropped since it
+    was made), or None. Not stale: its rows are still there and it can be read as the snapshot it records; the
+    note says what makes it again on the current one."""
+    attrs = group.attrs
+    stage, dataset, split = attrs.get("stage"), attrs.get("dataset"), attrs.get("split")
+    if stage == "features" and attrs.get("version"):
+        frames = _attrs_at(frames_path(cache, dataset, split))
+        now = int(frames.get("version", 0)) if frames else 0
+        if now and now != int(attrs["version"]):
+            return (f"made from snapshot {attrs['version']} of its frame store {dataset}/{split}, which is at snapshot "
+                    f"{now}: `pipeline features -d {dataset}` encodes the videos added since (only those)")
+    if stage == "labels":
+        current = _class_names(cache, dataset)
+        have = list(attrs.get("class_names") or [])
+        if current and len(have) < len(current) and current[:len(have)] == have:
+            return (f"embeds {len(have)} of the {len(current)} classes {dataset} has now: `pipeline labels` embeds "
+                    "the new ones (only those)")
+    if stage == "heads":
+        behind = store.snapshots_behind(dict(attrs.get("inputs") or {}))
+        current = _class_names(cache, dataset)
+        if not behind and current and attrs.get("kind") in ("random", "orthogonal") \
+                and int(attrs.get("rows", len(current))) < len(current):
+            behind = [f"{attrs.get('rows')} of the {len(current)} classes"]
+        if behind:
+            return (f"made from an older snapshot ({'; '.join(behind)}): `pipeline heads --head {attrs.get('kind')}` "
+                    "makes it again from the current one")
+    return None
+
+
+def run_older_snapshot(info: dict) -> str | None:
+    """How a run is older than its stores (videos added or dropped since it was trained), or None."""
+    behind = store.snapshots_behind(dict(info.get("snapshots") or {}))
+    if not behind:
+        return None
+    return (f"trained on an older snapshot ({'; '.join(behind)}); its numbers are of that data (resuming it keeps it): "
+            "a new run (another --run-name, or --replace-mismatched) trains on the current one")
+
+
+def _attrs_at(path: Path) -> dict:
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return {}
+
+
+def _class_names(cache: Path, dataset: str) -> list[str]:
+    """The dataset's class names as its frame stores hold them now (the longest list: splits grow apart)."""
+    found: list[str] = []
+    base = as_path(cache) / "frames" / safe_name(dataset, "dataset")
+    for split_dir in sorted(base.iterdir(), key=str) if base.is_dir() else []:
+        if split_dir.name.startswith("."):
+            continue
+        names = list(_attrs_at(split_dir).get("class_names") or [])
+        found = names if len(names) > len(found) else found
+    return found
+
+
 def _labels_model_mismatch(cache: Path, group: zarr.Group) -> str | None:
     """A CLIP-text head or embedding whose text tower is not the image tower of the cached features."""
     attrs = group.attrs

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.cachefs import as_path
-from pipeline.errors import DamagedStore, PipelineError
+from pipeline.errors import DamagedStore, FingerprintMismatch, PipelineError
 from pipeline.models.clip import ModelSpec, load_clip, same_model
 from pipeline.models.text import encode_with_clip, encode_with_hf, encoder_tag, resolve_templates
 from pipeline.progress import Progress, say
@@ -96,28 +96,79 @@ def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec,
     done = _already_done(cache, dataset, encoder, spec, class_names, templates, prompt_names)
     if done is not None:  # a no-op re-run: no model to load
         return done
-    say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...", quiet)
-    with Progress(len(templates), f"labels {dataset} ({len(class_names)} classes)", quiet, unit="template") as bar:
-        if encoder == "clip":
-            clip = load_clip(spec, device)
-            identity = {"encoder": "clip", **clip.identity}
-            embeddings = encode_with_clip(clip, prompt_names, templates, device, bar.update)
-        else:
-            embeddings, identity = encode_with_hf(encoder[3:], prompt_names, templates, device, bar.update)
     tag = encoder_tag(encoder, spec.tag)
     path = labels_path(cache, dataset, tag)
-    record = {"stage": "labels", "class_names": names_fp, "templates": templates, "encoder": identity}
-    if prompt_names != class_names:
-        record["prompt_names"] = store.fingerprint({"names": prompt_names})
+    # names already embedded, when the store holds a prefix of them (a grown dataset: new classes come last)
+    kept = _embedded_prefix(path, class_names, prompt_names, templates)
+    todo = prompt_names[kept:]
+    say(f"loading the text encoder {spec.name if encoder == 'clip' else encoder[3:]} on {device} ...", quiet)
+    clip = load_clip(spec, device) if encoder == "clip" else None
+
+    def encode(names: list[str]) -> tuple[np.ndarray, dict]:
+        with Progress(len(templates), f"labels {dataset} ({len(names)} classes)", quiet, unit="template") as bar:
+            if clip is not None:
+                return encode_with_clip(clip, names, templates, device, bar.update), {"encoder": "clip",
+                                                                                       **clip.identity}
+            return encode_with_hf(encoder[3:], names, templates, device, bar.update)
+
+    embeddings, identity = encode(todo)
+    # what makes other embeddings: the encoder and the templates (and a names file); the class names are its rows
+    record = {"stage": "labels", "templates": templates, "encoder": identity,
+              **({"class_names_file": _named(class_names_file)} if class_names_file else {})}
     params = {"encoder": encoder, "templates": templates, **identity}
+    if kept and store.open_group(path, mode="r").attrs.get("fingerprint") != store.fingerprint(record):
+        if not replace_mismatched:  # another encoder: the stored rows are not these embeddings
+            raise FingerprintMismatch(f"{path} was made with different parameters or inputs (another text encoder "
+                                      "or its files); re-run with --replace-mismatched to rebuild it")
+        kept = 0
+        embeddings, identity = encode(prompt_names)
 
     def init(group):
         store.create_small(group, "embeddings", embeddings)
         group.attrs.update({"stage": "labels", "dataset": dataset, "split": "-", "class_names": class_names,
                             "templates": templates, "encoder": identity, "encoder_tag": tag,
                             "model_tag": spec.tag, "width": int(embeddings.shape[1]), "prompt_names": prompt_names,
-                            "class_names_file": _named(class_names_file)})
+                            "class_names_file": _named(class_names_file), "version": 1})
 
     with store.writer_lock(path):
-        store.open_output(path, store.fingerprint(record), params, replace_mismatched=replace_mismatched, init=init)
+        if kept:
+            group = store.open_output(path, store.fingerprint(record), params, replace_mismatched=False,
+                                      init=lambda g: None)
+            if _embedded_prefix(path, class_names, prompt_names, templates) != kept:  # changed meanwhile
+                raise PipelineError(f"{path} changed while its new class names were embedded: re-run")
+            embeddings = append_rows(group, embeddings, class_names, prompt_names)
+        else:
+            group = store.open_output(path, store.fingerprint(record), params,
+                                      replace_mismatched=replace_mismatched, init=init)
     return path, embeddings
+
+
+def _embedded_prefix(path: Path, class_names: list[str], prompt_names: list[str], templates: list[str]) -> int:
+    """How many of the dataset's classes the label embeddings at ``path`` already hold, when they hold the first
+    ones under the same prompts and templates (class lists only grow at their end); 0 otherwise."""
+    if not (path / "zarr.json").exists():
+        return 0
+    try:
+        attrs = store.open_group(path, mode="r").attrs
+        names = list(attrs.get("class_names") or [])
+        prompts = list(attrs.get("prompt_names") or names)
+    except (DamagedStore, OSError):
+        return 0
+    if (not attrs.get("fingerprint") or list(attrs.get("templates") or []) != templates
+            or attrs.get("format_version") != store.FORMAT_VERSION
+            or names != class_names[:len(names)] or prompts != prompt_names[:len(prompts)] or len(names) == 0):
+        return 0
+    return len(names) if len(names) < len(class_names) else 0
+
+
+def append_rows(group, new: np.ndarray, class_names: list[str], prompt_names: list[str]) -> np.ndarray:  # noqa: ANN001
+    """Append the embeddings of new class names (the existing rows are not touched); a new version."""
+    arr = group["embeddings"]
+    c = arr.shape[0]
+    arr.resize((c + len(new), arr.shape[1]))
+    arr[c:] = new
+    whole = np.asarray(arr[...])
+    arr.attrs["sha256"] = store.values_sha256(whole)
+    group.attrs.update({"class_names": class_names, "prompt_names": prompt_names,
+                        "version": int(group.attrs.get("version", 1)) + 1})
+    return whole

@@ -60,7 +60,8 @@ def run_path(cache: Path, run_name: str) -> Path:
 def splits_of(cache: Path, stage: str, *parts: str) -> list[str]:
     """Splits that have an output of ``stage`` under cache/<stage>/<parts...>/<split>."""
     base = as_path(cache).joinpath(stage, *parts)
-    return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists()) if base.is_dir() else []
+    return sorted(p.name for p in base.iterdir() if not p.name.startswith(".") and (p / "zarr.json").exists()) \
+        if base.is_dir() else []
 
 
 def run_dirs(cache: Path) -> list[Path]:

@@ -26,13 +26,16 @@ def run(cache: Path, dataset: str, out: Path, cfg: PretrainConfig, heldout: list
     unknown = [h for h in heldout if h not in names]
     if unknown:
         raise PipelineError(f"held-out class {unknown[0]!r} is not a class of {dataset}")
+    # The frame store's settings, not its snapshot: the demo's model is trained once, on the videos the store had
+    # then (recorded below), like any pretrained CLIP; a grown world does not retrain it (a new model would make
+    # every feature again). Delete cache/tiny-clip to train it on the current snapshot.
     fp = store.fingerprint({"stage": "pretrain", "frames": group.attrs["fingerprint"], "config": cfg.as_dict(),
                             "heldout": sorted(heldout)})
     marker = out / "pretrain.json"
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp:
         return json.loads(marker.read_text())
     labels = group["label"][:]
-    keep = (group["status"][:] == 1) & ~np.isin(labels, [names.index(h) for h in heldout])
+    keep = (group["status"][:] == 1) & store.live_mask(group) & ~np.isin(labels, [names.index(h) for h in heldout])
     frames = read_frames(group, slice(None))[keep]
     with Progress(cfg.steps, "pretrain tiny CLIP", quiet, unit="step") as bar:
         model, model_cfg, losses = pretrain(frames, names, labels[keep], cfg, on_step=lambda s, loss: bar.update(1))
@@ -40,6 +43,7 @@ def run(cache: Path, dataset: str, out: Path, cfg: PretrainConfig, heldout: list
         shutil.rmtree(out)
     save_local_dir(model, model_cfg, out)
     summary = {"fingerprint": fp, "config": cfg.as_dict(), "heldout": heldout, "clips": int(keep.sum()),
+               "frames_snapshot": store.snapshot_of(group),
                "first_loss": losses[0], "final_loss": float(np.mean(losses[-20:])), "losses": losses}
     marker.write_text(json.dumps(summary, indent=2))
     return summary

@@ -14,7 +14,7 @@ from pipeline.cachefs import as_path
 from pipeline.errors import DamagedStore
 from pipeline.files import read_history, read_json
 
-from .inputs import run_stale_reason, stale_reason
+from .inputs import older_snapshot, run_older_snapshot, run_stale_reason, stale_reason
 from .paths import run_dirs
 from .verified import current, last_verified
 
@@ -34,6 +34,7 @@ def run(cache: Path, all_failures: bool = False) -> list[dict]:
             try:
                 entry = store.summarize(group, path, max_failures=None if all_failures else 20)
                 entry["stale"] = stale_reason(cache, group)
+                entry["older_snapshot"] = older_snapshot(cache, group)
                 entry["kind"] = group.attrs.get("kind") or group.attrs.get("encoder_tag")
                 entry["model"] = group.attrs.get("model_tag")
                 entry["random_weights"] = bool((group.attrs.get("model") or {}).get("random_weights"))
@@ -97,6 +98,8 @@ def _runs(cache: Path, verified: dict) -> list[dict]:
             entry.update(state="damaged", damaged="; ".join(problems))
         elif info:
             entry["stale"] = run_stale_reason(cache, info)
+            entry["older_snapshot"] = run_older_snapshot(info)
+            entry["snapshots"] = {k: v.get("version") for k, v in (info.get("snapshots") or {}).items()}
         found.append(entry)
     return found
 
@@ -121,8 +124,12 @@ def _files(cache: Path) -> list[dict]:
     for path in sorted(metrics.glob("*.json"), key=str) if metrics.is_dir() else []:
         entry = {"stage": "metrics", "name": path.stem, "split": "-", "path": str(path), "state": "complete"}
         try:
-            full = read_json(path, "metrics").get("full") or {}
-            entry["top1"] = full.get("top1")
+            result = read_json(path, "metrics")
+            entry["top1"] = (result.get("full") or {}).get("top1")
+            # an evaluation of an older snapshot: its number stands for that data (`evaluate --snapshot N`)
+            behind = store.snapshots_behind(dict((result.get("snapshots") or {}).get("features") or {}))
+            if behind:
+                entry["older_snapshot"] = f"evaluated an older snapshot ({'; '.join(behind)})"
         except (DamagedStore, AttributeError):
             entry["state"] = "damaged"
         found.append(entry)

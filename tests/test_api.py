@@ -30,7 +30,8 @@ def api_cache(extracted, tmp_path_factory):
 def test_open_functions_return_arrays_and_a_table_of_videos(api_cache):
     frames = pipeline.open_frames(api_cache / "frames" / "toy" / "val")
     table = frames.table()
-    assert list(table.columns) == ["video_id", "path", "label", "class_name", "status", "reason"]
+    assert list(table.columns) == ["video_id", "path", "label", "class_name", "status", "reason", "added_in",
+                                   "dropped_in"]
     assert len(table) == 24 and set(table["status"]) == {"ok"}
     assert table["class_name"].tolist() == [frames.class_names[y] for y in table["label"]]
     assert frames.frames(3).shape == (4, 32, 32, 3) and frames.frames(3).dtype == np.uint8

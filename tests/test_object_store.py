@@ -114,9 +114,15 @@ def test_the_whole_feature_store_on_s3_matches_a_local_cache(tmp_path, tiny_clip
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(UPath(f"{remote}/runs/r/history.jsonl").read_text().splitlines()) == len(
         Path(f"{local}/runs/r/history.jsonl").read_text().splitlines())
-    evals = [cli("evaluate", "--run-name", "r", "--json", "--cache", cache, cwd=tmp_path).stdout
-             for cache in (local, remote)]
-    assert json.loads(evals[0][evals[0].index("{"):]) == json.loads(evals[1][evals[1].index("{"):])
+    outs = [cli("evaluate", "--run-name", "r", "--json", "--cache", cache, cwd=tmp_path).stdout
+            for cache in (local, remote)]
+    evals = [json.loads(out[out.index("{"):]) for out in outs]
+    # the snapshots read: the same (number and hash), of stores at their own places (a path, an s3:// URL)
+    where = [e.pop("snapshots") for e in evals]
+    assert where[1]["evaluated"]["val"]["path"].startswith("s3://")
+    assert [{k: v for k, v in w["evaluated"]["val"].items() if k != "path"} for w in where] == [
+        {"version": 1, "hash": where[0]["evaluated"]["val"]["hash"]}] * 2
+    assert evals[0] == evals[1]
     cli("plot-heads", "-d", "toy", "--model", f"local-dir:{tiny_clip}", "--cache", remote, cwd=tmp_path)
     png = UPath(f"{remote}/plots/toy/head-correlation-clip-text.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -179,6 +185,33 @@ def test_a_killed_writer_on_s3_resumes_after_its_lease_and_a_second_writer_is_re
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_store_on_s3_grows_and_shrinks_as_a_local_one(tmp_path, s3):
+    """An append (and a drop) on object storage, under its lease: the new videos only, the rows of a local cache."""
+    from pipeline.world import WorldSpec
+
+    world = tmp_path / "world"
+    generate_world(world, WorldSpec(colours=("red", "green"), shapes=("disc",), sizes=("small",), train_per_class=4,
+                                    val_per_class=1, frames=8, size=32, seed=3))
+    frames = [a if a != "4" else "2" for a in pipeline_steps(world, Path("unused"))[0]]
+    csv = (world / "videos.csv").read_text().splitlines()
+    train = [i for i, line in enumerate(csv) if line.endswith(",train")]
+    # first: all but the last two training clips; then those two come, and the first one leaves
+    (world / "videos.csv").write_text("\n".join(x for i, x in enumerate(csv) if i not in train[-2:]) + "\n")
+    local, remote = str(tmp_path / "local"), "s3://bucket/grow/cache"
+    for cache in (local, remote):
+        cli(*frames, "--cache", cache, cwd=tmp_path)
+    (world / "videos.csv").write_text("\n".join(x for i, x in enumerate(csv) if i != train[0]) + "\n")
+    for cache in (local, remote):
+        out = cli(*frames, "--cache", cache, cwd=tmp_path).stdout
+        assert "frames toy/train: 2 added, 1 dropped -> snapshot 2" in out, out
+    a = zarr.open_group(f"{local}/frames/toy/train", mode="r")
+    b = zarr.open_group(f"{remote}/frames/toy/train", mode="r")
+    assert b.attrs["version"] == 2 and b.attrs["snapshots"] == a.attrs["snapshots"]
+    for name in sorted(a.array_keys()):
+        assert same(a[name][:], b[name][:]), name
+    assert not b.attrs.get("change") and cli("verify", "--cache", remote, cwd=tmp_path).returncode == 0
 
 
 def test_an_unknown_url_scheme_is_one_error_line(tmp_path):
