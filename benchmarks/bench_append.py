@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_scale import make_dataset, timed  # noqa: E402
 
-from pipeline import store  # noqa: E402
-from pipeline.datasets import load_manifest  # noqa: E402
-from pipeline.framestore import (  # noqa: E402
+from pipeline.core.progress import Progress  # noqa: E402
+from pipeline.media.datasets import load_manifest  # noqa: E402
+from pipeline.media.video import FrameSpec  # noqa: E402
+from pipeline.storage import store  # noqa: E402
+from pipeline.storage.framestore import (
     FrameCodec,
     apply_plan,
     extract_block,
@@ -44,8 +46,6 @@ from pipeline.framestore import (  # noqa: E402
     init_frame_store,
     plan_change,
 )
-from pipeline.progress import Progress  # noqa: E402
-from pipeline.video import FrameSpec  # noqa: E402
 
 
 def main() -> None:

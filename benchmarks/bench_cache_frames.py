@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.world import WorldSpec, generate_world
+from pipeline.media.world import WorldSpec, generate_world
 
 T_CACHES = (8, 16, 32, 64)
 

@@ -20,8 +20,8 @@ from bench_frames import natural_clip
 from torchvision.io import decode_jpeg, encode_jpeg
 from zarr.codecs import ZstdCodec
 
-from pipeline.video import FrameSpec, decode_clip
-from pipeline.world import WorldSpec, render_clip
+from pipeline.media.video import FrameSpec, decode_clip
+from pipeline.media.world import WorldSpec, render_clip
 
 
 def measure(frames: np.ndarray, tmp: Path, repeats: int = 20) -> dict[str, tuple[float, float]]:

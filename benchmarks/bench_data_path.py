@@ -30,11 +30,12 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.clips import AugmentConfig, FrameClipSet, Normalization  # noqa: E402
-from pipeline.datasets.manifest import Manifest, VideoRecord  # noqa: E402
-from pipeline.framestore import FrameCodec, encode_jpeg, init_frame_store  # noqa: E402
-from pipeline.training import _collate, to_device  # noqa: E402
-from pipeline.video import FrameSpec  # noqa: E402
+from pipeline.learning.clips import FrameClipSet  # noqa: E402
+from pipeline.learning.training import _collate, to_device  # noqa: E402
+from pipeline.learning.transforms import AugmentConfig, Normalization  # noqa: E402
+from pipeline.media.datasets.manifest import Manifest, VideoRecord  # noqa: E402
+from pipeline.media.video import FrameSpec  # noqa: E402
+from pipeline.storage.framestore import FrameCodec, encode_jpeg, init_frame_store  # noqa: E402
 
 T_CACHE, HEIGHT, WIDTH, FRAMES, SIZE, BATCH = 32, 256, 456, 8, 224, 16
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline import evaluation, store
-from pipeline.featurestore import video_features
+from pipeline.learning import evaluation
+from pipeline.storage import store
+from pipeline.storage.featurestore import video_features
 
 VMHWM = 'next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))'
 
@@ -96,11 +97,11 @@ def bench_features(tmp: Path) -> None:
     import open_clip
     import torch
 
-    from pipeline.datasets import Manifest, VideoRecord
-    from pipeline.featurestore import init_feature_store
-    from pipeline.framestore import FrameCodec, init_frame_store
+    from pipeline.media.datasets import Manifest, VideoRecord
+    from pipeline.media.video import FrameSpec
     from pipeline.models.clip import ModelSpec, load_clip, save_local_dir
-    from pipeline.video import FrameSpec
+    from pipeline.storage.featurestore import init_feature_store
+    from pipeline.storage.framestore import FrameCodec, init_frame_store
 
     cfg = {"embed_dim": 128, "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4}}

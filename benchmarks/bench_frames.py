@@ -31,7 +31,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipeline.video import FrameSpec, decode_clip, segment_centres
+from pipeline.media.video import FrameSpec, decode_clip, segment_centres
 
 THREADS = 1  # every contender decodes with the same thread count
 
@@ -139,9 +139,9 @@ def worker_throughput(paths: list[Path], workers: int, threads: int, spec: Frame
     """Videos/s of the frame stage's block function on a dask LocalCluster (start-up excluded)."""
     from dask.distributed import Client, LocalCluster, wait
 
-    from pipeline import store
-    from pipeline.datasets import Manifest, VideoRecord
-    from pipeline.framestore import FrameCodec, extract_block, init_frame_store
+    from pipeline.media.datasets import Manifest, VideoRecord
+    from pipeline.storage import store
+    from pipeline.storage.framestore import FrameCodec, extract_block, init_frame_store
 
     manifest = Manifest("bench", ["x"], [VideoRecord(f"v{i}", str(p), 0, "train") for i, p in enumerate(paths)])
     out = tmp / f"store-{workers}-{threads}"

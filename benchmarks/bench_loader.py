@@ -22,11 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows  # noqa: E402
+from pipeline.learning.clips import FrameClipSet, usable_rows  # noqa: E402
+from pipeline.learning.pretrain import PretrainConfig  # noqa: E402
+from pipeline.learning.training import TrainConfig, cross_entropy  # noqa: E402
+from pipeline.learning.transforms import AugmentConfig, Normalization  # noqa: E402
+from pipeline.media.world import WorldSpec, generate_world  # noqa: E402
 from pipeline.models.classifier import CosineHead, build_video_classifier  # noqa: E402
-from pipeline.pretrain import PretrainConfig  # noqa: E402
-from pipeline.training import TrainConfig, cross_entropy  # noqa: E402
-from pipeline.world import WorldSpec, generate_world  # noqa: E402
 
 FRAMES, BATCH, REPEATS = 8, 16, 5
 

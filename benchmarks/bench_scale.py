@@ -29,15 +29,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from pipeline import store  # noqa: E402
-from pipeline.datasets import load_manifest  # noqa: E402
-from pipeline.framestore import (  # noqa: E402
-    FrameCodec,
-    file_identity,
-    frames_fingerprint_record,
-    init_frame_store,
-)
-from pipeline.video import FrameSpec  # noqa: E402
+from pipeline.media.datasets import load_manifest  # noqa: E402
+from pipeline.media.video import FrameSpec  # noqa: E402
+from pipeline.storage import store  # noqa: E402
+from pipeline.storage.framestore import FrameCodec, file_identity, frames_fingerprint_record, init_frame_store
 
 
 def make_dataset(root: Path, rows: int, seed: int = 0, missing_fraction: float = 0.10) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +134,7 @@ def run(tmp: Path, rows: int, block: int, missing_fraction: float = 0.10) -> Non
     short, short_s = timed(lambda: store.summarize(group, path, max_failures=20))
     results.append(("summary, first 20 failures + counts by reason", short_s, str(short["failure_reasons"])))
 
-    from pipeline import integrity
+    from pipeline.storage import integrity
 
     # (this benchmark writes no frames: blocks with ok rows are read and reported; failed rows cost no reads)
     report, verify_s = timed(lambda: integrity.verify(path, group))

@@ -92,8 +92,8 @@ def new_clip(smoke: bool):
 def features_row(store: Path, device: torch.device, smoke: bool, compile_: bool, frames_per_pass: int) -> dict:
     import zarr
 
-    from pipeline.featurestore import encode_stored
     from pipeline.models.clip import LoadedClip
+    from pipeline.storage.featurestore import encode_stored
 
     model, _, size = new_clip(smoke)
     model = model.to(device).eval()
@@ -116,9 +116,10 @@ def data_path_rows(store: Path, device: torch.device, smoke: bool, batch: int) -
     import zarr
     from bench_data_path import MEAN, STD
 
-    from pipeline.batchclips import train_batch
-    from pipeline.clips import AugmentConfig, FrameClipSet, Normalization
-    from pipeline.training import _collate
+    from pipeline.learning.batchclips import train_batch
+    from pipeline.learning.clips import FrameClipSet
+    from pipeline.learning.training import _collate
+    from pipeline.learning.transforms import AugmentConfig, Normalization
 
     n = int(zarr.open_group(str(store), mode="r")["frames"].shape[0])
     norm, aug = Normalization(32 if smoke else 224, MEAN, STD), AugmentConfig()
@@ -146,7 +147,7 @@ def matmul_flops_per_clip(model, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
     Counted without gradient checkpointing: its recomputed forward is work, not progress."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.training import cross_entropy
+    from pipeline.learning.training import cross_entropy
 
     visual = model.visual
     checkpointing = bool(getattr(getattr(visual, "transformer", None), "grad_checkpointing", False))
@@ -166,8 +167,8 @@ def matmul_flops_per_clip(model, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
 
 def train_row(device: torch.device, smoke: bool, temporal: str, batch: int, checkpointing: bool, compile_: bool,
               peak_tflops: float | None) -> dict:
+    from pipeline.learning.training import autocast_for, cross_entropy
     from pipeline.models.classifier import CosineHead, build_video_classifier
-    from pipeline.training import autocast_for, cross_entropy
 
     clip, dim, size = new_clip(smoke)
     torch.manual_seed(0)

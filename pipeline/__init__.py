@@ -17,7 +17,7 @@ __all__ = ["open_features", "open_frames", "open_head", "open_run"]
 def __getattr__(name: str) -> Any:
     # Lazy: the command line imports this package too, and needs none of it.
     if name in __all__:
-        from . import api
+        from pipeline import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import store
-from .cachefs import as_path
-from .errors import PipelineError
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import PipelineError
+from pipeline.storage import store
 
 STATUS_NAMES = {store.PENDING: "pending", store.OK: "ok", store.FAILED: "failed", store.VOID: "void"}
 
@@ -109,7 +109,7 @@ class Output:
 class Frames(Output):
     def frames(self, rows: slice | int) -> np.ndarray:
         """Decoded uint8 frames [n, T, H, W, 3] (or [T, H, W, 3] for one row)."""
-        from .framestore import read_frames
+        from pipeline.storage.framestore import read_frames
 
         return read_frames(self.group, rows)
 
@@ -124,7 +124,7 @@ class Features(Output):
     def video_features(self, snapshot: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(temporal means float32 [n, D], labels [n], row indices) of the videos that are ok and live at
         ``snapshot`` (None: the current one)."""
-        from .featurestore import video_features
+        from pipeline.storage.featurestore import video_features
 
         return video_features(self.group, snapshot=snapshot)
 
@@ -171,7 +171,7 @@ class Run:
 
     def state_dict(self) -> dict[str, Any]:
         """The model's weights at the last checkpoint (tensors only)."""
-        from .training import CHECKPOINT, load_checkpoint
+        from pipeline.learning.training import CHECKPOINT, load_checkpoint
 
         return load_checkpoint(as_path(self.path) / CHECKPOINT)["model"]
 

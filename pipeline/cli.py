@@ -17,10 +17,11 @@ from typing import Any
 
 import click
 
-from . import settings as S
-from .cachefs import cache_root
-from .errors import PipelineError, read_error
-from .params import DEFAULT_PARAMS, Params, load_params
+from pipeline.core import settings as S
+from pipeline.core.cachefs import cache_root
+from pipeline.core.errors import PipelineError, read_error
+from pipeline.core.params import DEFAULT_PARAMS, Params
+from pipeline.core.settings import load_params
 
 CACHE_ENV = "PIPELINE_CACHE"
 
@@ -229,7 +230,7 @@ def dataset_args(s: Any):
     from stages.frames import DatasetArgs
 
     if not s.format and s.dataset:
-        from .datasets import DATASETS
+        from pipeline.media.datasets import DATASETS
 
         raise PipelineError(f"--dataset {s.dataset!r} is not a dataset format and no --format was given: pass "
                             f"--format ({', '.join(DATASETS)}); --dataset names the dataset in the cache")
@@ -241,10 +242,9 @@ def dataset_args(s: Any):
 
 
 def _run_frames(ctx: Context, s: S.FramesSettings) -> None:
+    from pipeline.media.video import FrameSpec
+    from pipeline.storage.framestore import FrameCodec
     from stages import frames as frames_stage
-
-    from .framestore import FrameCodec
-    from .video import FrameSpec
 
     data = dataset_args(s)
     try:
@@ -464,9 +464,8 @@ def world(ctx: Context, s: S.WorldSettings) -> None:
       pipeline world
       pipeline frames --format csv --root cache/world --dataset demo --height 64 --width 64
     """
+    from pipeline.media.world import WorldSpec
     from stages import world as world_stage
-
-    from .world import WorldSpec
 
     # The order world has its own params group (order_world, see group_of), so both worlds live in one params.yaml.
     colours = s.colours or (("red", "green", "blue", "yellow") if s.kind == "order" else WorldSpec.colours)
@@ -485,7 +484,7 @@ def model_spec(ctx: Context, s: Any, dataset: str | None = None, every_dataset: 
     """The model of ``s`` (--model / model.name ...). For commands that read the cache (``dataset``
     given): the cache's entry for that model, or, without --model, the one model whose features the
     cache holds for the dataset. ``every_dataset`` (predict): the same over all the cache's datasets."""
-    from .models.clip import ModelSpec
+    from pipeline.models.clip import ModelSpec
 
     found: dict = {}
     if dataset:
@@ -519,7 +518,7 @@ def model_spec(ctx: Context, s: Any, dataset: str | None = None, every_dataset: 
 
 
 def _spec_from_cache(key: str, recorded: dict | None):
-    from .models.clip import ModelSpec
+    from pipeline.models.clip import ModelSpec
 
     fields = {k: v for k, v in (recorded or {}).items() if k in ("name", "pretrained", "quick_gelu", "random_weights")}
     return ModelSpec(**(fields or {"name": key}), key=key)
@@ -734,9 +733,8 @@ def parse_views(text: str) -> tuple[int, int]:
 
 
 def _evaluate_run(ctx: Context, s: S.EvaluateSettings, as_json: bool) -> None:
+    from pipeline.learning import distributed
     from stages import evaluate as evaluate_stage
-
-    from . import distributed
 
     try:
         result = evaluate_stage.run_trained(
@@ -796,9 +794,8 @@ def export(ctx: Context, s: S.ExportSettings, old_format: str | None) -> None:
       pipeline export --what features --dataset k400 --split val --out f.h5
       pipeline export --what head --dataset k400 --head lda --out lda.npz
     """
+    from pipeline.storage.export import format_of
     from stages import export as export_stage
-
-    from .export import format_of
 
     if not s.out:
         raise PipelineError("export needs --out FILE (.npz or .h5)")
@@ -874,11 +871,10 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
       pipeline finetune --frozen-backbone -d demo --head learnable --shots 2
       torchrun --nproc_per_node=2 -m pipeline finetune -d demo --objective contrastive
     """
+    from pipeline.learning import distributed
+    from pipeline.learning.training import TrainConfig
+    from pipeline.learning.transforms import AugmentConfig
     from stages import finetune as finetune_stage
-
-    from . import distributed
-    from .clips import AugmentConfig
-    from .training import TrainConfig
 
     ds = need_dataset(s)
     workers = s.workers if s.workers is not None else (0 if s.frozen_backbone else 4)
@@ -975,9 +971,8 @@ def pretrain(ctx: Context, s: S.PretrainSettings) -> None:
     Example:
       pipeline pretrain --dataset demo --steps 600 --heldout "a large blue ring"
     """
+    from pipeline.learning.pretrain import PretrainConfig
     from stages import pretrain as pretrain_stage
-
-    from .pretrain import PretrainConfig
 
     shape = {k: getattr(s, k) for k in PretrainConfig().as_dict() if k not in ("batch_size",)}
     with settings_errors():
@@ -1091,7 +1086,7 @@ def main() -> None:
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise
-        from .files import describe_os_error
+        from pipeline.core.files import describe_os_error
 
         _fail(f"{describe_os_error(e)}" + (f": {e.filename}" if e.filename else ""), 2)
     except (ValueError, RuntimeError) as e:

@@ -14,13 +14,13 @@ from __future__ import annotations
 from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline import store
-from pipeline.cachefs import is_remote, remove_tree
-from pipeline.errors import PipelineError
-from pipeline.featurestore import features_fingerprint_record
-from pipeline.framestore import FrameCodec, frames_fingerprint_record
-from pipeline.progress import Progress
-from pipeline.video import FrameSpec
+from pipeline.core.cachefs import is_remote, remove_tree
+from pipeline.core.errors import PipelineError
+from pipeline.core.progress import Progress
+from pipeline.media.video import FrameSpec
+from pipeline.storage import store
+from pipeline.storage.featurestore import features_fingerprint_record
+from pipeline.storage.framestore import FrameCodec, frames_fingerprint_record
 
 from .paths import frames_path, safe_name, splits_of
 

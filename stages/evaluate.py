@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import evaluation, store
-from pipeline.datasets.manifest import WHOLE
-from pipeline.errors import PipelineError
-from pipeline.featurestore import read_rows, video_features
-from pipeline.files import write_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import write_atomic
+from pipeline.core.progress import Progress
+from pipeline.learning import evaluation
+from pipeline.media.datasets.manifest import WHOLE
 from pipeline.models.text import encoder_tag
-from pipeline.progress import Progress
+from pipeline.storage import store
+from pipeline.storage.featurestore import read_rows, video_features
 
 from .heads import open_features
 from .inputs import open_fresh, require_fresh
@@ -23,7 +24,7 @@ from .paths import heads_path, labels_path, splits_of
 
 def read_subsets(files: list[str]) -> list[list[str]]:
     """One subset per file: class names one a line or comma-separated (K600-style split CSVs)."""
-    from pipeline.officiallists import resolve_list
+    from pipeline.media.officiallists import resolve_list
 
     subsets = []
     for f in files:
@@ -137,9 +138,9 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     at that snapshot of its store."""
     import torch
 
-    from pipeline import distributed
-    from pipeline.clips import FrameClipSet, usable_rows
-    from pipeline.training import cosines_of, predict, rank_and_world
+    from pipeline.learning import distributed
+    from pipeline.learning.clips import FrameClipSet, usable_rows
+    from pipeline.learning.training import cosines_of, predict, rank_and_world
 
     from .finetune import CachedFeatureSet, batched_data_path, load_run, normalization, open_frames
 

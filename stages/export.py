@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
-from pipeline.errors import PipelineError
-from pipeline.export import Selected, export_arrays
-from pipeline.featurestore import CheckedFeatures
-from pipeline.framestore import DecodedFrames
+from pipeline.core.errors import PipelineError
 from pipeline.models.text import encoder_tag
+from pipeline.storage import store
+from pipeline.storage.export import Selected, export_arrays
+from pipeline.storage.featurestore import CheckedFeatures
+from pipeline.storage.framestore import DecodedFrames
 
 from .inputs import open_fresh
 from .paths import features_path, frames_path, heads_path, labels_path

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import store
-from pipeline.cachefs import location
-from pipeline.errors import FingerprintMismatch, PipelineError
-from pipeline.featurestore import (
+from pipeline.core.cachefs import location
+from pipeline.core.errors import FingerprintMismatch, PipelineError
+from pipeline.core.parallel import run_blocks, threads_per_worker
+from pipeline.core.progress import Progress, say
+from pipeline.models.clip import ModelSpec, identity_changes, load_clip, same_model
+from pipeline.storage import store
+from pipeline.storage.featurestore import (
     extract_feature_block,
     features_fingerprint_record,
     follow_frames,
@@ -15,9 +18,6 @@ from pipeline.featurestore import (
     precision_for,
     remember_model,
 )
-from pipeline.models.clip import ModelSpec, identity_changes, load_clip, same_model
-from pipeline.parallel import run_blocks, threads_per_worker
-from pipeline.progress import Progress, say
 
 from .paths import features_path, frames_path, splits_of
 

@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import distributed, store
-from pipeline.cachefs import as_path, is_remote, remove_tree
-from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
-from pipeline.errors import PipelineError
-from pipeline.featurestore import read_rows
-from pipeline.files import append_line, read_json, write_atomic
-from pipeline.heads import sample_per_class
-from pipeline.losses import VideoTextContrastiveLoss
+from pipeline.core.cachefs import as_path, is_remote, remove_tree
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import append_line, read_json, write_atomic
+from pipeline.core.progress import Progress, say
+from pipeline.learning import distributed
+from pipeline.learning.clips import FrameClipSet, usable_rows
+from pipeline.learning.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
+from pipeline.learning.transforms import AugmentConfig, Normalization
+from pipeline.media.sampling import sample_rng, segment_indices, view_indices
 from pipeline.models.classifier import (
     ContrastiveVideoText,
     CosineHead,
@@ -39,11 +40,12 @@ from pipeline.models.classifier import (
 )
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.coop import CoOpHead
+from pipeline.models.heads import sample_per_class
+from pipeline.models.losses import VideoTextContrastiveLoss
 from pipeline.models.temporal import build_temporal
 from pipeline.models.text import encode_with_clip, encoder_tag, resolve_templates
-from pipeline.progress import Progress, say
-from pipeline.sampling import sample_rng, segment_indices, view_indices
-from pipeline.training import CHECKPOINT, TrainConfig, load_checkpoint, rank_and_world, train
+from pipeline.storage import store
+from pipeline.storage.featurestore import read_rows
 
 from .heads import open_features
 from .inputs import head_model_changes, require_fresh

@@ -6,11 +6,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import store
-from pipeline.cachefs import location
-from pipeline.datasets import WHOLE, load_manifest
-from pipeline.errors import PipelineError
-from pipeline.framestore import (
+from pipeline.core.cachefs import location
+from pipeline.core.errors import PipelineError
+from pipeline.core.parallel import run_blocks, threads_per_worker
+from pipeline.core.progress import Progress
+from pipeline.media.datasets import WHOLE, load_manifest
+from pipeline.media.video import FrameSpec
+from pipeline.storage import store
+from pipeline.storage.framestore import (
     FrameCodec,
     apply_plan,
     extract_block,
@@ -19,9 +22,6 @@ from pipeline.framestore import (
     init_frame_store,
     plan_change,
 )
-from pipeline.parallel import run_blocks, threads_per_worker
-from pipeline.progress import Progress
-from pipeline.video import FrameSpec
 
 from .paths import frames_path
 

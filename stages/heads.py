@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
-from pipeline.errors import PipelineError
-from pipeline.featurestore import video_features
-from pipeline.heads import lda_head, orthogonal_head, prototype_head, random_head, sample_per_class
+from pipeline.core.errors import PipelineError
+from pipeline.models.heads import lda_head, orthogonal_head, prototype_head, random_head, sample_per_class
 from pipeline.models.text import encoder_tag
+from pipeline.storage import store
+from pipeline.storage.featurestore import video_features
 
 from .inputs import open_fresh
 from .labels import class_names_of

@@ -14,11 +14,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline import store
-from pipeline.datasets import load_manifest
-from pipeline.errors import PipelineError
-from pipeline.progress import Progress
-from pipeline.sampling import segment_indices
+from pipeline.core.errors import PipelineError
+from pipeline.core.progress import Progress
+from pipeline.media.datasets import load_manifest
+from pipeline.media.sampling import segment_indices
+from pipeline.storage import store
 
 from .frames import DatasetArgs, with_validation
 from .paths import features_path

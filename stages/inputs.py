@@ -12,9 +12,9 @@ from pathlib import Path
 
 import zarr
 
-from pipeline import store
-from pipeline.cachefs import as_path
-from pipeline.errors import PipelineError
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import PipelineError
+from pipeline.storage import store
 
 from .paths import features_path, frames_path, labels_path, safe_name
 

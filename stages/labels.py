@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
-from pipeline.cachefs import as_path
-from pipeline.errors import DamagedStore, FingerprintMismatch, PipelineError
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import DamagedStore, FingerprintMismatch, PipelineError
+from pipeline.core.progress import Progress, say
 from pipeline.models.clip import ModelSpec, load_clip, same_model
 from pipeline.models.text import encode_with_clip, encode_with_hf, encoder_tag, resolve_templates
-from pipeline.progress import Progress, say
+from pipeline.storage import store
 
 from .paths import frames_path, labels_path, splits_of
 
@@ -66,7 +66,7 @@ def _named(class_names_file: str | None) -> str | None:
 
 def read_class_names(path: str | Path, expected: int) -> list[str]:
     """Class names to embed from a file: one a line, or the official code's ``id,name`` CSV (ordered by id)."""
-    from pipeline.officiallists import resolve_list
+    from pipeline.media.officiallists import resolve_list
 
     p = resolve_list(str(path))  # a path, or text4vis:kinetics_400_labels.csv (downloaded once)
     if not p.is_file():

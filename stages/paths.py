@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.cachefs import as_path
-from pipeline.errors import PipelineError
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import PipelineError
 
 WHAT = {"dataset": "dataset name", "split": "split name", "model_tag": "model tag", "encoder_tag": "encoder tag",
         "kind": "head kind", "run": "run name"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cachefs import as_path
-from pipeline.errors import PipelineError
-from pipeline.plots import plot_correlation
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.plots import plot_correlation
 
 from .inputs import open_fresh
 

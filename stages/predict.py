@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.featurestore import encode_frames
+from pipeline.core.errors import PipelineError
+from pipeline.core.progress import Progress, say
+from pipeline.media.video import DecodeError, FrameSpec, decode_clip
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.text import encode_with_clip, resolve_templates
-from pipeline.progress import Progress, say
-from pipeline.video import DecodeError, FrameSpec, decode_clip
+from pipeline.storage.featurestore import encode_frames
 
 
 def own_pixels(clip) -> np.ndarray:  # noqa: ANN001
@@ -37,11 +37,11 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     """
     import torch
 
-    from pipeline.clips import eval_views
+    from pipeline.learning.transforms import eval_views
+    from pipeline.media.sampling import view_indices
     from pipeline.models.classifier import TextTowerHead
     from pipeline.models.coop import CoOpHead
     from pipeline.models.text import encode_with_hf
-    from pipeline.sampling import view_indices
 
     from .finetune import load_run, normalization
 

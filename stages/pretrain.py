@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store
-from pipeline.errors import PipelineError
-from pipeline.framestore import read_frames
+from pipeline.core.errors import PipelineError
+from pipeline.core.progress import Progress
+from pipeline.learning.pretrain import PretrainConfig, pretrain
 from pipeline.models.clip import save_local_dir
-from pipeline.pretrain import PretrainConfig, pretrain
-from pipeline.progress import Progress
+from pipeline.storage import store
+from pipeline.storage.framestore import read_frames
 
 from .paths import frames_path
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import evaluation
-from pipeline.cachefs import as_path
-from pipeline.errors import PipelineError
-from pipeline.featurestore import video_features
-from pipeline.files import read_history, read_json
-from pipeline.plots import plot_curves
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import read_history, read_json
+from pipeline.core.plots import plot_curves
+from pipeline.learning import evaluation
+from pipeline.storage.featurestore import video_features
 
 from .heads import open_features
 from .inputs import open_fresh

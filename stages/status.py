@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import store
-from pipeline.cachefs import as_path
-from pipeline.errors import DamagedStore
-from pipeline.files import read_history, read_json
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import DamagedStore
+from pipeline.core.files import read_history, read_json
+from pipeline.storage import store
 
 from .inputs import older_snapshot, run_older_snapshot, run_stale_reason, stale_reason
 from .paths import run_dirs
@@ -57,7 +57,7 @@ def _name(path: Path, cache: Path) -> str:
 
 
 def _runs(cache: Path, verified: dict) -> list[dict]:
-    from pipeline.files import CHECKPOINT
+    from pipeline.core.files import CHECKPOINT
 
     found = []
     for run_dir in run_dirs(cache):

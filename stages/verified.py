@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.cachefs import as_path
-from pipeline.files import write_atomic
+from pipeline.core.cachefs import as_path
+from pipeline.core.files import write_atomic
 
 LEDGER = ".verified.json"
 

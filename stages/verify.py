@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import integrity, store
-from pipeline.cachefs import as_path
-from pipeline.files import read_json
-from pipeline.progress import Progress
+from pipeline.core.cachefs import as_path
+from pipeline.core.files import read_json
+from pipeline.core.progress import Progress
+from pipeline.storage import integrity, store
 
 from . import verified
 from .paths import run_dirs

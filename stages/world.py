@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.progress import Progress
-from pipeline.world import WorldSpec, generate_world
+from pipeline.core.progress import Progress
+from pipeline.media.world import WorldSpec, generate_world
 
 
 def run(out: Path, spec: WorldSpec, quiet: bool = False) -> Path:

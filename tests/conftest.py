@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from videos import write_video  # noqa: E402
 
-from pipeline.world import WorldSpec, generate_world  # noqa: E402
+from pipeline.media.world import WorldSpec, generate_world  # noqa: E402
 
 # No test may reach a model hub: these machines (and many clusters) are offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

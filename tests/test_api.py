@@ -12,7 +12,7 @@ import zarr
 from conftest import run_inproc
 
 import pipeline
-from pipeline.errors import DamagedStore, PipelineError
+from pipeline.core.errors import DamagedStore, PipelineError
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_warm_up_longer_than_the_run_and_half_protocol_on_few_classes_warn(api_c
                    "--run-name", "w", "-q", "--cache", str(api_cache))
     assert "warning: the warm-up (5 epochs, 20 steps) is as long as the whole run (4 steps)" in proc.stderr
 
-    from pipeline.evaluation import half_classes
+    from pipeline.learning.evaluation import half_classes
 
     rng = np.random.default_rng(0)
     with warnings.catch_warnings(record=True) as caught:
@@ -147,8 +147,8 @@ def test_preprocessing_follows_the_models_resize_mode(mode):
     import torch
     from torchvision.transforms.v2 import functional as F
 
-    from pipeline.featurestore import preprocess
     from pipeline.models.clip import LoadedClip
+    from pipeline.storage.featurestore import preprocess
 
     frame = np.zeros((1, 32, 64, 3), np.uint8)
     frame[:, :, 32:] = 255  # left half black, right half white

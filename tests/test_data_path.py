@@ -13,11 +13,12 @@ import zarr
 from conftest import Crash, crash_at_step, run_inproc
 from test_frames_stage import run_cli
 
-from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
+from pipeline.learning.clips import FrameClipSet, usable_rows
+from pipeline.learning.training import TrainConfig, _collate, to_device, train
+from pipeline.learning.transforms import AugmentConfig, Normalization
+from pipeline.media.world import WorldSpec, generate_world
 from pipeline.models.classifier import CosineHead, build_video_classifier
 from pipeline.models.clip import ModelSpec, load_clip
-from pipeline.training import TrainConfig, _collate, to_device, train
-from pipeline.world import WorldSpec, generate_world
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 NORM = Normalization(32, MEAN, STD)
@@ -73,7 +74,7 @@ def test_batched_training_clips_equal_the_per_clip_path(stores, codec, per_frame
 def test_gaussian_blur_and_solarization_draw_and_apply_alike_on_both_paths(stores):
     """The released GroupGaussianBlur(p) and GroupSolarization(p) (datasets/transforms.py:478-499) as options:
     one draw per clip after grayscale, sigma in [0.1, 2], pixels >= 128 inverted; the same clips on both paths."""
-    from pipeline.batchclips import ClipDrawer
+    from pipeline.learning.batchclips import ClipDrawer
 
     aug = AugmentConfig(randaugment_ops=0, gaussian_blur=0.5, solarization=0.5)
     draws = [ClipDrawer(32, aug).draw(8, 48, 64, seed) for seed in range(40)]
@@ -184,8 +185,8 @@ def test_features_of_two_dask_processes_equal_one_process_with_read_ahead(tmp_pa
     assert np.array_equal(one["features"][:], two["features"][:]) and one["features"][:].any()
     assert one["status"][:].tolist() == two["status"][:].tolist()
     # the frames decoded with Pillow and encoded on the CPU give the same rows
-    from pipeline.featurestore import encode_frames
-    from pipeline.framestore import read_frames
+    from pipeline.storage.featurestore import encode_frames
+    from pipeline.storage.framestore import read_frames
 
     frames_group = zarr.open_group(str(tmp_path / "w1" / "frames" / "dp" / "train"), mode="r")
     y0, y1, x0, x1 = (int(v) for v in frames_group["box"][0])

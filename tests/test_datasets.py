@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import copy_video
 
-from pipeline.datasets import load_manifest
-from pipeline.datasets.common import index_videos
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.media.datasets import load_manifest
+from pipeline.media.datasets.common import index_videos
 
 
 def test_kinetics_trimmed_per_class_and_split_folders(tmp_path, template):

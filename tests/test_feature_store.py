@@ -15,12 +15,13 @@ from conftest import run_inproc, sigkill_mid_run, write_tiny_clip
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from test_frames_stage import run_cli
 
-from pipeline import evaluation, store
-from pipeline.errors import PipelineError
-from pipeline.featurestore import preprocess
-from pipeline.heads import orthogonal_head
+from pipeline.core.errors import PipelineError
+from pipeline.learning import evaluation
 from pipeline.models.clip import LoadedClip, ModelSpec, load_clip, quick_gelu_for
+from pipeline.models.heads import orthogonal_head
 from pipeline.models.text import KINETICS_TEMPLATES, encode_with_clip, resolve_templates
+from pipeline.storage import store
+from pipeline.storage.featurestore import preprocess
 
 
 def model_args(tiny: Path) -> list[str]:
@@ -38,7 +39,7 @@ def test_extract_fills_frames_features_and_labels(extracted):
     # rows aligned with the frame store, and equal to encoding the stored frames directly
     frames = zarr.open_group(str(cache / "frames" / "toy" / "train"), mode="r")
     assert g["video_id"][:].tolist() == frames["video_id"][:].tolist()
-    from pipeline.framestore import read_frames
+    from pipeline.storage.framestore import read_frames
 
     clip = load_clip(ModelSpec(f"local-dir:{tiny}"))
     with torch.no_grad():
@@ -212,7 +213,7 @@ def test_exports_round_trip(extracted, tmp_path):
 
 
 def test_npz_exports_equal_the_store_and_the_suffix_always_names_the_format(extracted, tmp_path):
-    from pipeline.framestore import read_frames
+    from pipeline.storage.framestore import read_frames
     from stages.export import FEATURE_ARRAYS, FRAME_ARRAYS
 
     cache, tiny = extracted
@@ -252,7 +253,7 @@ def test_npz_export_streams_a_store_larger_than_a_block(tmp_path):
     """Peak memory of an .npz export is a few blocks, not the store (np.savez held it all)."""
     import tracemalloc
 
-    from pipeline.export import export_arrays
+    from pipeline.storage.export import export_arrays
 
     rng = np.random.default_rng(0)
     n, rows = 2048, 16

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from test_training import ToySet
 
+from pipeline.learning.training import TrainConfig, param_groups, train
 from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
 from pipeline.models.temporal import QuickGELU, TemporalTransformer, TokenT1D, TokenT1DBlock
-from pipeline.training import TrainConfig, param_groups, train
 
 
 def reference_shift(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_weight_decay_reaches_every_trained_parameter_as_in_the_official_code():
 
 
 def test_the_schedule_decays_to_zero_by_default():
-    from pipeline.training import lr_at
+    from pipeline.learning.training import lr_at
 
     cfg = TrainConfig()
     assert cfg.min_lr == 0.0 and lr_at(999, 1000, 10, cfg.lr, cfg.min_lr) < 1e-9
@@ -116,7 +116,7 @@ def test_the_schedule_decays_to_zero_by_default():
 def test_activitynet_map_as_the_official_code_next_to_ours():
     import numpy as np
 
-    from pipeline.evaluation import multilabel_metrics, official_anet_map
+    from pipeline.learning.evaluation import multilabel_metrics, official_anet_map
 
     rng = np.random.default_rng(0)
     targets = np.zeros((40, 5), dtype=bool)
@@ -139,7 +139,7 @@ def test_activitynet_map_as_the_official_code_next_to_ours():
 
 
 def test_randaugment_comes_first_and_draws_per_frame_as_the_official_group_transform():
-    from pipeline.clips import AugmentConfig, Normalization, PerFrame, train_transform
+    from pipeline.learning.transforms import AugmentConfig, Normalization, PerFrame, train_transform
 
     norm = Normalization(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     frame = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -200,8 +200,9 @@ def test_the_frame_store_keeps_each_videos_whole_frame_and_its_box(tmp_path):
     from conftest import run_inproc
     from videos import write_video
 
-    from pipeline.clips import FrameClipSet, Normalization
-    from pipeline.framestore import read_frames, video_box
+    from pipeline.learning.clips import FrameClipSet
+    from pipeline.learning.transforms import Normalization
+    from pipeline.storage.framestore import read_frames, video_box
 
     root = tmp_path / "clips"
     write_video(root / "a" / "wide.mp4", n_frames=8, width=96, height=54)  # 16:9 -> 57 x 32
@@ -242,8 +243,8 @@ def test_official_lists_download_once_from_the_repository_and_fail_in_one_line_o
 
     import pytest
 
-    from pipeline.errors import PipelineError
-    from pipeline.officiallists import resolve_list
+    from pipeline.core.errors import PipelineError
+    from pipeline.media.officiallists import resolve_list
 
     lists = Path(__file__).resolve().parents[2] / "shared" / "text4vis-lists"
     if not (lists / "k600" / "k160_labels_split1.csv").is_file():
@@ -272,8 +273,8 @@ def test_evaluation_scales_the_short_side_to_256_per_224_before_the_crop():
     from conftest import run_inproc
     from torchvision.transforms.v2 import functional as TF
 
-    from pipeline.clips import Normalization, eval_views
-    from pipeline.settings import EvaluateSettings, FinetuneSettings, PredictSettings
+    from pipeline.core.settings import EvaluateSettings, FinetuneSettings, PredictSettings
+    from pipeline.learning.transforms import Normalization, eval_views
 
     assert {cls.defaults().test_scale for cls in (FinetuneSettings, EvaluateSettings, PredictSettings)} == {256}
     assert Normalization(224, (0.0,) * 3, (1.0,) * 3).test_size == 256
@@ -302,7 +303,7 @@ def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_pat
     0.98: the default is the code's, ``--betas 0.9 0.98`` the paper's."""
     from conftest import run_inproc
 
-    from pipeline.settings import FinetuneSettings
+    from pipeline.core.settings import FinetuneSettings
 
     assert FinetuneSettings.defaults().betas == TrainConfig().betas == (0.9, 0.999)
     for betas in ((0.9, 0.999), (0.9, 0.98)):
@@ -340,7 +341,7 @@ OFFICIAL_FIRST_DRAW_101 = [1, 2, 3, 4, 5, 6, 7, 8, 13, 15, 16, 17, 18, 22, 24, 2
 def test_half_classes_are_the_official_legacy_draws_and_are_listed():
     import numpy as np
 
-    from pipeline.evaluation import half_classes, half_draw
+    from pipeline.learning.evaluation import half_classes, half_draw
 
     before = np.random.get_state()[1].copy()
     assert half_draw(101, 0).tolist() == OFFICIAL_FIRST_DRAW_101
@@ -360,8 +361,8 @@ def test_activitynet_map_official_scores_100_cos_whatever_the_trained_scale():
     run's exp(s) x cos (here s = ln 20)."""
     import numpy as np
 
-    from pipeline.evaluation import official_anet_map
-    from pipeline.training import evaluate
+    from pipeline.learning.evaluation import official_anet_map
+    from pipeline.learning.training import evaluate
 
     class MultiLabel:
         def __init__(self) -> None:
@@ -394,7 +395,7 @@ def test_test_time_frames_are_the_official_samplers():
     int(linspace(0, tick - 1, C))[c] in each segment of tick = n / t frames; one view takes each segment's first."""
     import numpy as np
 
-    from pipeline.sampling import view_indices
+    from pipeline.media.sampling import view_indices
 
     for n, t, clips in [(32, 8, 1), (32, 8, 4), (300, 8, 4), (250, 8, 1), (5, 8, 2), (37, 8, 3)]:
         tick = n / t

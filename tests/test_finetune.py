@@ -17,13 +17,14 @@ import torch
 from conftest import run_inproc
 from test_frames_stage import run_cli
 
-from pipeline.clips import FrameClipSet, Normalization, usable_rows
-from pipeline.evaluation import multilabel_metrics
-from pipeline.heads import sample_per_class
+from pipeline.learning.clips import FrameClipSet, usable_rows
+from pipeline.learning.evaluation import multilabel_metrics
+from pipeline.learning.training import predict
+from pipeline.learning.transforms import Normalization
 from pipeline.models.classifier import CosineHead, build_video_classifier
 from pipeline.models.clip import ModelSpec, load_clip
+from pipeline.models.heads import sample_per_class
 from pipeline.models.temporal import TokenT1D
-from pipeline.training import predict
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
@@ -337,7 +338,7 @@ def test_zero_shot_protocols_on_a_fine_tuned_run_score_only_the_chosen_classes(f
     assert [r["classes"] for r in runs] == [4, 5] and result["subsets"]["subsets"] == 2
     assert runs[0]["videos"] < result["videos"] and 0 <= result["subsets"]["top1"] <= 100
     assert result["half"]["classes_per_draw"] == 6 and len(result["half"]["runs"]) == 10
-    from pipeline.evaluation import half_draw  # `evaluate --json` lists each official draw's classes
+    from pipeline.learning.evaluation import half_draw  # `evaluate --json` lists each official draw's classes
 
     assert [r["class_indices"] for r in result["half"]["runs"]] == [half_draw(12, k).tolist() for k in range(10)]
     # scored among the subset only: its top-1 is at least the full-label-set top-1 on the same videos
@@ -396,10 +397,10 @@ def test_coop_trains_its_context_not_the_text_tower_and_writes_a_reusable_head(f
 
 
 def test_coop_context_vectors_are_what_training_changes(extracted, tmp_path):
+    from pipeline.learning.training import TrainConfig, train
     from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
     from pipeline.models.coop import CoOpHead
     from pipeline.models.temporal import TemporalMeanPool
-    from pipeline.training import TrainConfig, train
 
     clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
     width = clip.embed_dim

@@ -15,8 +15,8 @@ import zarr
 from conftest import copy_video, make_broken_files, sigkill_mid_run
 from videos import brightness_index, write_video
 
-from pipeline import store
-from pipeline.framestore import read_frames
+from pipeline.storage import store
+from pipeline.storage.framestore import read_frames
 
 ARRAYS = ("frames", "frame_index", "timestamp", "source_frames", "status", "reason", "video_id", "label")
 SMALL = ["--cache-frames", "4", "--height", "32", "--width", "32", "--block-size", "2", "--quiet"]
@@ -249,9 +249,10 @@ def test_raw_codec_is_lossless_and_jpeg_is_close(tmp_path, ucf_tree):
 
 @pytest.mark.parametrize("profile", ["k400", "k600", "ucf101", "hmdb51", "anet"])
 def test_real_data_profiles_are_valid(profile):
-    from pipeline import settings as S
-    from pipeline.framestore import FrameCodec
-    from pipeline.params import Params, load_params
+    from pipeline.core import settings as S
+    from pipeline.core.params import Params
+    from pipeline.core.settings import load_params
+    from pipeline.storage.framestore import FrameCodec
 
     params = load_params(Path(__file__).parents[1] / "data" / "profiles" / f"{profile}.yaml")
 
@@ -338,8 +339,9 @@ def test_a_custom_profile_chain_runs_and_depends_on_its_videos(tmp_path, templat
 
 
 def test_k400_profile_holds_the_papers_finetuning_recipe():
-    from pipeline import settings as S
-    from pipeline.params import Params, load_params
+    from pipeline.core import settings as S
+    from pipeline.core.params import Params
+    from pipeline.core.settings import load_params
 
     params = load_params(Path(__file__).parents[1] / "data" / "profiles" / "k400.yaml")
     r = S.resolve(S.FinetuneSettings, lambda section: Params(params, section), {})

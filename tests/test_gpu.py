@@ -34,8 +34,9 @@ import zarr
 from conftest import run_inproc
 from test_finetune import TORCHRUN, common, load_state
 
-from pipeline.clips import AugmentConfig, FrameClipSet, Normalization, usable_rows
-from pipeline.world import WorldSpec, generate_world
+from pipeline.learning.clips import FrameClipSet, usable_rows
+from pipeline.learning.transforms import AugmentConfig, Normalization
+from pipeline.media.world import WorldSpec, generate_world
 
 CUDA = torch.cuda.is_available()
 NO_CUDA = f"no CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda or 'not built'}) sees no GPU"
@@ -188,7 +189,7 @@ def normalised_diff(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("randaugment", [False, True])
 def test_the_batched_data_path_on_the_gpu_makes_the_per_clip_cpu_paths_clips(stores, codec, randaugment,
                                                                               record_property):
-    from pipeline.training import _collate, to_device
+    from pipeline.learning.training import _collate, to_device
 
     aug = AugmentConfig() if randaugment else AugmentConfig(randaugment_ops=0)
     per_clip, batched = both_paths(stores[codec], aug)
@@ -211,7 +212,7 @@ def test_the_batched_data_path_on_the_gpu_makes_the_per_clip_cpu_paths_clips(sto
 
 
 def test_batched_evaluation_views_on_the_gpu_equal_the_cpu_views(stores):
-    from pipeline.training import _collate, to_device
+    from pipeline.learning.training import _collate, to_device
 
     rows, labels = usable_rows(zarr.open_group(stores["raw"], mode="r"))
     per_clip = FrameClipSet(stores["raw"], rows, labels, 4, NORM, 7, views=(2, 3))
@@ -330,7 +331,7 @@ def test_a_sigkilled_gpu_run_resumes_to_the_uninterrupted_runs_weights(gpu_cache
 def test_compiled_training_on_the_gpu_equals_eager_within_bf16_tolerance(stores, tiny_clip, tmp_path):
     from test_data_path import make_model
 
-    from pipeline.training import TrainConfig, train
+    from pipeline.learning.training import TrainConfig, train
 
     rows, labels = usable_rows(zarr.open_group(stores["jpeg"], mode="r"))
     data = FrameClipSet(stores["jpeg"], rows, labels % 4, 4, Normalization(32, MEAN, STD), 7,
@@ -375,8 +376,8 @@ def test_peak_memory_of_vit_b16_training_at_batch_32_with_and_without_checkpoint
     """ViT-B/16, 8 frames, T-Trans (6 layers), batch 32, bf16 autocast, fused AdamW: two steps each way."""
     import open_clip
 
+    from pipeline.learning.training import autocast_for, cross_entropy
     from pipeline.models.classifier import CosineHead, build_video_classifier
-    from pipeline.training import autocast_for, cross_entropy
 
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory / 2**30

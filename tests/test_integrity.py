@@ -13,9 +13,9 @@ import zarr
 from conftest import run_inproc
 from test_frames_stage import SMALL, run_cli
 
-from pipeline import store
-from pipeline.errors import DamagedStore, PipelineError, StoreLocked
-from pipeline.framestore import read_frames
+from pipeline.core.errors import DamagedStore, PipelineError, StoreLocked
+from pipeline.storage import store
+from pipeline.storage.framestore import read_frames
 
 
 @pytest.fixture
@@ -220,7 +220,7 @@ def test_deleted_features_head_and_status_chunks_are_never_read_as_zeros(cache):
     feats = c / "features" / "toy" / "tiny-clip" / "train"
     (feats / "features" / "c" / "2" / "0" / "0").unlink()
     with pytest.raises(DamagedStore):
-        from pipeline.featurestore import video_features
+        from pipeline.storage.featurestore import video_features
 
         video_features(zarr.open_group(str(feats), mode="r"))
     status_chunk = c / "frames" / "toy" / "val" / "status" / "c" / "0"

@@ -19,7 +19,7 @@ from conftest import Crash, run_inproc
 from test_frames_stage import _dvc, run_cli
 from videos import write_video
 
-from pipeline import store
+from pipeline.storage import store
 
 SMALL = ["--cache-frames", "4", "--height", "32", "--width", "32", "--quiet"]
 DATA_ARRAYS = ("frames", "frame_index", "timestamp", "source_frames", "box")
@@ -61,7 +61,7 @@ def column(group: zarr.Group, name: str) -> list:
 @pytest.fixture
 def decodes(monkeypatch) -> list[str]:
     """The path of every video the frame stage decodes in this process."""
-    from pipeline import framestore
+    from pipeline.storage import framestore
 
     seen: list[str] = []
     real = framestore.decode_clip
@@ -105,7 +105,7 @@ def test_one_new_video_is_decoded_alone_and_every_stored_byte_stays(tmp_path, de
     assert f.attrs["fingerprint"] == g.attrs["fingerprint"]  # the same settings: the same output
     for name in DATA_ARRAYS:
         assert np.array_equal(g[name][4], f[name][3]), name
-    from pipeline.clips import usable_rows
+    from pipeline.learning.clips import usable_rows
 
     assert usable_rows(g)[0].tolist() == [0, 1, 2, 4]
     assert "0 of 1 outputs damaged" in run_cli("verify", "--cache", str(cache)).stdout  # digests of written rows
@@ -116,7 +116,7 @@ def test_one_new_video_is_decoded_alone_and_every_stored_byte_stays(tmp_path, de
 
 
 def test_features_encode_only_the_frame_rows_they_lack(tmp_path, decodes, tiny_clip, monkeypatch):
-    from pipeline import featurestore
+    from pipeline.storage import featurestore
 
     root = make_videos(tmp_path / "data", [f"v{i}" for i in range(5)])
     write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(4)])
@@ -151,7 +151,7 @@ def test_features_encode_only_the_frame_rows_they_lack(tmp_path, decodes, tiny_c
 
 def test_a_dropped_video_is_never_read_and_compact_removes_it(tmp_path, tiny_clip):
     import pipeline
-    from pipeline.clips import usable_rows
+    from pipeline.learning.clips import usable_rows
 
     root = make_videos(tmp_path / "data", [f"v{i}" for i in range(6)])
     rows = [(f"v{i}", "ab"[i % 2]) for i in range(6)]
@@ -284,7 +284,7 @@ def test_a_run_resumed_after_its_dataset_grew_is_bit_exact_and_a_new_run_takes_t
                                                                                                 monkeypatch):
     import torch
 
-    from pipeline.world import WorldSpec, generate_world
+    from pipeline.media.world import WorldSpec, generate_world
     from stages import finetune
 
     world = tmp_path / "world"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from pipeline.losses import VideoTextContrastiveLoss, multi_positive_targets
+from pipeline.models.losses import VideoTextContrastiveLoss, multi_positive_targets
 
 
 def batch(n=8, d=16, seed=0):

@@ -22,7 +22,7 @@ import zarr
 from conftest import WORLD
 from test_frames_stage import run_cli
 
-from pipeline.world import generate_world
+from pipeline.media.world import generate_world
 
 pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
 
@@ -189,7 +189,7 @@ def test_a_killed_writer_on_s3_resumes_after_its_lease_and_a_second_writer_is_re
 
 def test_a_store_on_s3_grows_and_shrinks_as_a_local_one(tmp_path, s3):
     """An append (and a drop) on object storage, under its lease: the new videos only, the rows of a local cache."""
-    from pipeline.world import WorldSpec
+    from pipeline.media.world import WorldSpec
 
     world = tmp_path / "world"
     generate_world(world, WorldSpec(colours=("red", "green"), shapes=("disc",), sizes=("small",), train_per_class=4,

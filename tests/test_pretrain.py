@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from conftest import run_inproc
 
+from pipeline.learning.pretrain import PretrainConfig, caption, pretrain
+from pipeline.media.world import WorldSpec, generate_world
 from pipeline.models.clip import ModelSpec, load_clip
-from pipeline.pretrain import PretrainConfig, caption, pretrain
-from pipeline.world import WorldSpec, generate_world
 
 SMALL = PretrainConfig(steps=12, batch_size=16, warmup=2, embed_dim=32, image_size=32, width=64, layers=1,
                        text_layers=1, lr=2e-3)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import settings as S
-from pipeline.params import Params, load_params
+from pipeline.core import settings as S
+from pipeline.core.params import Params
+from pipeline.core.settings import load_params
 
 PROFILES = Path(__file__).resolve().parents[1] / "data" / "profiles"
 SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "text4vis-lists" / "labels"

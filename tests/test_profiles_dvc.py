@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.world import WorldSpec, generate_world
+from pipeline.media.world import WorldSpec, generate_world
 
 pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
 

@@ -18,7 +18,7 @@ import zarr
 from conftest import WORLD, run_inproc
 from test_frames_stage import run_cli
 
-from pipeline.world import generate_world
+from pipeline.media.world import generate_world
 
 pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
 

@@ -9,11 +9,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline import settings as S
 from pipeline.cli import cli
-from pipeline.clips import AugmentConfig
-from pipeline.training import TrainConfig
-from pipeline.video import FrameSpec
+from pipeline.core import settings as S
+from pipeline.learning.training import TrainConfig
+from pipeline.learning.transforms import AugmentConfig
+from pipeline.media.video import FrameSpec
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -12,10 +12,10 @@ import zarr
 from conftest import Crash, crash_at_step, run_inproc
 from test_frames_stage import run_cli
 
+from pipeline.learning.training import TrainConfig, lr_at, train
+from pipeline.media.sampling import segment_indices
 from pipeline.models.classifier import CosineHead, FrameFeatureClassifier
 from pipeline.models.temporal import TemporalMeanPool, TemporalTransformer
-from pipeline.sampling import segment_indices
-from pipeline.training import TrainConfig, lr_at, train
 
 C, D, T = 6, 16, 8
 

@@ -19,8 +19,8 @@ import zarr
 from conftest import TINY_CLIP, run_inproc, write_tiny_clip
 from test_frames_stage import run_cli
 
-from pipeline import store
-from pipeline.errors import DamagedStore, PipelineError
+from pipeline.core.errors import DamagedStore, PipelineError
+from pipeline.storage import store
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_settings_cannot_be_mistyped(tmp_path):
 
 
 def test_quiet_prints_less_than_the_default(tmp_path):
-    from pipeline.world import WorldSpec, generate_world
+    from pipeline.media.world import WorldSpec, generate_world
 
     generate_world(tmp_path / "world", WorldSpec(colours=("red", "blue"), shapes=("disc",), sizes=("small",),
                                                  train_per_class=4, val_per_class=1, frames=4, size=32))
@@ -315,7 +315,7 @@ def test_the_model_identity_is_of_the_weights_loaded_and_runs_check_their_heads_
 
 
 def test_temporary_files_are_never_written_through_a_planted_link(tmp_path):
-    from pipeline.files import append_line, write_atomic
+    from pipeline.core.files import append_line, write_atomic
 
     precious = tmp_path / "precious"
     precious.write_text("keep")
@@ -333,7 +333,7 @@ def test_temporary_files_are_never_written_through_a_planted_link(tmp_path):
 def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     import torch
 
-    from pipeline import files
+    from pipeline.core import files
 
     monkeypatch.setattr(files, "nearly_full", lambda folder, margin=0: True)
 
@@ -395,7 +395,7 @@ def test_status_summarises_failures_by_reason(tmp_path, template):
 # ---- 3. one empty draw does not lose every result -------------------------------------------------
 
 def test_an_empty_draw_is_named_and_the_other_protocols_stand(cache):
-    from pipeline import evaluation
+    from pipeline.learning import evaluation
 
     # the unit: draws whose classes have no videos are named and left out of the mean, never scored 0
     rng = np.random.default_rng(0)

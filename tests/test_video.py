@@ -9,7 +9,7 @@ import pytest
 from conftest import make_broken_files
 from videos import brightness_index, frame_image, write_video
 
-from pipeline.video import DecodeError, FrameSpec, box_size, decode_clip, segment_centres
+from pipeline.media.video import DecodeError, FrameSpec, box_size, decode_clip, segment_centres
 
 SPEC = FrameSpec(num_frames=8, height=32, width=48)
 
@@ -136,7 +136,7 @@ def test_nan_segment_means_whole_video(tmp_path):
 @pytest.mark.parametrize("ext,kw", [(".mp4", {}), (".avi", {}), (".webm", {}), (".mkv", {}), (".mp4", {"vfr": True}),
                                     (".mp4", {"n_frames": 5})])
 def test_fast_path_is_taken_and_matches_the_counting_decoder(tmp_path, ext, kw):
-    from pipeline.video import _decode_exact, _decode_planned
+    from pipeline.media.video import _decode_exact, _decode_planned
 
     path = write_video(tmp_path / f"v{ext}", **{"n_frames": 30, **kw})
     fast = _decode_planned(path, SPEC, math.nan, math.nan, threads=1)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.datasets import load_manifest
-from pipeline.world import WorldSpec, generate_world
+from pipeline.media.datasets import load_manifest
+from pipeline.media.world import WorldSpec, generate_world
 
 SPEC = WorldSpec(colours=("red", "blue"), shapes=("ring", "bar"), sizes=("small", "large"), train_per_class=2,
                  val_per_class=1, frames=4, size=32, seed=5)

@@ -114,7 +114,7 @@ def build_video_classifier(visual: nn.Module, width: int, head: CosineHead, temp
                            layers: int = 6, t1d_init: str = "shift",
                            grad_checkpointing: bool = False, ttrans_init: str = "official") -> VideoClassifier:
     """The full fine-tuning model around an open_clip visual tower (modified in place for TokenT1D)."""
-    from .temporal import TemporalMeanPool, TemporalTransformer, insert_token_t1d
+    from pipeline.models.temporal import TemporalMeanPool, TemporalTransformer, insert_token_t1d
 
     blocks = insert_token_t1d(visual, t1d_init) if temporal == "tokent1d" else None
     if temporal in ("tap", "tokent1d"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 # torch and open_clip are imported where they are used: importing open_clip takes ~10 s here,
 # and commands that only read the cache (heads, evaluate, status) must not pay for it.
@@ -345,7 +345,7 @@ def save_local_dir(model: Any, model_cfg: dict, out: str | os.PathLike, preproce
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {
         "size": model_cfg["vision_cfg"]["image_size"], "mean": list(open_clip.OPENAI_DATASET_MEAN),
         "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic", "resize_mode": "shortest"}}
-    from ..files import write_atomic
+    from pipeline.core.files import write_atomic
 
     write_atomic(out / "open_clip_config.json", json.dumps(config, indent=2))
     state = model.state_dict()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..settings import FinetuneSettings
-from .classifier import TextRowsHead, cosine_scores
+from pipeline.core.settings import FinetuneSettings
+from pipeline.models.classifier import TextRowsHead, cosine_scores
 
 _F = FinetuneSettings.defaults()  # the defaults
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import PipelineError
-from .clip import file_sha256
+from pipeline.core.errors import PipelineError
+from pipeline.models.clip import file_sha256
 
 if TYPE_CHECKING:
-    from .clip import LoadedClip
+    from pipeline.models.clip import LoadedClip
 
 PAPER_TEMPLATE = "a video of a person {}."
 # The 28 prompts CLIP's authors used for Kinetics-700 zero-shot (averaged: prompt ensembling).

@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import zarr
 
-from .errors import PipelineError
-from .files import create_exclusive, describe_os_error
-from .progress import Progress
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import create_exclusive, describe_os_error
+from pipeline.core.progress import Progress
 
 FORMATS = ("npz", "h5")
 SUFFIXES = {".npz": "npz", ".h5": "h5", ".hdf5": "h5"}

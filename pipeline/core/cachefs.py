@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Any
 
-from .errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def is_url(location: Any) -> bool:

@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 
-from .errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def cosine_logits(features: np.ndarray, head: np.ndarray) -> np.ndarray:

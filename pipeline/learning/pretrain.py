@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .losses import VideoTextContrastiveLoss
-from .settings import PretrainSettings
+from pipeline.core.settings import PretrainSettings
+from pipeline.models.losses import VideoTextContrastiveLoss
 
 _P = PretrainSettings.defaults()  # the defaults
 

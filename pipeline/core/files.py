@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .cachefs import as_path, is_remote
-from .errors import PipelineError
+from pipeline.core.cachefs import as_path, is_remote
+from pipeline.core.errors import PipelineError
 
 CHECKPOINT = "checkpoint.pt"  # a run's checkpoint, beside its run.json
 
@@ -118,7 +118,7 @@ def describe_os_error(e: OSError) -> str:
 
 def read_json(path: Path, what: str) -> Any:
     """A JSON file of a run (run.json, metrics.json), or a one-line :class:`DamagedStore` error."""
-    from .errors import DamagedStore
+    from pipeline.core.errors import DamagedStore
 
     path = as_path(path)
     try:
@@ -133,7 +133,7 @@ def read_json(path: Path, what: str) -> Any:
 def read_history(path: Path) -> list[dict]:
     """The records of a run's ``history.jsonl``. A torn last line (a kill mid-write) is dropped, as resuming
     drops it; a damaged line before the last is a :class:`DamagedStore` error."""
-    from .errors import DamagedStore
+    from pipeline.core.errors import DamagedStore
 
     path = as_path(path)
     if not path.exists():

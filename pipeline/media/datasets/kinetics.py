@@ -13,9 +13,9 @@ import io
 import math
 from pathlib import Path
 
-from ..errors import PipelineError
-from .common import index_videos, read_text, require_dir
-from .manifest import Manifest, VideoRecord
+from pipeline.core.errors import PipelineError
+from pipeline.media.datasets.common import index_videos, read_text, require_dir
+from pipeline.media.datasets.manifest import Manifest, VideoRecord
 
 SPLITS = ("train", "val", "test")
 

@@ -20,7 +20,13 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .params import DATA_KEYS, MODEL_KEYS
+from pipeline.core.params import DATA_KEYS, MODEL_KEYS, read_params_file
+
+# The choices of settings that name things the media layer implements: dataset formats (its adapters) and
+# swscale filters and seek modes (its decoder). Declared here, imported there: the layers point down.
+FORMATS = ("k400", "k600", "k700", "ucf101", "hmdb51", "anet", "csv", "folder", "imagefolder")
+INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "LANCZOS")
+SEEK_MODES = ("exact", "keyframes")
 
 HEADS = ("clip-text", "text", "random", "orthogonal", "prototype", "lda")
 
@@ -120,9 +126,7 @@ class DataSource(DatasetName):
 
     @model_validator(mode="after")
     def _names(self) -> DataSource:
-        from .datasets import DATASETS
-
-        if self.format is None and self.dataset in DATASETS:
+        if self.format is None and self.dataset in FORMATS:
             self.format = self.dataset  # `--dataset ucf101` alone: the format, and its name in the cache
         if self.dataset is None and self.format:
             stem = PurePath(str(self.root or "")).stem if self.format in ("csv", "folder", "imagefolder") else ""
@@ -496,12 +500,21 @@ def params_file_model() -> type[BaseModel]:
     return create_model("ParamsFile", __config__=strict, **groups)
 
 
+def load_params(path: Any) -> dict[str, Any]:
+    """A params file read and validated (``./params.yaml`` when present and no path is given; {} without one):
+    a group or key no setting reads is an error naming the closest valid one."""
+    data = read_params_file(path)
+    if data:
+        check_params(data, str(path or "params.yaml"))
+    return data
+
+
 def check_params(params: dict[str, Any], where: str) -> None:
     """Refuse a params file with a group or key no setting reads (a typo would be silently ignored), naming the
     closest valid one."""
     import difflib
 
-    from .errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     try:
         params_file_model().model_validate(params)
@@ -567,14 +580,8 @@ def click_type(cls: type, f: SettingField) -> Any:
     import click
 
     k = f.knob
-    if k.type == "FORMATS":
-        from .datasets import DATASETS
-
-        return click.Choice(DATASETS)
-    if k.type in ("INTERPOLATIONS", "SEEK_MODES"):
-        from . import video
-
-        return click.Choice(getattr(video, k.type))
+    if k.type in ("FORMATS", "INTERPOLATIONS", "SEEK_MODES"):
+        return click.Choice({"FORMATS": FORMATS, "INTERPOLATIONS": INTERPOLATIONS, "SEEK_MODES": SEEK_MODES}[k.type])
     if k.type == "FILE":
         return click.Path(dir_okay=False)
     if k.type == "DIR":
@@ -706,7 +713,7 @@ def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
 
 def _one_line(cls: type, e: ValidationError, sources: dict[str, str]) -> Exception:
     """pydantic's first complaint as one line, naming the flag or the params key the value came from."""
-    from .errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     err = e.errors()[0]
     name = str(err["loc"][0]) if err["loc"] else ""

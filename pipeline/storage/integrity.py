@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import store
-from .cachefs import as_path, remove_tree
-from .errors import DamagedStore
-from .store import read_array as _read
-from .store import values_sha256
+from pipeline.core.cachefs import as_path, remove_tree
+from pipeline.core.errors import DamagedStore
+from pipeline.storage import store
+from pipeline.storage.store import read_array as _read
+from pipeline.storage.store import values_sha256
 
 DATA_ARRAYS = ("frames", "features")  # the per-video array whose rows must hold data when ok
 WHOLE_ARRAYS = ("head", "embeddings")  # outputs without blocks
@@ -201,7 +201,7 @@ def verify_run(run_dir: str | Path) -> Report:
     """Check a fine-tuning run's folder: ``run.json`` and ``metrics.json`` readable, every ``history.jsonl``
     line a record (a torn last line is what a kill leaves, and resuming drops it), and the checkpoint's
     every record matching its CRC-32 and belonging to this run (its fingerprint is run.json's)."""
-    from .files import CHECKPOINT, checkpoint_problem, read_history, read_json
+    from pipeline.core.files import CHECKPOINT, checkpoint_problem, read_history, read_json
 
     run_dir = as_path(run_dir)
     report = Report(str(run_dir))
@@ -250,7 +250,7 @@ def repair_run(run_dir: str | Path, report: Report) -> str:
     A damaged checkpoint cannot be resumed from: the run is deleted (trained again). A damaged run.json or
     metrics.json is deleted: the stage writes it again (a run.json only when the checkpoint is of the same
     settings). A damaged history keeps its good lines: the stage drops the others when it resumes."""
-    from .files import CHECKPOINT
+    from pipeline.core.files import CHECKPOINT
 
     run_dir = as_path(run_dir)
     if report.ok:

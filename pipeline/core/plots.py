@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .cachefs import as_path  # noqa: E402
-from .files import write_atomic  # noqa: E402
+from pipeline.core.cachefs import as_path  # noqa: E402
+from pipeline.core.files import write_atomic  # noqa: E402
 
 
 def correlation(head: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from ..errors import PipelineError
-from .common import VIDEO_EXTENSIONS, read_text, readable_snake, require_dir, visible
-from .manifest import Manifest, VideoRecord
+from pipeline.core.errors import PipelineError
+from pipeline.media.datasets.common import VIDEO_EXTENSIONS, read_text, readable_snake, require_dir, visible
+from pipeline.media.datasets.manifest import Manifest, VideoRecord
 
 
 def load_csv(name: str, root: str) -> Manifest:

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from . import store
-from .errors import DamagedStore
-from .framestore import FAILED, OK, read_boxes, require_frames
-from .models.clip import LoadedClip, ModelSpec, load_clip
+from pipeline.core.errors import DamagedStore
+from pipeline.models.clip import LoadedClip, ModelSpec, load_clip
+from pipeline.storage import store
+from pipeline.storage.framestore import FAILED, OK, read_boxes, require_frames
 
 # torch is imported inside the functions that encode: reading features (heads, evaluation) must
 # stay free of torch's import time.

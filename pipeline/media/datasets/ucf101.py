@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from ..errors import PipelineError
-from .common import read_text, readable_camel, require_dir, require_file
-from .manifest import Manifest, VideoRecord
+from pipeline.core.errors import PipelineError
+from pipeline.media.datasets.common import read_text, readable_camel, require_dir, require_file
+from pipeline.media.datasets.manifest import Manifest, VideoRecord
 
 
 def load_ucf101(root: str, split_id: int = 1) -> Manifest:

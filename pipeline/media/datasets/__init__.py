@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 
-from ..errors import PipelineError
-from .activitynet import load_activitynet
-from .generic import load_csv, load_folder, load_imagefolder
-from .hmdb51 import load_hmdb51
-from .kinetics import load_kinetics
-from .manifest import WHOLE, Manifest, VideoRecord, whole_dataset
-from .ucf101 import load_ucf101
+from pipeline.core.errors import PipelineError
+from pipeline.core.settings import FORMATS
+from pipeline.media.datasets.activitynet import load_activitynet
+from pipeline.media.datasets.generic import load_csv, load_folder, load_imagefolder
+from pipeline.media.datasets.hmdb51 import load_hmdb51
+from pipeline.media.datasets.kinetics import load_kinetics
+from pipeline.media.datasets.manifest import WHOLE, Manifest, VideoRecord, whole_dataset
+from pipeline.media.datasets.ucf101 import load_ucf101
 
-DATASETS = ("k400", "k600", "k700", "ucf101", "hmdb51", "anet", "csv", "folder", "imagefolder")
+DATASETS = FORMATS  # the settings declare the formats (--format's choices); each has an adapter below
 
 __all__ = ["DATASETS", "WHOLE", "Manifest", "VideoRecord", "load_manifest"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import PipelineError
-from .common import read_text, readable_snake, require_dir
-from .manifest import WHOLE, Manifest, VideoRecord
+from pipeline.core.errors import PipelineError
+from pipeline.media.datasets.common import read_text, readable_snake, require_dir
+from pipeline.media.datasets.manifest import WHOLE, Manifest, VideoRecord
 
 _SPLIT_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<n>[123])\.txt$")
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import av
 import numpy as np
 
-from .settings import FramesSettings
+from pipeline.core.settings import INTERPOLATIONS, SEEK_MODES, FramesSettings
 
 _S = FramesSettings.defaults()  # the defaults
 
@@ -23,8 +23,6 @@ _S = FramesSettings.defaults()  # the defaults
 # failed instead of allocating decoder buffers of unbounded size.
 MAX_PIXELS = 7680 * 4320
 MAX_SECONDS = 365 * 24 * 3600.0  # a segment time past this is an annotation error
-INTERPOLATIONS = ("FAST_BILINEAR", "BILINEAR", "BICUBIC", "AREA", "LANCZOS")
-SEEK_MODES = ("exact", "keyframes")
 
 
 class DecodeError(Exception):

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from .errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 HEAD_KINDS = ("clip-text", "text", "random", "orthogonal", "prototype", "lda")
 

@@ -12,9 +12,9 @@ import json
 import math
 from collections import Counter
 
-from ..errors import PipelineError
-from .common import index_videos, read_text, require_dir, require_file
-from .manifest import WHOLE, Manifest, VideoRecord
+from pipeline.core.errors import PipelineError
+from pipeline.media.datasets.common import index_videos, read_text, require_dir, require_file
+from pipeline.media.datasets.manifest import WHOLE, Manifest, VideoRecord
 
 ANNOTATION_FILE = "activity_net.v1-3.min.json"
 _SUBSETS = {"training": "train", "validation": "val", "testing": "test"}

@@ -33,11 +33,11 @@ import zarr
 from PIL import Image
 from zarr.core.dtype import VariableLengthBytes
 
-from . import store
-from .datasets import Manifest
-from .errors import DamagedStore, PipelineError, read_error
-from .settings import FramesSettings
-from .video import DecodeError, FrameSpec, decode_clip
+from pipeline.core.errors import DamagedStore, PipelineError, read_error
+from pipeline.core.settings import FramesSettings
+from pipeline.media.datasets import Manifest
+from pipeline.media.video import DecodeError, FrameSpec, decode_clip
+from pipeline.storage import store
 
 _S = FramesSettings.defaults()  # the defaults
 
@@ -255,7 +255,7 @@ def plan_change(group: zarr.Group, manifest: Manifest, identity: tuple[np.ndarra
     touched = np.flatnonzero((size == new_size) & (mtime != new_mtime) & (new_size >= 0))
     refresh_rows, refresh_mtimes = [], []
     if touched.size:
-        from .progress import Progress
+        from pipeline.core.progress import Progress
 
         recorded = store.as_text(group["file_sha256"][:n][row[touched]])
         # a moved or copied dataset touches every file: reading them is long, but far shorter than decoding

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def threads_per_worker(workers: int) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 DEFAULT_PARAMS = "params.yaml"
 # The shared groups: ``data.*`` (where videos come from, for frames/extract/import) and ``model.*``
@@ -35,8 +35,9 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
-    """The parsed params file; ``./params.yaml`` when present and no path is given."""
+def read_params_file(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The parsed params file (``./params.yaml`` when present and no path is given), not yet validated:
+    ``pipeline.core.settings.load_params`` validates it."""
     if path is None:
         if not Path(DEFAULT_PARAMS).is_file():
             return {}
@@ -52,9 +53,6 @@ def load_params(path: str | os.PathLike | None) -> dict[str, Any]:
         raise PipelineError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise PipelineError(f"params file {p} must hold a mapping of command names to keys")
-    from .settings import check_params  # settings imports this module
-
-    check_params(data, str(p))
     if isinstance(data.get("data"), dict) and "name" in data["data"]:  # read as before by upgrade_data_group
         import warnings
 

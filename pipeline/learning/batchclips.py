@@ -97,7 +97,7 @@ class ClipDrawer:
         self.size = image_size
 
     def draw(self, frames: int, height: int, width: int, seed: int) -> ClipDraw:
-        from .clips import BLUR_SIGMA
+        from pipeline.learning.transforms import BLUR_SIGMA
 
         aug, ra = self.aug, self.randaugment
         with torch.random.fork_rng(devices=[]):
@@ -174,7 +174,7 @@ def _randaugment_frames(frames: list[torch.Tensor], draws: list[Ops], magnitude_
 
 def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug) -> torch.Tensor:  # noqa: ANN001
     """float [B, T, 3, S, S] training clips on ``device``: the per-clip path's augmentation, batched."""
-    from .clips import BLUR_KERNEL, SOLARIZE_THRESHOLD, _mode
+    from pipeline.learning.transforms import BLUR_KERNEL, SOLARIZE_THRESHOLD, _mode
 
     frames = decode_clips(clips, device)
     t = frames[0].shape[0]
@@ -213,7 +213,7 @@ def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug)
 def eval_batch(clips: list[EncodedClip], device: torch.device | str, norm, frames: int,  # noqa: ANN001
                views: tuple[int, int]) -> torch.Tensor:
     """float [B, V, T, 3, S, S] evaluation views on ``device`` (as :func:`pipeline.clips.eval_views`)."""
-    from .clips import eval_views
+    from pipeline.learning.transforms import eval_views
 
     temporal, spatial = views
     out = []

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv")
 

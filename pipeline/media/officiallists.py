@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import PipelineError
-from .files import write_atomic
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import write_atomic
 
 PREFIX = "text4vis:"
 BASE_URL = "https://raw.githubusercontent.com/whwu95/Text4Vis/main/lists/"

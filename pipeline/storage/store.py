@@ -35,8 +35,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import UnstableSpecificationWarning
 
-from .cachefs import as_path, is_remote, remove_tree, walk
-from .errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocked, read_error
+from pipeline.core.cachefs import as_path, is_remote, remove_tree, walk
+from pipeline.core.errors import DamagedStore, FingerprintMismatch, PipelineError, StoreLocked, read_error
 
 # Variable-length strings and bytes are not yet frozen in the Zarr v3 spec; zarr-python reads
 # and writes them fine and we pin zarr's minor version, so the warning is noise for our users.

@@ -31,11 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .cachefs import as_path
-from .errors import DamagedStore, FingerprintMismatch, PipelineError
-from .evaluation import metrics, multilabel_metrics
-from .files import CHECKPOINT, checkpoint_problem, write_atomic
-from .settings import FinetuneSettings
+from pipeline.core.cachefs import as_path
+from pipeline.core.errors import DamagedStore, FingerprintMismatch, PipelineError
+from pipeline.core.files import CHECKPOINT, checkpoint_problem, write_atomic
+from pipeline.core.settings import FinetuneSettings
+from pipeline.learning.evaluation import metrics, multilabel_metrics
 
 _F = FinetuneSettings.defaults()  # the defaults
 
