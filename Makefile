@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup demo test test-gpu gpu-check lint bench clean
+.PHONY: setup demo test test-fast test-gpu gpu-check lint bench clean readme-results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,14 @@ demo: setup
 	dvc repro
 	pipeline status
 
-# The CPU suite; the GPU tests (marker gpu) run in test-gpu and gpu-check.
+# The CPU suite, on both cores (pytest-xdist); the GPU tests (marker gpu) run in test-gpu and gpu-check.
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" -n 2 --dist loadfile
 	$(BIN)/ruff check pipeline stages tests benchmarks
+
+# The edit-test loop: every CPU test but the slow end-to-end ones (marker slow).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" -n 2 --dist loadfile
 
 # Where CUDA is absent every test reports skipped, with the reason.
 test-gpu: setup

@@ -876,8 +876,9 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
     from pipeline.learning.transforms import AugmentConfig
     from stages import finetune as finetune_stage
 
+    from .learning.objectives import Objective
+
     ds = need_dataset(s)
-    workers = s.workers if s.workers is not None else (0 if s.frozen_backbone else 4)
     # few-shot: the released configs train --epochs (30, configs/*/*_few_shot.yaml) by default; the paper's preset
     # (App. B.1) its own epochs per dataset (few_shot_epochs); an --epochs flag wins over both
     paper = s.shots and s.few_shot_recipe == "paper"
@@ -895,13 +896,13 @@ def finetune(ctx: Context, s: S.FinetuneSettings) -> None:
             epochs=epochs, batch_size=s.global_batch_size, micro_batch=s.micro_batch, lr=s.lr,
             backbone_lr_ratio=s.backbone_lr_ratio, temporal_lr=s.temporal_lr, weight_decay=s.weight_decay,
             warmup_epochs=s.warmup_epochs, min_lr=s.min_lr, checkpoint_every=s.checkpoint_every, amp=s.amp,
-            workers=workers, compile=s.compile, log_every=s.log_every, betas=tuple(s.betas))
+            workers=s.workers, compile=s.compile, log_every=s.log_every, betas=tuple(s.betas))
         augment = AugmentConfig(crop_scale=tuple(s.crop_scale), flip=s.flip, grayscale=s.grayscale,
                                 randaugment_ops=int(s.randaugment[0]), randaugment_magnitude=int(s.randaugment[1]),
                                 randaugment_per_frame=s.randaugment_per_frame, gaussian_blur=s.gaussian_blur,
                                 solarization=s.solarization)
     spec = model_spec(ctx, s, dataset=ds)
-    goal = finetune_stage.Objective(kind=s.objective, batch_gather=s.batch_gather, text=s.text, text_lr=s.text_lr,
+    goal = Objective(kind=s.objective, batch_gather=s.batch_gather, text=s.text, text_lr=s.text_lr,
                                     text_weight_decay=s.text_weight_decay, template=s.text_template)
     common = dict(encoder=s.encoder, frames=s.frames, shots=s.shots or None, layers=s.layers, device=s.device,
                   ttrans_init=s.ttrans_init, coop_ctx=s.coop_ctx, coop_lr=s.coop_lr,
@@ -1051,14 +1052,14 @@ def report(ctx: Context, s: S.ReportSettings) -> None:
     from stages import report as report_stage
 
     ft = ctx.resolve(S.FinetuneSettings, {}).values
-    model_key = ctx.resolve(S.EvaluateSettings, {}).values.model_key or "tiny-clip"
     note = (f"Full fine-tuning settings (params.yaml `finetune`): frames {ft.frames}, epochs {ft.epochs}, "
             f"global_batch_size {ft.global_batch_size}, lr {ft.lr}, backbone_lr_ratio {ft.backbone_lr_ratio}, "
             f"warmup_epochs {ft.warmup_epochs}, min_lr {ft.min_lr}, crop_scale {list(ft.crop_scale)}, flip {ft.flip}, "
             f"grayscale {ft.grayscale}, randaugment {list(ft.randaugment)}; AdamW betas {tuple(ft.betas)}, weight "
             f"decay {ft.weight_decay}.")
     path, text = report_stage.run(ctx.cache, Path(s.out) if s.out else ctx.cache / "report",
-                                  dataset=need_dataset(s), model_tag=model_key, settings_note=note)
+                                  dataset=need_dataset(s), order_dataset=s.order_dataset, model_tag=s.model_key,
+                                  settings_note=note)
     click.echo(text)
     click.echo(f"report -> {path}")
 

@@ -57,7 +57,7 @@ def _leftover(path: Path, group, frames_fp: str | None = None) -> bool:  # noqa:
     return usable
 
 
-def run(cache: Path, dataset: str, splits: list[str] | None = None, quiet: bool = False) -> list[dict]:
+def run(cache: Path, dataset: str, splits: list[str] | None, quiet: bool) -> list[dict]:
     """Compact each split's frame store and its feature stores; one summary per store."""
     if is_remote(cache):
         raise PipelineError("`pipeline compact` rewrites stores on local disks only: copy the cache to a local disk, "

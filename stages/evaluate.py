@@ -82,8 +82,8 @@ def snapshot_record(group, snapshot: int | None = None) -> dict:  # noqa: ANN001
             "hash": store.snapshot_entry(group, version)["hash"] if version else None}
 
 
-def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "val", encoder: str | None = None,
-        head_dataset: str | None = None, protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (),
+def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str, encoder: str | None = None,
+        head_dataset: str | None = None, protocols: tuple[str, ...], subset_files: list[str],
         out: Path | None = None, snapshot: int | None = None) -> dict:
     """``snapshot``: evaluate the videos the split had at that snapshot of its store (None: now), against the
     head's classes of that snapshot: an old number, reproduced."""
@@ -127,10 +127,10 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, split: str = "v
     return result
 
 
-def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str = "val",
-                views: tuple[int, int] = (1, 1), batch_size: int = 16, workers: int = 0, device: str | None = None,
-                data_device: str = "auto", out: Path | None = None, quiet: bool = False, progress: bool = True,
-                protocols: tuple[str, ...] = ("full",), subset_files: list[str] = (), test_scale: int = 256,
+def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split: str,
+                views: tuple[int, int], batch_size: int, workers: int, device: str | None = None,
+                data_device: str, out: Path | None = None, quiet: bool, progress: bool,
+                protocols: tuple[str, ...], subset_files: list[str], test_scale: int,
                 snapshot: int | None = None) -> dict:
     """Evaluate a fine-tuned run: single or multi-view (temporal clips x spatial crops, the short side first
     scaled to ``test_scale`` per 224 px of input, as test.py), on its own dataset's classes or, zero-shot, on
@@ -139,10 +139,11 @@ def run_trained(cache: Path, run_name: str, *, dataset: str | None = None, split
     import torch
 
     from pipeline.learning import distributed
-    from pipeline.learning.clips import FrameClipSet, usable_rows
+    from pipeline.learning.clips import CachedFeatureSet, FrameClipSet, usable_rows
     from pipeline.learning.training import cosines_of, predict, rank_and_world
 
-    from .finetune import CachedFeatureSet, batched_data_path, load_run, normalization, open_frames
+    from .finetune import batched_data_path, normalization, open_frames
+    from .runs import load_run
 
     dev = distributed.setup(device)
     batched = batched_data_path(data_device, dev)

@@ -31,7 +31,7 @@ def require_finished(group, what: str, stage: str) -> None:  # noqa: ANN001
 
 
 def run(cache: Path, what: str, dataset: str, fmt: str, out: str, *, split: str | None = None,
-        model_tag: str | None = None, encoder: str | None = None, kind: str | None = None, quiet: bool = True) -> Path:
+        model_tag: str | None = None, encoder: str | None = None, kind: str | None = None, quiet: bool) -> Path:
     if what in ("frames", "features") and not split:
         raise PipelineError(f"--what {what} needs --split")
     if what in ("features", "head") and not model_tag:

@@ -22,9 +22,9 @@ from pipeline.storage.featurestore import (
 from .paths import features_path, frames_path, splits_of
 
 
-def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *, device: str = "cpu",
-        batch_size: int = 64, workers: int = 1, scheduler_address: str | None = None,
-        replace_mismatched: bool = False, quiet: bool = False, compile_: bool = False) -> list[dict]:
+def run(cache: Path, dataset: str, spec: ModelSpec, splits: list[str] | None, *, device: str,
+        batch_size: int, workers: int, scheduler_address: str | None = None,
+        replace_mismatched: bool, quiet: bool, compile_: bool) -> list[dict]:
     available = splits_of(cache, "frames", dataset)
     if not available:
         raise PipelineError(f"no frame store for {dataset!r} under {cache}: run `pipeline frames` first")

@@ -55,9 +55,9 @@ def with_validation(manifest, data: DatasetArgs):
 
 
 def run(cache: Path, data: DatasetArgs, splits: list[str] | None, spec: FrameSpec, codec: FrameCodec, *,
-        block_size: int = 16,
-        workers: int = 1, scheduler_address: str | None = None, replace_mismatched: bool = False,
-        quiet: bool = False, retry_failed: bool = False) -> list[dict]:
+        block_size: int,
+        workers: int, scheduler_address: str | None = None, replace_mismatched: bool,
+        quiet: bool, retry_failed: bool) -> list[dict]:
     """Fill the frame store of each split; returns one summary dict per split (``change``: the videos added,
     dropped, redone and retried, and the snapshot they made, when the dataset changed). The split ``all`` (every
     video of the dataset once, whole, one label: the official zero-shot set) is made only when asked for by name."""

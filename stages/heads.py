@@ -33,9 +33,9 @@ def open_features(cache: Path, dataset: str, model_tag: str, split: str | None =
     return group
 
 
-def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | None = None, seed: int = 0,
-        per_class: int = 60, solver: str = "svd", shrinkage: float | str | None = None, split: str = "train",
-        replace_mismatched: bool = False, snapshot: int | None = None) -> tuple[Path, np.ndarray, list[str]]:
+def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | None = None, seed: int,
+        per_class: int, solver: str, shrinkage: float | str | None = None, split: str,
+        replace_mismatched: bool, snapshot: int | None = None) -> tuple[Path, np.ndarray, list[str]]:
     """Build the ``kind`` head. It records the snapshots of what it was made from (``inputs``): a head made
     from an older snapshot (the dataset grew since) is rebuilt by the next run without asking, being the same
     head of newer data. ``snapshot`` (lda, prototype): sample from the videos the features had at that
@@ -107,7 +107,7 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
 
 def write_head(cache: Path, dataset: str, model_tag: str, kind: str, head: np.ndarray, class_names: list[str],
                record: dict, *, replace_mismatched: bool, enc_tag: str | None = None, extra: dict | None = None,
-               seed: int = 0, inputs: dict | None = None) -> Path:
+               seed: int | None = None, inputs: dict | None = None) -> Path:
     """Store ``head`` [C, D] as the ``kind`` head of ``dataset``; ``record`` is what made it (its fingerprint),
     ``inputs`` the snapshots of the stores it was made from."""
     path = heads_path(cache, dataset, model_tag, kind, enc_tag if kind == "text" else None)

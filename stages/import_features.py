@@ -68,8 +68,8 @@ def _init_imported(g, *, part, split: str, feats: np.ndarray, status: np.ndarray
                                          for b in range(store.n_blocks_of(g))], dtype=np.str_)
 
 
-def run(cache: Path, data: DatasetArgs, source: Path, model_tag: str, num_frames: int, *, block_size: int = 16,
-        replace_mismatched: bool = False, quiet: bool = False) -> list[dict]:
+def run(cache: Path, data: DatasetArgs, source: Path, model_tag: str, num_frames: int, *, block_size: int,
+        replace_mismatched: bool, quiet: bool) -> list[dict]:
     if not source.is_dir():
         raise PipelineError(f"feature folder not found: {source}")
     manifest = load_manifest(data.dataset, data.root, split_id=data.split_id, untrimmed=data.untrimmed,

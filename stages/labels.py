@@ -84,8 +84,8 @@ def read_class_names(path: str | Path, expected: int) -> list[str]:
     return names
 
 
-def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str = "cpu",
-        replace_mismatched: bool = False, quiet: bool = False,
+def run(cache: Path, dataset: str, encoder: str, template: str, spec: ModelSpec, *, device: str,
+        replace_mismatched: bool, quiet: bool,
         class_names_file: str | None = None) -> tuple[Path, np.ndarray]:
     class_names, names_fp = class_names_of(cache, dataset)
     # the names the text encoder reads: the dataset's readable ones, or a list given (the official code's)

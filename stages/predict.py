@@ -22,14 +22,17 @@ def own_pixels(clip) -> np.ndarray:  # noqa: ANN001
     return np.ascontiguousarray(clip.frames[:, y0:y1, x0:x1])
 
 
+TOP = 5  # labels printed a video
+
+
 def _top(logits: np.ndarray, labels: list[str], top: int) -> list[tuple[str, float]]:
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     return [(labels[i], float(probs[i])) for i in np.argsort(-probs)[:top]]
 
 
-def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str] | None, *, template: str = "paper",
-                device: str = "cpu", top: int = 5, quiet: bool = False, test_scale: int = 256) -> list[dict]:
+def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str] | None, *, template: str,
+                device: str, quiet: bool, test_scale: int) -> list[dict]:
     """Top labels from a fine-tuned run: its own classes, or your ``labels`` through the run's text encoder.
 
     Frames are decoded exactly as the run's frame store was made, then sampled, scaled (``test_scale`` per
@@ -43,7 +46,8 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
     from pipeline.models.coop import CoOpHead
     from pipeline.models.text import encode_with_hf
 
-    from .finetune import load_run, normalization
+    from .finetune import normalization
+    from .runs import load_run
 
     model, info, clip = load_run(cache, run_name)
     if info["backbone"] != "full":
@@ -79,13 +83,13 @@ def run_trained(videos: list[str], cache: Path, run_name: str, labels: list[str]
         x = eval_views(torch.from_numpy(np.ascontiguousarray(stored[picks])).permute(0, 3, 1, 2), norm, 1)
         with torch.no_grad():
             logits = model.head(model.embed(x.to(device))).float().cpu().numpy()[0]
-        results.append({"video": video, "top": _top(logits, labels, top)})
+        results.append({"video": video, "top": _top(logits, labels, TOP)})
     return results
 
 
-def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str = "paper", frames: int = 8,
-        device: str = "cpu", top: int = 5, quiet: bool = False) -> list[dict]:
-    """For each video: the ``top`` labels with softmax probabilities (CLIP logit scale, TAP over frames)."""
+def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str, frames: int,
+        device: str, quiet: bool) -> list[dict]:
+    """For each video: the ``TOP`` labels with softmax probabilities (CLIP logit scale, TAP over frames)."""
     if len(labels) < 2:
         raise PipelineError("give at least two label names (--labels 'a,b' or --labels-file)")
     if not quiet:
@@ -105,5 +109,5 @@ def run(videos: list[str], labels: list[str], spec: ModelSpec, *, template: str 
             continue
         emb = encode_frames(clip_frames, clip, device, batch_size=frames).mean(axis=0)
         emb = emb / max(np.linalg.norm(emb), 1e-12)
-        results.append({"video": video, "top": _top(scale * text @ emb, labels, top)})
+        results.append({"video": video, "top": _top(scale * text @ emb, labels, TOP)})
     return results

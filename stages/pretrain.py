@@ -18,7 +18,7 @@ from pipeline.storage.framestore import read_frames
 from .paths import frames_path
 
 
-def run(cache: Path, dataset: str, out: Path, cfg: PretrainConfig, heldout: list[str], quiet: bool = False) -> dict:
+def run(cache: Path, dataset: str, out: Path, cfg: PretrainConfig, heldout: list[str], quiet: bool) -> dict:
     group = store.open_existing(frames_path(cache, dataset, "train"), f"frame store {dataset}/train")
     if store.pending_blocks(group):
         raise PipelineError(f"frame store {dataset}/train is unfinished: re-run `pipeline frames` first")

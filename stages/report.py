@@ -95,8 +95,8 @@ def zero_shot_seen_vs_heldout(cache: Path, dataset: str, model_tag: str, heldout
     return out
 
 
-def run(cache: Path, out_dir: Path, dataset: str = "demo", order_dataset: str = "demo-order",
-        model_tag: str = "tiny-clip", settings_note: str = "") -> tuple[Path, str]:
+def run(cache: Path, out_dir: Path, dataset: str, order_dataset: str,
+        model_tag: str, settings_note: str) -> tuple[Path, str]:
     cache, out_dir = as_path(cache), as_path(out_dir)
     if not any((cache / stage / dataset).is_dir() for stage in ("frames", "features")):
         raise PipelineError(f"nothing cached for dataset {dataset!r} under {cache}: run the demo pipeline first "

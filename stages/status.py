@@ -19,7 +19,7 @@ from .paths import run_dirs
 from .verified import current, last_verified
 
 
-def run(cache: Path, all_failures: bool = False) -> list[dict]:
+def run(cache: Path, all_failures: bool) -> list[dict]:
     """One entry per output. Stores: counts, the first failures (every one with ``all_failures``) and their
     counts by reason, fingerprint, ``kind`` and ``model``, ``stale`` and ``damaged`` (why, or null),
     ``verified`` (when ``pipeline verify`` last read it whole, and what it found). Runs: state, step, best

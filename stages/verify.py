@@ -14,7 +14,7 @@ from . import verified
 from .paths import run_dirs
 
 
-def run(cache: Path, *, repair: bool = False, quiet: bool = False) -> list[dict]:
+def run(cache: Path, *, repair: bool, quiet: bool) -> list[dict]:
     """One entry per output and per run: ``ok``, the damaged blocks and problems, and with ``repair`` what was
     done (damaged blocks marked pending and their chunk files deleted; outputs and runs that cannot be
     recomputed block by block deleted, for their stage to rebuild)."""

@@ -9,7 +9,7 @@ from pipeline.core.progress import Progress
 from pipeline.media.world import WorldSpec, generate_world
 
 
-def run(out: Path, spec: WorldSpec, quiet: bool = False) -> Path:
+def run(out: Path, spec: WorldSpec, quiet: bool) -> Path:
     # The world is cheap to regenerate and has no blocks: rebuild it whole so that no clip of an
     # older spec survives.
     if out.exists():

@@ -21,7 +21,7 @@ from pipeline.learning.clips import FrameClipSet, usable_rows
 from pipeline.learning.evaluation import multilabel_metrics
 from pipeline.learning.training import predict
 from pipeline.learning.transforms import Normalization
-from pipeline.models.classifier import CosineHead, build_video_classifier
+from pipeline.models.classifier import CosineHead, build_video_classifier, classifier_for
 from pipeline.models.clip import ModelSpec, load_clip
 from pipeline.models.heads import sample_per_class
 from pipeline.models.temporal import TokenT1D
@@ -280,19 +280,19 @@ def test_contrastive_objective_offline_online_and_gathered(ft_cache):
 @pytest.mark.slow
 def test_init_from_copies_a_runs_encoder_and_temporal_module_and_refuses_other_architectures(ft_cache, extracted,
                                                                                              tmp_path):
-    from stages import finetune as finetune_stage
+    from stages.runs import init_from_run
 
     cache, m = ft_cache
     run_inproc(*common(m, "src", "--head", "clip-text", "--temporal", "ttrans", "--layers", "1"))
     source = load_state(cache, "src")
     clip = load_clip(ModelSpec(f"local-dir:{extracted[1]}"))
-    model = finetune_stage.build_model(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
-    start = finetune_stage.init_from_run(model, cache, "src")
+    model = classifier_for(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
+    start = init_from_run(model, cache, "src")
     mine = model.state_dict()
     copied = [k for k in source if k.startswith(("visual.", "temporal."))]
     assert copied and all(torch.equal(mine[k], source[k]) for k in copied)
     # the trained logit scale too (the official code loads the whole state dict, train.py:245-250)
-    fresh = finetune_stage.build_model(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
+    fresh = classifier_for(clip, torch.randn(12, clip.embed_dim), False, "ttrans", 4, 1, "shift")
     assert not torch.equal(fresh.state_dict()["head.logit_scale"], source["head.logit_scale"])
     assert torch.equal(mine["head.logit_scale"], source["head.logit_scale"]) and start["logit_scale"]
     assert start["run"] == "src" and start["fingerprint"]

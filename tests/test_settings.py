@@ -69,6 +69,25 @@ def test_no_option_carries_a_default_of_its_own():
                 assert unset, f"{name} {param.opts}: default {param.default!r}"
 
 
+def test_no_stage_function_carries_a_default_of_its_own():
+    """A default is written once, in pipeline/core/settings.py: the stages' functions take every setting from their
+    caller (the CLI passes the resolved settings), so none of their parameters defaults to anything but None
+    ("not given")."""
+    import ast
+
+    stages_dir = Path(__file__).resolve().parents[1] / "stages"
+    found = []
+    for path in sorted(stages_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                args = node.args
+                pairs = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults, strict=True))
+                pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None]
+                found += [f"{path.name}:{node.name}({a.arg}={ast.unparse(d)})" for a, d in pairs
+                          if not (isinstance(d, ast.Constant) and d.value is None)]
+    assert not found, "stage functions with defaults of their own: " + ", ".join(found)
+
+
 def test_help_shows_the_effective_default_marked_when_it_comes_from_params(workdir):
     plain = invoke("finetune", "--help").output
     assert re.search(r"--frames INTEGER RANGE\s+Frames per clip, T.\s+\[default: 8;", plain)

@@ -102,8 +102,9 @@ def test_frozen_backbone_training_learns_and_reports(imported):
 
 
 def test_derived_run_names_tell_common_runs_apart_and_stay_one_path_component():
-    from stages.finetune import Objective, derived_run_name
+    from pipeline.learning.objectives import Objective
     from stages.paths import safe_name
+    from stages.runs import derived_run_name
 
     def name(head="clip-text", **kw):
         return derived_run_name("k400", "ViT-B-16-openai", head, "tap", **kw)

@@ -356,8 +356,8 @@ class FinetuneSettings(Replace, ModelChoice, DatasetName):
     log_every: int = knob(10, "GPU: steps between loss read-backs from the device, the only host "
                               "synchronisation of a step (every step is still logged).", type="POSITIVE",
                           maximum=1_000_000)
-    workers: int | None = knob(None, "Data-loader processes per process.", type="COUNT", maximum=1024,
-                               default_text="4; 0 with --frozen-backbone")
+    workers: int = knob(4, "Data-loader processes per process (full fine-tuning; a frozen-backbone run reads its "
+                           "cached features in memory, with none).", type="COUNT", maximum=1024)
     device: str | None = knob(None, DEVICE_HELP + " Under torchrun: LOCAL_RANK's GPU.",
                               default_text="cuda when present, else cpu")
     seed: list[int] = knob([0], "Seed of the run; repeat for one run per seed (RUN/s<seed>).",
@@ -455,6 +455,9 @@ class PlotSettings(ModelChoice, DatasetName):
 class ReportSettings(DatasetName):
     SECTION: ClassVar[str] = "report"
     out: str | None = knob(None, "Report folder.", type="DIR", default_text="CACHE/report")
+    order_dataset: str = knob("demo-order", "The order world's dataset (Table 8).")
+    model_key: str = knob("tiny-clip", "The model whose features, heads and runs the report reads (params: "
+                                       "model.key).")
 
 
 @dataclass

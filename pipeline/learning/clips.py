@@ -16,6 +16,7 @@ import zarr
 
 from pipeline.learning.transforms import AugmentConfig, Normalization, eval_views, train_transform
 from pipeline.media.sampling import sample_rng, segment_indices, view_indices
+from pipeline.storage.featurestore import read_rows
 from pipeline.storage.framestore import read_boxes, read_frames, read_stored
 
 
@@ -140,3 +141,28 @@ def usable_rows(group: zarr.Group, multilabel: bool = False,
     labels = group["label"][:]
     keep = np.flatnonzero(live & (status == 1) & (labels >= 0))
     return keep, labels[keep]
+
+
+class CachedFeatureSet(torch.utils.data.Dataset):
+    """Clips of T frame features drawn TSN-style from the T_cache cached ones; ``views`` temporal views in eval."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, frames: int, seed: int, views: int = 1) -> None:
+        self.features, self.frames, self.seed, self.views = features, frames, seed, views
+        self.labels = np.asarray(labels).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def item(self, index: int, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.features.shape[1]
+        if train:
+            x = self.features[index, segment_indices(n, self.frames, sample_rng(self.seed, epoch, index))]
+        else:
+            x = np.stack([self.features[index, view_indices(n, self.frames, c, self.views)]
+                          for c in range(self.views)])
+        return torch.from_numpy(x.astype(np.float32)), torch.as_tensor(self.labels[index])
+
+
+def load_split(group, snapshot: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rows, labels = usable_rows(group, snapshot=snapshot)
+    return read_rows(group, rows), labels

@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = _F.checkpoint_every  # steps between checkpoints (0: at epoch ends only)
     amp: bool = _F.amp  # autocast on GPU (bf16 where supported, else fp16 with a scaler); fp32 on CPU
-    workers: int = 0  # data-loader processes per rank
+    workers: int = _F.workers  # data-loader processes per rank
     compile: bool = _F.compile  # torch.compile the visual encoder (in place: checkpoints keep their keys)
     log_every: int = _F.log_every  # GPU: steps between loss read-backs (the only host synchronisation of a step)
 

@@ -210,3 +210,11 @@ class ContrastiveVideoText(nn.Module):
         text = head.class_embeddings(labels) if isinstance(head, TextTowerHead) else head.weight[labels]
         norm = lambda x: x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)  # noqa: E731
         return norm(video.float()), norm(text.float()), head.logit_scale  # clamped after each step
+
+
+def classifier_for(clip, head_rows: torch.Tensor, learnable: bool, temporal: str, frames: int, layers: int,
+                t1d_init: str, grad_checkpointing: bool = False, ttrans_init: str = "official"):
+    """The loaded open_clip model's visual tower wrapped as a video classifier against ``head_rows``."""
+    head = CosineHead(head_rows, learnable=learnable, logit_scale=float(clip.model.logit_scale.detach()))
+    return build_video_classifier(clip.model.visual, clip.embed_dim, head, temporal, frames, layers, t1d_init,
+                                  grad_checkpointing, ttrans_init=ttrans_init)
