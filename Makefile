@@ -23,7 +23,7 @@ demo: setup
 # The CPU suite, on both cores (pytest-xdist); the GPU tests (marker gpu) run in test-gpu and gpu-check.
 test: setup
 	$(BIN)/python -m pytest -q -m "not gpu" -n 2 --dist loadfile
-	$(BIN)/ruff check pipeline stages tests benchmarks
+	$(BIN)/ruff check pipeline stages tests benchmarks docs
 
 # The edit-test loop: every CPU test but the slow end-to-end ones (marker slow).
 test-fast: setup
@@ -39,13 +39,17 @@ gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)
 
 lint: setup
-	$(BIN)/ruff check pipeline stages tests benchmarks
+	$(BIN)/ruff check pipeline stages tests benchmarks docs
 
 bench: setup
 	$(BIN)/python benchmarks/bench_frames.py
 	$(BIN)/python benchmarks/bench_codec.py
 	$(BIN)/python benchmarks/bench_features.py
 	$(BIN)/python benchmarks/bench_loader.py
+
+# After `make demo`: the report's tables into the README (MINUTES: the fresh-clone time, when measured).
+readme-results: setup
+	$(BIN)/python docs/readme_results.py $(if $(MINUTES),--minutes $(MINUTES))
 
 clean:
 	rm -rf cache/world cache/frames

@@ -58,7 +58,7 @@ def bench_eval(tmp: Path) -> None:
 
 LDA_CHILD = """
 import sys, time, numpy as np
-from pipeline.heads import lda_head
+from pipeline.models.heads import lda_head
 n, d, c = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 y = np.arange(n) % c
@@ -79,7 +79,7 @@ def bench_lda() -> None:
 
 FEATURES_CHILD = """
 import sys, time
-from pipeline.featurestore import extract_feature_block
+from pipeline.storage.featurestore import extract_feature_block
 from pipeline.models.clip import ModelSpec
 import zarr
 path, frames, spec, batch = sys.argv[1], sys.argv[2], ModelSpec("local-dir:" + sys.argv[3]), int(sys.argv[4])

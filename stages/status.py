@@ -1,6 +1,6 @@
 """Status: what the cache holds (stores, runs, reports, metrics), and what is damaged or stale.
 
-Damage is what can be seen cheaply (:func:`pipeline.store.cheap_damage`: missing arrays and chunk files,
+Damage is what can be seen cheaply (:func:`pipeline.storage.store.cheap_damage`: missing arrays and chunk files,
 wrong chunk sizes, altered heads; a run's unreadable files or truncated checkpoint); ``pipeline verify``
 reads everything, and each entry says when that last happened (``verified``).
 """

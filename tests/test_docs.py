@@ -63,3 +63,24 @@ def test_every_measurement_names_the_command_that_makes_it():
             script = re.search(r"benchmarks/(\w+\.py)", section)
             if script:
                 assert (ROOT / "benchmarks" / script.group(1)).is_file(), script.group(1)
+
+
+def test_the_readme_results_are_the_reports_tables_regenerated(tmp_path):
+    """`make readme-results` copies the report's tables and verdicts between the README's markers, and only
+    those: a second run replaces the block instead of stacking a second one."""
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.md"
+    report.write_text("# Report\n\n## Table 6: heads\n\nprose\n\n| head | top-1 |\n|---|---|\n| lda | 91.0 |\n\n"
+                      "*Finding (holds): text heads beat random.*\n\n## Fig. 1\n\n| x |\n|---|\n| 1 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo-results:begin (generated) -->\nSTALE BLOCK\n<!-- demo-results:end -->\noutro\n")
+    for minutes in ("12.3", "11.0"):
+        subprocess.run([sys.executable, str(ROOT / "docs" / "readme_results.py"), str(report), str(readme),
+                        "--minutes", minutes], check=True, capture_output=True)
+    text = readme.read_text()
+    block = text.split("<!-- demo-results:begin (generated) -->\n")[1].split("<!-- demo-results:end -->")[0]
+    assert "STALE BLOCK" not in block and "| lda | 91.0 |" in block and "*Finding (holds)" in block
+    assert "**11.0 min**" in block and "12.3" not in block and "| x |" not in block  # Fig. 1 is no table we copy
+    assert text.startswith("intro\n") and text.endswith("outro\n")

@@ -323,11 +323,12 @@ def test_predict_labels_videos_zero_shot(tiny_clip, tmp_path):
     probs = [float(line.split("%")[0]) for line in lines[1:]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.05
     results = predict_stage.run([video, str(tmp_path / "missing.mp4")], ["a", "b"], ModelSpec(f"local-dir:{tiny_clip}"),
-                                frames=4)
+                                template="a video of {}.", frames=4, device="cpu", quiet=True)
     assert len(results[0]["top"]) == 2 and abs(sum(p for _, p in results[0]["top"]) - 1) < 1e-5
     assert "missing file" in results[1]["error"]
     with pytest.raises(PipelineError, match="at least two label names"):
-        predict_stage.run([video], ["only"], ModelSpec(f"local-dir:{tiny_clip}"))
+        predict_stage.run([video], ["only"], ModelSpec(f"local-dir:{tiny_clip}"), template="{}", frames=4,
+                          device="cpu", quiet=True)
 
 
 def test_predict_takes_the_model_from_the_cache_like_every_reader(extracted, tmp_path):

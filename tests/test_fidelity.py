@@ -323,7 +323,7 @@ def test_adamw_betas_are_the_released_codes_and_the_papers_are_an_option(tmp_pat
     from stages import report as report_stage
 
     notes = []
-    monkeypatch.setattr(report_stage, "run", lambda cache, out, dataset, model_tag, settings_note: (
+    monkeypatch.setattr(report_stage, "run", lambda cache, out, dataset, order_dataset, model_tag, settings_note: (
         notes.append(settings_note), (out, ""))[1])
     params = tmp_path / "p.yaml"
     params.write_text("data:\n  dataset: demo\nfinetune:\n  betas: [0.9, 0.98]\n")

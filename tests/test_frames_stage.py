@@ -138,7 +138,7 @@ def test_second_writer_is_refused(tmp_path, ucf_tree):
     cache = tmp_path / "cache"
     path = cache / "frames" / "ucf101" / "train"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pipeline import store\n"
+        "import sys, time; from pipeline.storage import store\n"
         f"with store.writer_lock({str(path)!r}):\n    print('locked', flush=True); time.sleep(30)\n")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -34,7 +34,7 @@ def m(tiny: Path) -> list[str]:
 def hold(lock: str, path: Path) -> subprocess.Popen:
     """Another process holding ``store.<lock>`` on ``path`` until killed."""
     proc = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pipeline import store\n"
+        "import time; from pipeline.storage import store\n"
         f"with store.{lock}({str(path)!r}):\n    print('locked', flush=True); time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -51,7 +51,7 @@ def test_the_writer_lock_exists_before_the_store_and_survives_its_creation(tmp_p
         group.attrs.update({"n": 3, "block_size": 2})
         assert store.lock_path(path).is_file() and not (path / ".lock").exists()
         probe = subprocess.run([sys.executable, "-c", (
-            f"from pipeline import store\nwith store.writer_lock({str(path)!r}): pass\n")],
+            f"from pipeline.storage import store\nwith store.writer_lock({str(path)!r}): pass\n")],
             capture_output=True, text=True)
         assert probe.returncode != 0 and "being written by another process" in probe.stderr
         # a second writer asking to replace the store is refused too, and the store is intact

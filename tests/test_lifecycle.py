@@ -285,7 +285,7 @@ def test_a_run_resumed_after_its_dataset_grew_is_bit_exact_and_a_new_run_takes_t
     import torch
 
     from pipeline.media.world import WorldSpec, generate_world
-    from stages import finetune
+    from stages import runs
 
     world = tmp_path / "world"
     generate_world(world, WorldSpec(colours=("red", "green"), shapes=("disc", "ring"), sizes=("small",),
@@ -299,17 +299,17 @@ def test_a_run_resumed_after_its_dataset_grew_is_bit_exact_and_a_new_run_takes_t
              "--warmup-epochs", "0", "--grayscale", "0", "--randaugment", "0", "0", "--checkpoint-every", "1",
              "--workers", "0", "-q"]
     run_inproc(*train, "--run-name", "whole")
-    real = finetune.Reporter.__call__
+    real = runs.Reporter.__call__
 
     def crash(self, kind, values):  # noqa: ANN001, ANN202
         real(self, kind, values)
         if kind == "step" and values["step"] == 2:
             raise Crash
 
-    monkeypatch.setattr(finetune.Reporter, "__call__", crash)
+    monkeypatch.setattr(runs.Reporter, "__call__", crash)
     with pytest.raises(AssertionError, match="Crash"):
         run_inproc(*train, "--run-name", "killed")
-    monkeypatch.setattr(finetune.Reporter, "__call__", real)
+    monkeypatch.setattr(runs.Reporter, "__call__", real)
     # the dataset grows while the run is down: a new training clip
     csv = (world / "videos.csv").read_text()
     first = csv.splitlines()[1].split(",")
@@ -338,7 +338,7 @@ def test_a_run_resumed_after_its_dataset_grew_is_bit_exact_and_a_new_run_takes_t
 
 SLOW_DECODE = """
 import sys, time
-from pipeline import framestore
+from pipeline.storage import framestore
 from pipeline.cli import main
 real = framestore.decode_clip
 def slow(*args, **kwargs):
@@ -379,7 +379,7 @@ def test_two_appenders_at_once_one_is_refused_and_nothing_is_lost(tmp_path):
 KILL_AT = """
 import os, signal, sys
 import zarr
-from pipeline import store
+from pipeline.storage import store
 from pipeline.cli import main
 point = sys.argv[1]
 def die(*args, **kwargs):
@@ -540,7 +540,7 @@ def test_dvc_repro_after_a_new_video_decodes_it_alone(tmp_path, template):
 
 KILL_SWAP = """
 import os, signal, sys
-from pipeline import store
+from pipeline.storage import store
 from pipeline.cli import main
 real, calls, at = store.swap_in, [], int(sys.argv[1])
 def swap(*args):

@@ -46,7 +46,7 @@ def test_repeated_classes_are_positives_of_each_other():
 
 WORKER = """
 import json, sys, torch, torch.distributed as dist
-from pipeline.losses import VideoTextContrastiveLoss
+from pipeline.models.losses import VideoTextContrastiveLoss
 rank, port, out, with_grad = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 data = torch.load(out + "/batch.pt")

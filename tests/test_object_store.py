@@ -174,7 +174,7 @@ def test_a_killed_writer_on_s3_resumes_after_its_lease_and_a_second_writer_is_re
     # a live writer (its lease renewed) keeps a second one out
     store_url = remote + "/frames/toy/train"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pipeline import store\n"
+        "import time; from pipeline.storage import store\n"
         f"with store.writer_lock({store_url!r}):\n    print('locked', flush=True); time.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True, cwd=tmp_path)
     try:

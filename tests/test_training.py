@@ -102,11 +102,15 @@ def test_frozen_backbone_training_learns_and_reports(imported):
 
 
 def test_derived_run_names_tell_common_runs_apart_and_stay_one_path_component():
+    from pipeline.core.settings import FinetuneSettings
     from pipeline.learning.objectives import Objective
     from stages.paths import safe_name
     from stages.runs import derived_run_name
 
+    base = FinetuneSettings.defaults()
+
     def name(head="clip-text", **kw):
+        kw = {"frozen": False, "frames": base.frames, "objective": Objective(), "seed": 0, **kw}
         return derived_run_name("k400", "ViT-B-16-openai", head, "tap", **kw)
 
     assert name() == "k400-ViT-B-16-openai-clip-text-tap"  # the paper's recipe: no suffixes
@@ -119,7 +123,9 @@ def test_derived_run_names_tell_common_runs_apart_and_stay_one_path_component():
     assert len(set(variants)) == len(variants), variants
     assert name("text", encoder="hf:all-MiniLM-L6-v2") == "k400-ViT-B-16-openai-text-all-MiniLM-L6-v2-tap"
     assert name(frozen=True, shots=2, seed=3) == "k400-ViT-B-16-openai-clip-text-tap-frozen-2shot-s3"
-    for v in [*variants, name(hard_templates="a video of {}"), derived_run_name("my clips", "m", "lda", "ttrans")]:
+    for v in [*variants, name(hard_templates="a video of {}"),
+              derived_run_name("my clips", "m", "lda", "ttrans", frozen=False, frames=base.frames,
+                               objective=Objective(), seed=0)]:
         assert safe_name(v, "run") == v and "/" not in v and " " not in v
 
 

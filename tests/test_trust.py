@@ -166,7 +166,7 @@ def test_damaged_run_files_never_crash_status_or_evaluate(cache):
 
 def test_a_forked_child_never_keeps_a_dead_writers_lock(tmp_path):
     path = tmp_path / "cache" / "frames" / "x" / "train"
-    code = ("import os, signal, time\nfrom pipeline import store\n"
+    code = ("import os, signal, time\nfrom pipeline.storage import store\n"
             f"with store.writer_lock({str(path)!r}):\n"
             "    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"  # a loader worker, say
             "    print('locked', flush=True)\n    time.sleep(60)\n")

@@ -46,7 +46,7 @@ def test_world_is_a_generic_csv_dataset(tmp_path):
 WORKER = """
 import hashlib, json, sys, time
 from pathlib import Path
-from pipeline.world import WorldSpec, generate_world
+from pipeline.media.world import WorldSpec, generate_world
 junk = [bytearray(1000 + 37 * k) for k in range(int(time.monotonic_ns()) % 500)]
 out = Path(sys.argv[1])
 small = dict(train_per_class=2, val_per_class=1)
