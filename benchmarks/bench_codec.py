@@ -1,8 +1,8 @@
 """Frame-cache codec measurement: raw uint8 + zstd (Zarr) against JPEG bytes.
 
 Run on demand. Prints bytes per video and read speed (decode a whole stored video back to uint8)
-for both encodings of the same frames: 16 frames at 256x320 from a natural-looking 640x272 clip
-(see bench_frames.natural_clip), plus the demo world's 64x64 clips.
+for both encodings of the same frames: the frame stage's default box (16 frames at 256x456) from a
+natural-looking 640x272 clip (see bench_frames.natural_clip), plus the demo world's 64x64 clips.
 """
 
 from __future__ import annotations
@@ -59,10 +59,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-codec-"))
     try:
         clip = natural_clip(tmp / "clip.mp4", 10, 25, 640, 272)
-        real_like = decode_clip(str(clip), FrameSpec(num_frames=16, height=256, width=320)).frames
+        box = FrameSpec()  # the frame stage's defaults, so the benchmark measures what users store
+        real_like = decode_clip(str(clip), box).frames
         spec = WorldSpec()
         world = render_clip(spec, "small", "red", "ring", np.random.default_rng(0))
-        for name, frames in (("natural-looking clip, 16 x 256x320", real_like), ("demo world, 16 x 64x64", world)):
+        for name, frames in ((f"natural-looking clip, {box.num_frames} x {box.height}x{box.width}", real_like), ("demo world, 16 x 64x64", world)):
             raw = frames.nbytes
             print(f"{name} (uncompressed {raw / 1024:.0f} KiB per video), 1 thread:")
             for codec, (size, ms) in measure(frames, tmp).items():
