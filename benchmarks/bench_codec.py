@@ -63,7 +63,8 @@ def main() -> None:
         real_like = decode_clip(str(clip), box).frames
         spec = WorldSpec()
         world = render_clip(spec, "small", "red", "ring", np.random.default_rng(0))
-        for name, frames in ((f"natural-looking clip, {box.num_frames} x {box.height}x{box.width}", real_like), ("demo world, 16 x 64x64", world)):
+        natural = f"natural-looking clip, {box.num_frames} x {box.height}x{box.width}"
+        for name, frames in ((natural, real_like), ("demo world, 16 x 64x64", world)):
             raw = frames.nbytes
             print(f"{name} (uncompressed {raw / 1024:.0f} KiB per video), 1 thread:")
             for codec, (size, ms) in measure(frames, tmp).items():

@@ -25,7 +25,7 @@ def summary(report: str, minutes: float | None) -> list[str]:
         if not title.startswith(SECTIONS):
             continue
         table = [line for line in body.splitlines() if line.startswith("|")]
-        verdicts = [line for line in body.splitlines() if line.startswith("*Finding")]
+        verdicts = [line for line in body.splitlines() if line.startswith(("*Finding", "Also: "))]
         out += [f"**{title.strip()}**", "", *table, "", *verdicts, ""]
     return out
 
