@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_scale import make_dataset, timed  # noqa: E402
+from bench_scale import make_dataset, placeholder_frame_chunks, timed  # noqa: E402
 
 from pipeline.core.progress import Progress  # noqa: E402
 from pipeline.media.datasets import load_manifest  # noqa: E402
@@ -87,7 +87,7 @@ def run(tmp: Path, rows: int, new: int, block: int, decode_all: bool) -> None:
     lines = (root / "annotations" / "train.csv").read_text().splitlines(keepends=True)
     write_annotation(root, lines[:1 + rows])  # the split as built: its first `rows` videos
     print(f"  (dataset written in {setup_s:.1f} s, not measured)")
-    spec, codec = FrameSpec(num_frames=8, height=256, width=320), FrameCodec()
+    spec, codec = FrameSpec(num_frames=8), FrameCodec()  # the default box
     block = store.bounded_block(block, spec.num_frames * spec.height * spec.width * 3)
     path = tmp / "cache" / "frames" / "k400" / "train"
     fp = store.fingerprint(frames_fingerprint_record("k400", spec, codec, block))
@@ -125,7 +125,10 @@ def run(tmp: Path, rows: int, new: int, block: int, decode_all: bool) -> None:
         _, ledger_s = timed(record_blocks)
         results.append(("build", "ledger: every block recorded", ledger_s, f"{len(pending):,} blocks"))
         build_decode_s = None
+        placeholder_frame_chunks(path, group)  # the build's chunk files, as the decode leaves them (not measured)
+    build_summary = store.summarize(group, path, max_failures=20)
     build_summary_s = timed(lambda: store.summarize(group, path, max_failures=20))[1]
+    assert build_summary["complete"] and not build_summary["damaged"], build_summary
     results.append(("build", "summary", build_summary_s, ""))
 
     # ---- the append: the dataset gains `new` videos; `pipeline frames` as it runs ----
@@ -150,7 +153,8 @@ def run(tmp: Path, rows: int, new: int, block: int, decode_all: bool) -> None:
     present_new = int((~missing[rows:]).sum())
     results.append(("append", "decode the new blocks (extract_block)", append_decode_s,
                     f"{present_new:,} present videos decoded ({decoded - present_new} missing), {len(pending)} blocks"))
-    summary_s = timed(lambda: store.summarize(group, path, max_failures=20))[1]
+    summary, summary_s = timed(lambda: store.summarize(group, path, max_failures=20))
+    assert summary["complete"] and not summary["damaged"] and summary["total"] == total, summary
     results.append(("append", "summary", summary_s, ""))
     per_video = append_decode_s / max(1, present_new)
     if build_decode_s is None:

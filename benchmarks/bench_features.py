@@ -118,10 +118,14 @@ def bench_features(tmp: Path) -> None:
                                init=lambda g, m=manifest: init_frame_store(g, m, "train", fspec, FrameCodec("raw"), 16))
         fg["frames"][:] = rng.integers(0, 255, (n, 8, 64, 64, 3), dtype=np.uint8)
         fg["status"][:] = 1
+        fg["box"][:] = np.tile(np.array([0, 64, 0, 64], np.int16), (n, 1))  # (y0, y1, x0, x1): all picture
         store.open_output(path, f"x{n}", {}, replace_mismatched=True,
                           init=lambda g, fg=fg, fp=fpath: init_feature_store(g, fg, clip, spec, "fp32", str(fp)))
         out = subprocess.run([sys.executable, "-c", FEATURES_CHILD, str(path), str(fpath), str(model_dir), "64"],
-                             capture_output=True, text=True, check=True).stdout.split()
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"the feature child failed:\n{out.stderr[-3000:]}")
+        out = out.stdout.split()
         seconds, peak = float(out[0]), int(out[-1]) / 1024
         print(f"features, tiny CLIP (64 px, 4+4 layers) on CPU, batch 64: {n} videos x 8 frames: "
               f"{n * 8 / seconds:.0f} frames/s, peak RSS {peak:.0f} MiB")
