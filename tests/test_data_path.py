@@ -109,6 +109,7 @@ def make_model(clip_dir, seed=0):
                                   "tap", 4)
 
 
+@pytest.mark.slow
 def test_training_on_the_batched_path_resumes_bit_exact_and_matches_the_per_clip_path(stores, tiny_clip, tmp_path):
     per_clip, batched = both_paths(stores["jpeg"], AugmentConfig(), frames=4)
     per_clip.labels, batched.labels = per_clip.labels % 4, batched.labels % 4

@@ -178,6 +178,7 @@ def test_sigkill_then_resume_gives_identical_arrays(tmp_path):
         assert np.array_equal(got[name], expected[name]), name
 
 
+@pytest.mark.slow
 def test_two_dask_workers_write_the_same_store_as_one(tmp_path, ucf_tree):
     one, two = tmp_path / "one", tmp_path / "two"
     base = ["frames", "-d", "ucf101", "--root", str(ucf_tree), *SMALL]

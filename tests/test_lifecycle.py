@@ -279,6 +279,7 @@ def test_a_failed_video_is_retried_when_its_file_changes_or_on_request(tmp_path,
     assert (g["status"][:][live] == store.OK).all()
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_its_dataset_grew_is_bit_exact_and_a_new_run_takes_the_new_snapshot(tmp_path,
                                                                                                 tiny_clip,
                                                                                                 monkeypatch):
@@ -350,6 +351,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_two_appenders_at_once_one_is_refused_and_nothing_is_lost(tmp_path):
     root = make_videos(tmp_path / "data", [f"v{i}" for i in range(6)])
     write_csv(root, [("v0", "a"), ("v1", "b")])
@@ -393,6 +395,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_sigkill_anywhere_in_an_append_reruns_to_the_same_bytes(tmp_path):
     root = make_videos(tmp_path / "data", [f"v{i}" for i in range(7)])
     write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(3)])
@@ -501,6 +504,7 @@ def test_a_store_of_the_previous_format_is_read_and_refused_for_writing_in_one_l
     assert zarr.open_group(str(path), mode="r").attrs["format_version"] == store.FORMAT_VERSION
 
 
+@pytest.mark.slow
 def test_dvc_repro_after_a_new_video_decodes_it_alone(tmp_path, template):
     """A DVC stage (persist: true) re-run after its dataset grew: the new video only."""
     import yaml
@@ -554,6 +558,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_compaction_killed_between_its_swaps_is_finished_by_the_next(tmp_path, tiny_clip):
     root = make_videos(tmp_path / "data", [f"v{i}" for i in range(5)])
     write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(5)])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
@@ -69,6 +70,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     with_grad = False
     v, t, s = batch(8)
