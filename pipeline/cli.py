@@ -1,5 +1,5 @@
 """The ``pipeline`` command. Each sub-command resolves its settings (flag > params.yaml > default, from
-the typed settings of :mod:`pipeline.settings`) and calls one stage. User mistakes end with a one-line
+the typed settings of :mod:`pipeline.core.settings`) and calls one stage. User mistakes end with a one-line
 ``error:`` message, never a traceback."""
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def config(command_name: str, params_file: str | None, no_params: bool) -> None:
 
 
 def dataset_args(s: Any):
-    """The frame stage's view of a :class:`~pipeline.settings.DataSource`."""
+    """The frame stage's view of a :class:`~pipeline.core.settings.DataSource`."""
     from stages.frames import DatasetArgs
 
     if not s.format and s.dataset:

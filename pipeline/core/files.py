@@ -1,6 +1,6 @@
 """Small files beside the stores (run.json, metrics, checkpoints, reports): written atomically, errors in one line.
 
-Paths may be local or on object storage (see :mod:`pipeline.cachefs`): there an object is replaced
+Paths may be local or on object storage (see :mod:`pipeline.core.cachefs`): there an object is replaced
 whole by one PUT, which is atomic already.
 """
 

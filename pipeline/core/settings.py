@@ -658,7 +658,7 @@ def _model_name(name: Any) -> str:
 
 
 def resolve(cls: type, params_for: Any, flags: dict[str, Any]) -> Resolved:
-    """``cls`` filled from flags, then params (``params_for(section)`` -> :class:`~pipeline.params.Params`), then
+    """``cls`` filled from flags, then params (``params_for(section)`` -> :class:`~pipeline.core.params.Params`), then
     defaults. Deprecated spellings are accepted and listed in ``deprecated``."""
     flags = dict(flags)
     deprecated: list[str] = []

@@ -8,7 +8,7 @@ batch there (:func:`train_batch`, :func:`eval_batch`), and the optional Gaussian
 code runs on ``device="cpu"``.
 
 Parameters are drawn as torchvision's transforms draw them, in the per-clip path's order, under the
-same seed: the batched path makes the same choices as :func:`pipeline.clips.train_transform` (the
+same seed: the batched path makes the same choices as :func:`pipeline.learning.transforms.train_transform` (the
 crop by RandomResizedCrop's own ``make_params``; RandAugment's two draws per operation replayed over
 its own operation table, a test holding both paths equal). RandAugment operations are applied with
 torchvision's own kernel dispatch, to all frames that drew the same operation at once: the official
@@ -89,7 +89,7 @@ class _RandAugmentDraws:
 class ClipDrawer:
     """Draws :class:`ClipDraw` s with the per-clip path's transforms and random calls, in its order."""
 
-    def __init__(self, image_size: int, aug) -> None:  # noqa: ANN001 - pipeline.clips.AugmentConfig
+    def __init__(self, image_size: int, aug) -> None:  # noqa: ANN001 - pipeline.learning.transforms.AugmentConfig
         self.aug = aug
         self.randaugment = (_RandAugmentDraws(aug.randaugment_ops, aug.randaugment_magnitude)
                             if aug.randaugment_ops else None)
@@ -212,7 +212,7 @@ def train_batch(clips: list[EncodedClip], device: torch.device | str, norm, aug)
 
 def eval_batch(clips: list[EncodedClip], device: torch.device | str, norm, frames: int,  # noqa: ANN001
                views: tuple[int, int]) -> torch.Tensor:
-    """float [B, V, T, 3, S, S] evaluation views on ``device`` (as :func:`pipeline.clips.eval_views`)."""
+    """float [B, V, T, 3, S, S] evaluation views on ``device`` (as :func:`pipeline.learning.transforms.eval_views`)."""
     from pipeline.learning.transforms import eval_views
 
     temporal, spatial = views

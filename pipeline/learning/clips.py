@@ -39,7 +39,7 @@ class FrameClipSet(torch.utils.data.Dataset):
         self._pid = -1
         self._transform = None
         # batched: items are the stored bytes of a clip's frames plus its drawn parameters, and
-        # :meth:`finish` decodes and augments a whole batch on the training device (pipeline.batchclips)
+        # :meth:`finish` decodes and augments a whole batch on the training device (pipeline.learning.batchclips)
         self.batched = batched
         self._drawer = None
 

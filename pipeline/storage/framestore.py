@@ -8,12 +8,12 @@ Arrays (row i = video i):
   (codec ``raw``); read them with :func:`read_frames`, which returns uint8 either way;
 - ``frame_index`` int32 [N, T], ``timestamp`` float64 [N, T], ``source_frames`` int32 [N];
 - ``status`` int8 [N] (0 pending, 1 ok, 2 failed, 3 VOID padding) and ``reason`` str [N], whole-column
-  bookkeeping written by the coordinating process (:class:`pipeline.store.Ledger`); rows whose file is
+  bookkeeping written by the coordinating process (:class:`pipeline.storage.store.Ledger`); rows whose file is
   missing from the dataset are recorded failed when they are added, and never opened;
 - the manifest columns ``video_id``, ``path``, ``label``, ``start``, ``end`` (plus ``targets`` uint8
   [N, C] for multi-label splits); ``added_in`` / ``dropped_in`` (the snapshots a row lives in);
   ``file_size``, ``file_mtime_ns``, ``file_sha256`` (each file's identity when it was read);
-  ``block_done``, ``block_digest`` (see :mod:`pipeline.store`).
+  ``block_done``, ``block_digest`` (see :mod:`pipeline.storage.store`).
 Attributes: ``stage``, ``dataset``, ``split``, ``class_names``, ``spec``, ``codec``, ``n``, ``block_size``,
 ``root``, ``version``, ``snapshots``.
 
@@ -300,7 +300,7 @@ def extract_block(path: str, block: int, threads: int = 1) -> store.BlockResult:
     """Decode one block of videos and write its data. Runs in any worker.
 
     The block's rows are written as whole shards (no read-modify-write); the coordinator then
-    records the block done (:class:`pipeline.store.Ledger`): a block killed half-way is redone.
+    records the block done (:class:`pipeline.storage.store.Ledger`): a block killed half-way is redone.
     VOID rows padding the block's end are not visited. Each file is hashed as it is read, so that a later
     run can tell a file whose mtime changed from one whose bytes did.
     """

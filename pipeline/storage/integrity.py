@@ -1,7 +1,7 @@
 """Integrity of stage outputs: damaged or missing chunks are found and reported, never read as zeros.
 
 Three layers:
-- every array's chunks end with a CRC-32C (:func:`pipeline.store.checksummed`): flipped or truncated
+- every array's chunks end with a CRC-32C (:func:`pipeline.storage.store.checksummed`): flipped or truncated
   bytes fail on read;
 - columns written once (ids, paths, labels, heads, embeddings) carry the sha256 of their values in
   their attributes, so a deleted chunk (which zarr reads back as the fill value) is caught;
