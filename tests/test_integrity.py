@@ -199,7 +199,7 @@ def test_flipped_bytes_in_a_features_chunk_fail_the_checksum(cache):
     run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--replace-mismatched", "--cache", str(c))
     proc = run_cli("evaluate", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-    assert "verify --repair" in proc.stderr
+    assert "verify --repair" in proc.stderr and proc.stderr.count("\n") == 1  # no asyncio noise, no raw bytes
     report = json.loads(run_cli("verify", "--json", "--cache", str(c), check=False).stdout)
     damaged = [r for r in report if not r["ok"]]
     assert [Path(r["path"]).parts[-4:] for r in damaged] == [("features", "toy", "tiny-clip", "val")]

@@ -222,11 +222,16 @@ def features_of(path: Path) -> np.ndarray:
     return zarr.open_group(str(path), mode="r")["features"][:]
 
 
-def test_a_changed_file_is_redone_alone_and_a_touched_one_is_not(tmp_path, decodes):
+def test_a_changed_file_is_redone_alone_and_a_touched_one_is_not(tmp_path, decodes, tiny_clip, monkeypatch):
+    from pipeline.storage import featurestore
+
     root = make_videos(tmp_path / "data", ["v0", "v1", "v2"])
     write_csv(root, [("v0", "a"), ("v1", "b"), ("v2", "a")])
     cache = tmp_path / "cache"
     frames(cache, root, "--block-size", "2")
+    features(cache, tiny_clip)
+    feature_path = cache / "features" / "csv" / "tiny" / "train"
+    features_before = files(feature_path)
     path = cache / "frames" / "csv" / "train"
     before = chunk_files(path)
     old = zarr.open_group(str(path), mode="r")["frames"][1]
@@ -239,6 +244,16 @@ def test_a_changed_file_is_redone_alone_and_a_touched_one_is_not(tmp_path, decod
     assert column(g, "video_id") == ["v0", "v1", "v2", "", "v1"] and column(g, store.DROPPED) == [0, 2, 0, 0, 0]
     assert not np.array_equal(g["frames"][4], old) and np.array_equal(g["frames"][1], old)
     assert all(chunk_files(path)[k] == v for k, v in before.items())
+    # downstream, only the redone row is encoded: the old one leaves the live rows, the other rows stay
+    encoded: list[int] = []
+    real = featurestore.encode_stored
+    monkeypatch.setattr(featurestore, "encode_stored",
+                        lambda stored, *a, **k: encoded.append(len(stored)) or real(stored, *a, **k))
+    features(cache, tiny_clip)
+    f = zarr.open_group(str(feature_path), mode="r")
+    assert encoded == [4] and column(f, "video_id") == column(g, "video_id")
+    assert column(f, store.DROPPED) == [0, 2, 0, 0, 0]
+    assert files(feature_path)["features/c/0/0/0"] == features_before["features/c/0/0/0"]
     # the same bytes with a new mtime (a copy, a regenerated world): hashed, not decoded; no new snapshot
     stamp = time.time_ns() + 10**9
     os.utime(root / "v0.mp4", ns=(stamp, stamp))

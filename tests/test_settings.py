@@ -155,3 +155,26 @@ def test_every_command_has_help_and_every_settings_command_a_config(workdir):
     for name, cls in S.COMMANDS.items():
         rows = config_lines(invoke("config", name).output)
         assert {S.flag_of(f) for f in S.settings_fields(cls)} == set(rows), name
+
+
+def test_messages_use_todays_flag_names():
+    """No message, help or docstring names a flag that is now only an old spelling (--kind, --run, --num-frames,
+    --model-tag, ...): a user told to pass one would be sent to a deprecated or, in another command, wrong flag."""
+    import ast
+
+    options = [p for command in cli.commands.values() for p in command.params if isinstance(p, click.Option)]
+    current = {opt for p in options if not p.hidden for opt in p.opts}
+    old = {opt for p in options if p.hidden for opt in p.opts}
+    retired = sorted(old - current)
+    assert {"--num-frames", "--model-tag", "--run"} <= set(retired)
+    pattern = re.compile("|".join(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])" for o in retired))
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in [*root.glob("pipeline/**/*.py"), *root.glob("stages/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value not in old \
+                    and "deprecated" not in node.value:  # the warnings that name an old spelling
+                found += [f"{path.relative_to(root)}:{node.lineno}: {m}" for m in pattern.findall(node.value)]
+                if re.search(r"--kind(?![\w-])", node.value) and "--kind order" not in node.value:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: --kind (heads take --head)")
+    assert not found, found

@@ -100,6 +100,7 @@ def test_a_params_files_model_key_never_lands_on_another_model(cache, tmp_path):
 def test_status_flags_deleted_chunks_and_array_metadata_and_says_when_it_last_verified(cache):
     c, tiny = cache
     feats = c / "features" / "toy" / "tiny-clip" / "train"
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "random", "--cache", str(c))
     assert "outputs never read whole since they were made" in run_cli("status", "--cache", str(c)).stdout
     run_cli("verify", "--cache", str(c))
     e = entry(status_of(c), "features", "toy/tiny-clip/train")
@@ -113,6 +114,17 @@ def test_status_flags_deleted_chunks_and_array_metadata_and_says_when_it_last_ve
     assert e["damaged"] == "array 'status' is missing" and e["ok"] == 0
     with pytest.raises(AssertionError, match="array 'status' is missing"):
         run_inproc("evaluate", "-d", "toy", "--head", "clip-text", "--cache", str(c))
+    # a truncated chunk file (features are stored uncompressed: its size is known without reading it)
+    chunk = feats / "features" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-8])
+    e = entry(status_of(c), "features", "toy/tiny-clip/train")
+    assert f"chunk file features/c/0/0/0 has {chunk.stat().st_size} bytes, not {chunk.stat().st_size + 8}" \
+        in e["damaged"]
+    # an altered head: its values no longer hash to the sha256 recorded when it was made
+    head = zarr.open_group(str(c / "heads" / "toy" / "tiny-clip" / "random"), mode="r+")
+    assert entry(status_of(c), "heads", "toy/tiny-clip/random")["damaged"] is None
+    head["head"][0, 0] = head["head"][0, 0] + 1
+    assert "head: a chunk is missing or altered" in entry(status_of(c), "heads", "toy/tiny-clip/random")["damaged"]
 
 
 @pytest.mark.slow
@@ -267,6 +279,23 @@ def test_lost_chunks_of_every_array_are_never_read_as_zeros(cache, tmp_path):
     run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4",
             "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(c), "-q")
     assert run_cli("verify", "--cache", str(c)).returncode == 0
+    # timestamp and source_frames are under the same guard as box
+    for name, chunk in (("timestamp", "c/3/0"), ("source_frames", "c/4")):
+        (frames / name / chunk).unlink()
+        assert f"{name}: 1 chunk file(s)" in entry(status_of(c), "frames", "toy/val")["damaged"]
+    with pytest.raises(DamagedStore, match="timestamp"):  # readers refuse (they name the first problem)
+        store.open_existing(frames, "frame store")
+    # a truncated frames chunk of the last block: repair marks it pending, and the stage finishes the store
+    last = max((frames / "frames" / "c").iterdir(), key=lambda p: int(p.name))
+    shard = last / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    verify = json.loads(run_cli("verify", "--json", "--cache", str(c), check=False).stdout)
+    assert next(r for r in verify if r["path"] == str(frames))["damaged_blocks"] == [3, 4, int(last.name)]
+    run_cli("verify", "--repair", "--cache", str(c))
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4",
+            "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(c), "-q")
+    assert run_cli("verify", "--cache", str(c)).returncode == 0
+    assert run_cli("verify", "--repair", "--cache", str(c)).returncode == 0
 
 
 def test_a_raw_store_with_a_deleted_shard_is_refused_not_read_black(tmp_path, extracted):
@@ -421,3 +450,35 @@ def test_an_empty_draw_is_named_and_the_other_protocols_stand(cache):
     out = json.loads(run_cli("evaluate", "-d", "toy", "--head", "clip-text", "--protocol", "full", "--protocol",
                              "half", "--json", "--cache", str(c)).stdout)
     assert out["full"]["videos"] == int((~lost).sum()) and out["half"]["empty"] and out["half"]["used"] >= 1
+    # subsets: one whose classes lost every video is named; the full result and the other subset stand
+    names = list(val.attrs["class_names"])
+    kept, gone = c.parent / "kept.csv", c.parent / "gone.csv"
+    kept.write_text(f"{names[0]}\n{names[1]}\n")
+    gone.write_text(f"{names[2]}\n{names[3]}\n")
+    out = json.loads(run_cli("evaluate", "-d", "toy", "--head", "clip-text", "--protocol", "full", "--protocol",
+                             "subsets", "--subsets", str(kept), "--subsets", str(gone), "--json", "--cache",
+                             str(c)).stdout)
+    assert out["full"]["videos"] == int((~lost).sum())
+    assert out["subsets"]["empty"] == ["subset 2"] and out["subsets"]["used"] == 1 and out["subsets"]["of"] == 2
+    assert out["subsets"]["runs"][0]["videos"] == int((~lost).sum())
+
+
+# ---- 10. a run whose data were rebuilt says so -------------------------------------------------------
+
+def test_a_run_whose_stores_were_rebuilt_is_marked_stale_and_its_evaluation_warns(cache):
+    c, tiny = cache
+    run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c))
+    run_inproc("finetune", "--frozen-backbone", "-d", "toy", "--head", "clip-text", "--frames", "2", "--epochs", "1",
+               "--global-batch-size", "16", "--warmup-epochs", "0.2", "--run-name", "r", "--cache", str(c), "-q")
+    assert entry(status_of(c), "run", "r")["stale"] is None
+    assert "were rebuilt since run" not in run_cli("evaluate", "--run-name", "r", "--cache", str(c)).stderr
+    # the validation frames are rebuilt with other settings, and their features after them
+    world = Path(zarr.open_group(str(c / "frames" / "toy" / "val"), mode="r").attrs["params"]["root"])
+    run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--split", "val",
+            "--cache-frames", "4", "--height", "32", "--width", "32", "--block-size", "2", "--replace-mismatched",
+            "--cache", str(c), "-q")
+    run_cli("features", "-d", "toy", *m(tiny), "--split", "val", "--replace-mismatched", "--cache", str(c), "-q")
+    stale = entry(status_of(c), "run", "r")["stale"]
+    assert stale and "features toy/val was rebuilt since it was trained" in stale
+    proc = run_cli("evaluate", "--run-name", "r", "--cache", str(c))
+    assert "the features of toy/val were rebuilt since run r was trained" in proc.stderr
