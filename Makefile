@@ -20,14 +20,14 @@ demo: setup
 	dvc repro
 	pipeline status
 
-# The CPU suite, on both cores (pytest-xdist, test by test: worksteal balances the long ones); the GPU tests (marker gpu) run in test-gpu and gpu-check.
+# The CPU suite, on both cores (pytest-xdist, test by test; the demo's dvc-repro tests stay on one worker, their xdist_group); the GPU tests (marker gpu) run in test-gpu and gpu-check.
 test: setup
-	$(BIN)/python -m pytest -q -m "not gpu" -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -m "not gpu" -n 2 --dist loadgroup
 	$(BIN)/ruff check pipeline stages tests benchmarks docs
 
 # The edit-test loop: every CPU test but the slow end-to-end ones (marker slow).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not gpu and not slow" -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" -n 2 --dist loadgroup
 
 # Where CUDA is absent every test reports skipped, with the reason.
 test-gpu: setup

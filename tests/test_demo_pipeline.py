@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow  # end to end, minutes: `make test` runs it, `make test-fast` does not
+# End to end, minutes: `make test` runs it, `make test-fast` does not. One xdist group: the module's `dvc repro`
+# fixture is built once, on one worker (split across workers, each would build it).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
 
 ROOT = Path(__file__).resolve().parents[1]
 

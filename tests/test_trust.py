@@ -279,7 +279,16 @@ def test_lost_chunks_of_every_array_are_never_read_as_zeros(cache, tmp_path):
     run_cli("frames", "--format", "csv", "--root", str(world), "--dataset", "toy", "--cache-frames", "4",
             "--height", "32", "--width", "32", "--block-size", "4", "--cache", str(c), "-q")
     assert run_cli("verify", "--cache", str(c)).returncode == 0
-    # timestamp and source_frames are under the same guard as box
+
+
+@pytest.mark.slow
+def test_a_truncated_frames_chunk_is_repaired_and_the_stage_finishes_the_store(cache):
+    """Deleted timestamp and source_frames chunks are damage as a deleted box is; a truncated frames chunk of
+    the last block (a short block: the stage must write it afresh, never read the old one back) is marked
+    pending by `verify --repair`, and the frame stage finishes the store: it is never left stuck."""
+    c, tiny = cache
+    frames = c / "frames" / "toy" / "val"
+    world = Path(zarr.open_group(str(frames), mode="r").attrs["params"]["root"])
     for name, chunk in (("timestamp", "c/3/0"), ("source_frames", "c/4")):
         (frames / name / chunk).unlink()
         assert f"{name}: 1 chunk file(s)" in entry(status_of(c), "frames", "toy/val")["damaged"]
@@ -465,6 +474,7 @@ def test_an_empty_draw_is_named_and_the_other_protocols_stand(cache):
 
 # ---- 10. a run whose data were rebuilt says so -------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_whose_stores_were_rebuilt_is_marked_stale_and_its_evaluation_warns(cache):
     c, tiny = cache
     run_inproc("heads", "-d", "toy", *m(tiny), "--head", "clip-text", "--cache", str(c))
