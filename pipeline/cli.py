@@ -8,6 +8,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -1119,4 +1120,7 @@ def settings_errors():
 
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {message}", err=True)
+    # zarr reads chunks in concurrent asyncio tasks: when several fail (a damaged store), only the first is
+    # raised and the rest are logged at exit as "Task exception was never retrieved"; the line above says it all
+    logging.getLogger("asyncio").disabled = True
     sys.exit(code)
