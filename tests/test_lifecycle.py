@@ -352,13 +352,17 @@ def test_a_run_resumed_after_its_dataset_grew_is_bit_exact_and_a_new_run_takes_t
     assert proc.returncode == 2 and "snapshot.train (its training store has another snapshot" in proc.stderr
 
 
+# Decoding waits for a gate file: the appender holds its lock until the test opens the gate, however
+# long a loaded machine takes to start the second command (a fixed 1 s per clip was a race).
 SLOW_DECODE = """
-import sys, time
+import os, sys, time
 from pipeline.storage import framestore
 from pipeline.cli import main
 real = framestore.decode_clip
 def slow(*args, **kwargs):
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.environ["DECODE_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
     return real(*args, **kwargs)
 framestore.decode_clip = slow
 sys.argv = ["pipeline", *sys.argv[1:]]
@@ -374,8 +378,10 @@ def test_two_appenders_at_once_one_is_refused_and_nothing_is_lost(tmp_path):
     args = ["frames", "-d", "csv", "--root", str(root), "--cache", str(cache), *SMALL, "--block-size", "2"]
     run_cli(*args)
     write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(5)])
+    gate = tmp_path / "gate"
     first = subprocess.Popen([sys.executable, "-c", SLOW_DECODE, *args], cwd=Path(__file__).parent,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "DECODE_GATE": str(gate)})
     lock = store.lock_path(cache / "frames" / "csv" / "train")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (lock.exists() and lock.read_text() == str(first.pid)):
@@ -383,6 +389,7 @@ def test_two_appenders_at_once_one_is_refused_and_nothing_is_lost(tmp_path):
     write_csv(root, [(f"v{i}", "ab"[i % 2]) for i in range(6)])  # a sixth video meanwhile
     second = run_cli(*args, check=False)
     assert second.returncode == 2 and f"being written by another process (pid {first.pid})" in second.stderr
+    gate.touch()
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert "3 added -> snapshot 2" in out
