@@ -40,7 +40,7 @@ def test_dvc_dag_has_one_stage_per_paper_number():
     names = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
     wanted = {"table1@1x1", "table1@4x3", "table4@ucf101", "table4@hmdb51", "table4@anet", "table4-k600",
               "table6@random", "table6@orthogonal", "table6@lda", "table6@distilbert", "finetune-k400",
-              "finetune-k400-vitl14"}
+              "finetune-k400-vitl14", "table1-vitl14@1x1", "table1-vitl14@4x3"}
     wanted |= {f"table3@{d}-{k}shot" for d in ("ucf101", "hmdb51", "anet", "k400") for k in (2, 4, 8, 16)}
     assert wanted <= names, sorted(wanted - names)
     assert not {n for n in names if "tap" in n}  # the K400 runs are named by what they train (T-Trans)
@@ -55,6 +55,9 @@ def test_the_paper_number_stages_use_the_runs_of_the_official_recipe():
     # zero-shot: the K400 ViT-L/14 T-Trans run, the whole dataset (the profiles' evaluate.split: all)
     assert "--run-name k400-vitl14-ttrans" in s["finetune-k400-vitl14"]["cmd"]
     assert "--params k400-vitl14.yaml" in s["finetune-k400-vitl14"]["cmd"]
+    own = s["table1-vitl14"]  # the same run's own K400 accuracy, both test protocols of table1
+    assert "--run-name k400-vitl14-ttrans" in own["do"]["cmd"] and "--params k400-vitl14.yaml" in own["do"]["cmd"]
+    assert own["foreach"] == ["1x1", "4x3"] and "--views ${item}" in own["do"]["cmd"]
     assert "--run-name k400-vitl14-ttrans" in s["table4"]["do"]["cmd"]
     k600 = s["table4-k600"]["cmd"]
     assert "--run-name k400-vitl14-ttrans" in k600 and "--protocol subsets" in k600
