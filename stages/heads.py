@@ -86,12 +86,12 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
             warnings.simplefilter("always")
             picked = sample_per_class(labels, c, per_class, seed, min_per_class=2 if kind == "lda" else 1,
                                       class_names=class_names)
+            if kind == "lda":
+                head = lda_head(feats[picked], labels[picked], c, solver=solver, shrinkage=shrinkage)
+            else:
+                head = prototype_head(feats[picked], labels[picked], c)
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-        if kind == "lda":
-            head = lda_head(feats[picked], labels[picked], c, solver=solver, shrinkage=shrinkage)
-        else:
-            head = prototype_head(feats[picked], labels[picked], c)
         record.update(seed=seed, per_class=per_class, features=group.attrs["fingerprint"], split=split,
                       solver=solver if kind == "lda" else None, shrinkage=shrinkage if kind == "lda" else None,
                       features_snapshot=version)

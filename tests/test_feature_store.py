@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ from test_frames_stage import run_cli
 from pipeline.core.errors import PipelineError
 from pipeline.learning import evaluation
 from pipeline.models.clip import LoadedClip, ModelSpec, load_clip, quick_gelu_for
-from pipeline.models.heads import orthogonal_head
+from pipeline.models.heads import lda_head, orthogonal_head
 from pipeline.models.text import KINETICS_TEMPLATES, encode_with_clip, resolve_templates
 from pipeline.storage import store
 from pipeline.storage.featurestore import preprocess
@@ -137,6 +138,49 @@ def test_orthogonal_head_rejects_more_classes_than_dimensions():
         orthogonal_head(40, 32, 0)
     h = orthogonal_head(32, 32, 5)
     assert np.allclose(h @ h.T, np.eye(32), atol=1e-5) and np.array_equal(h, orthogonal_head(32, 32, 5))
+
+
+def test_an_lda_fit_that_follows_float16_rounding_warns_and_shrinkage_steadies_it():
+    """The demo's case (8 videos a class): a within-class direction about as thin as float16 rounding. The
+    unshrunk head then moves by tens of percent when the features are rounded; the stage says so."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(12), 20)
+    healthy = rng.standard_normal((240, 16)) + rng.standard_normal((12, 16))[y]
+    q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    thin = healthy @ q
+    thin[:, 0] = 3.0 + 3e-4 * rng.standard_normal(240)  # no class signal, spread near the rounding step
+    thin = (thin @ q.T).astype(np.float32)
+    rounded = thin.astype(np.float16).astype(np.float32)
+
+    def fit(x, **kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            head = lda_head(x, y, 12, **kw)
+        return head, [str(w.message) for w in caught]
+
+    head, said = fit(healthy)
+    assert said == []
+    head, said = fit(thin)
+    assert len(said) == 1 and said[0].startswith("the LDA fit is ill-conditioned") and "--shrinkage auto" in said[0]
+    # what the warning claims: rounding the features to float16 moves the unshrunk head far, the shrunk one not
+    moved = np.linalg.norm(fit(rounded)[0] - head) / np.linalg.norm(head)
+    shrunk, said = fit(thin, solver="lsqr", shrinkage="auto")
+    assert said == []
+    shrunk_moved = np.linalg.norm(fit(rounded, solver="lsqr", shrinkage="auto")[0] - shrunk) / np.linalg.norm(shrunk)
+    assert moved > 0.2 and shrunk_moved < 1e-3, (moved, shrunk_moved)
+
+
+def test_the_lda_stage_prints_the_ill_conditioning_warning(extracted, tmp_path, monkeypatch):
+    from pipeline.models import heads
+
+    shared, tiny = extracted
+    cache = tmp_path / "cache"  # its own copy: the shared cache's lda head stays the other tests'
+    shutil.copytree(shared / "frames", cache / "frames")
+    shutil.copytree(shared / "features", cache / "features")
+    shutil.copytree(shared / "labels", cache / "labels")
+    monkeypatch.setattr(heads, "MOVED_TOO_FAR", -1.0)  # the toy sample is well-conditioned: make any fit "too far"
+    out = run_inproc("lda", "-d", "toy", *model_args(tiny), "--per-class", "3", "--cache", str(cache))
+    assert "warning: the LDA fit is ill-conditioned" in out
 
 
 def test_preprocessing_uses_the_models_constants(tiny_clip):

@@ -51,11 +51,31 @@ def sample_per_class(labels: np.ndarray, n_classes: int, per_class: int, seed: i
     return np.sort(np.concatenate(chosen))
 
 
-def lda_head(x: np.ndarray, y: np.ndarray, n_classes: int, solver: str = "svd",
-             shrinkage: float | str | None = None) -> np.ndarray:
-    """``coef_`` of scikit-learn's LDA fitted on (x, y): [C, D] (two classes: [-w, w])."""
+# The cached features are float16: a head that moves when they move by one rounding step (2**-11 of each value)
+# is fitted to rounding, and another CPU's float kernels give another head and another accuracy.
+ROUNDING = 2.0 ** -11
+MOVED_TOO_FAR = 0.01
+
+
+def _fit_lda(x: np.ndarray, y: np.ndarray, solver: str, shrinkage: float | str | None) -> np.ndarray:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # 2 s to import: only when fitting
 
+    return LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage).fit(x.astype(np.float64), y).coef_
+
+
+def _rounding_sensitivity(x: np.ndarray, y: np.ndarray, coef: np.ndarray, solver: str,
+                          shrinkage: float | str | None) -> float:
+    """How far (relative Frobenius norm) the head moves when every feature moves by one float16 rounding step,
+    up or down by a fixed draw: the fit again on the moved features."""
+    signs = np.where(np.random.default_rng(0).random(x.shape) < 0.5, -1.0, 1.0)
+    moved = _fit_lda(x.astype(np.float64) * (1.0 + ROUNDING * signs), y, solver, shrinkage)
+    return float(np.linalg.norm(moved - coef) / max(np.linalg.norm(coef), 1e-30))
+
+
+def lda_head(x: np.ndarray, y: np.ndarray, n_classes: int, solver: str = "svd",
+             shrinkage: float | str | None = None) -> np.ndarray:
+    """``coef_`` of scikit-learn's LDA fitted on (x, y): [C, D] (two classes: [-w, w]). Warns when the fit is
+    ill-conditioned: when one float16 rounding step of the features moves the head by more than 1 %."""
     if shrinkage is not None and solver == "svd":
         raise PipelineError("LDA shrinkage needs solver 'lsqr' or 'eigen'")
     if isinstance(shrinkage, float) and not 0.0 <= shrinkage <= 1.0:
@@ -63,9 +83,14 @@ def lda_head(x: np.ndarray, y: np.ndarray, n_classes: int, solver: str = "svd",
     if len(x) <= n_classes:
         raise PipelineError(f"LDA needs more videos than classes: {len(x)} videos for {n_classes} classes "
                             "(use --per-class 2 or more)")
-    lda = LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage)
-    lda.fit(x.astype(np.float64), y)
-    coef = lda.coef_
+    coef = _fit_lda(x, y, solver, shrinkage)
+    moved = _rounding_sensitivity(x, y, coef, solver, shrinkage)
+    if moved > MOVED_TOO_FAR:
+        advice = "more videos a class, or --solver lsqr --shrinkage auto (Ledoit-Wolf)" if shrinkage is None else \
+            "more videos a class, or more shrinkage"
+        warnings.warn(f"the LDA fit is ill-conditioned: moving the features by one float16 rounding step moves "
+                      f"its head by {moved:.0%}, so another machine's float kernels give another head and other "
+                      f"accuracies; {advice} make it stable", stacklevel=2)
     if n_classes == 2 and coef.shape[0] == 1:
         coef = np.concatenate([-coef, coef])  # binary LDA has one discriminant direction
     return coef.astype(np.float32)
