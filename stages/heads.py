@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,18 @@ def open_features(cache: Path, dataset: str, model_tag: str, split: str | None =
     if store.pending_blocks(group):
         raise PipelineError(f"features {dataset}/{split} are unfinished: re-run `pipeline features` first")
     return group
+
+
+@contextlib.contextmanager
+def _printed_warnings():
+    """The block's warnings as ``warning: ...`` lines on stderr, each message once, also when the block raises."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for message in dict.fromkeys(str(w.message) for w in caught):
+                print(f"warning: {message}", file=sys.stderr)
 
 
 def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | None = None, seed: int,
@@ -82,16 +95,14 @@ def run(cache: Path, dataset: str, kind: str, model_tag: str, *, encoder: str | 
         feats, labels, rows = video_features(group, snapshot=snapshot)
         usable = labels >= 0
         feats, labels, rows = feats[usable], labels[usable], rows[usable]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _printed_warnings():
             picked = sample_per_class(labels, c, per_class, seed, min_per_class=2 if kind == "lda" else 1,
                                       class_names=class_names)
+        with _printed_warnings():  # the LDA fit runs twice (its rounding check): each warning is said once
             if kind == "lda":
                 head = lda_head(feats[picked], labels[picked], c, solver=solver, shrinkage=shrinkage)
             else:
                 head = prototype_head(feats[picked], labels[picked], c)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
         record.update(seed=seed, per_class=per_class, features=group.attrs["fingerprint"], split=split,
                       solver=solver if kind == "lda" else None, shrinkage=shrinkage if kind == "lda" else None,
                       features_snapshot=version)

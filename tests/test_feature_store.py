@@ -180,7 +180,12 @@ def test_the_lda_stage_prints_the_ill_conditioning_warning(extracted, tmp_path, 
     shutil.copytree(shared / "labels", cache / "labels")
     monkeypatch.setattr(heads, "MOVED_TOO_FAR", -1.0)  # the toy sample is well-conditioned: make any fit "too far"
     out = run_inproc("lda", "-d", "toy", *model_args(tiny), "--per-class", "3", "--cache", str(cache))
-    assert "warning: the LDA fit is ill-conditioned" in out
+    assert out.count("warning: the LDA fit is ill-conditioned") == 1  # the check's second fit says nothing twice
+    # a fit that fails still prints what the sampling said before it
+    proc = run_cli("lda", "-d", "toy", *model_args(tiny), "--per-class", "100", "--shrinkage", "0.5", "--cache",
+                   str(cache), "--replace-mismatched", check=False)
+    assert proc.returncode == 2 and "needs solver 'lsqr' or 'eigen'" in proc.stderr
+    assert "warning: 12 classes have fewer than 100 videos" in proc.stderr
 
 
 def test_preprocessing_uses_the_models_constants(tiny_clip):
