@@ -60,7 +60,7 @@ MOVED_TOO_FAR = 0.01
 def _fit_lda(x: np.ndarray, y: np.ndarray, solver: str, shrinkage: float | str | None) -> np.ndarray:
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis  # 2 s to import: only when fitting
 
-    return LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage).fit(x.astype(np.float64), y).coef_
+    return LinearDiscriminantAnalysis(solver=solver, shrinkage=shrinkage).fit(x.astype(np.float64, copy=False), y).coef_
 
 
 def _rounding_sensitivity(x: np.ndarray, y: np.ndarray, coef: np.ndarray, solver: str,
